@@ -1,0 +1,65 @@
+"""Engine configuration: one dataclass, validated once, passed to every layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from pagedserve.errors import ConfigError
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF dir, .gguf file, hub id (downloaded) or None: the embedded default
+    tokenizer: str | None = None  # default: from the model
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype (bf16) on GPU
+    device: str = "auto"  # auto: cuda if available else cpu
+    max_model_len: int | None = None  # default: min(model's context, 8192)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: float | None = None  # GiB; CPU default 2 GiB, GPU: from utilization
+    num_kv_blocks: int | None = None  # override the computed pool size (tests, planning)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    attention_backend: str = "auto"  # auto | torch | triton
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}", param="dtype")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}", param="block_size")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+                param="gpu_memory_utilization",
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}", param="kv_cache_memory")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1", param="max_num_seqs")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("max_model_len must be >= 2", param="max_model_len")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy", "pt"):
+            raise ConfigError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+        if self.quantization not in (None, "none"):
+            raise ConfigError(f"quantization={self.quantization!r} is not supported yet", param="quantization")
+        if self.tensor_parallel_size != 1:
+            raise ConfigError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError("attention_backend must be auto, torch or triton", param="attention_backend")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)

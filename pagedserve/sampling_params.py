@@ -1,0 +1,115 @@
+"""Per-request generation settings, validated once when the request arrives."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.errors import InvalidRequestError
+
+_MAX_N = 128
+_MAX_LOGPROBS = 20
+
+
+def _fail(param: str, msg: str) -> None:
+    raise InvalidRequestError(f"{param}: {msg}", param=param)
+
+
+@dataclass
+class SamplingParams:
+    """Mirrors vLLM's SamplingParams for the fields both support.
+
+    temperature=0 means greedy. `n` samples share the prompt's KV blocks.
+    `use_beam_search` keeps `beam_width` beams and returns the best `n` of them.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # number of top logprobs per generated token
+    prompt_logprobs: int | None = None  # not supported yet: rejected when set
+    skip_special_tokens: bool = True
+    use_beam_search: bool = False
+    beam_width: int | None = None  # default: n
+    length_penalty: float = 1.0
+    detokenize: bool = True
+
+    stop_list: list[str] = field(init=False, default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop_list = [self.stop]
+        else:
+            self.stop_list = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self) -> None:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # rejects NaN
+
+        if not is_int(self.n) or not 1 <= self.n <= _MAX_N:
+            _fail("n", f"must be an integer in [1, {_MAX_N}], got {self.n!r}")
+        if not is_num(self.temperature) or self.temperature < 0 or self.temperature > 100:
+            _fail("temperature", f"must be a number in [0, 100], got {self.temperature!r}")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            _fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or (self.top_k < 0 and self.top_k != -1):
+            _fail("top_k", f"must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            _fail("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2 <= v <= 2:
+                _fail(name, f"must be in [-2, 2], got {v!r}")
+        if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            _fail("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            _fail("seed", f"must be a 64-bit integer, got {self.seed!r}")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            _fail("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            _fail("min_tokens", f"must be a non-negative integer, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            _fail("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if len(self.stop_list) > 16 or not all(isinstance(s, str) and s for s in self.stop_list):
+            _fail("stop", "must be a non-empty string or a list of at most 16 non-empty strings")
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            _fail("stop_token_ids", "must be a list of non-negative integers")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= _MAX_LOGPROBS):
+            _fail("logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None:
+            _fail("prompt_logprobs", "is not supported by pagedserve yet")
+        if self.use_beam_search:
+            width = self.beam_width if self.beam_width is not None else self.n
+            if not is_int(width) or not 1 <= width <= 32:
+                _fail("beam_width", f"must be an integer in [1, 32], got {width!r}")
+            if self.n > width:
+                _fail("n", f"({self.n}) must not exceed beam_width ({width})")
+            if not is_num(self.length_penalty):
+                _fail("length_penalty", "must be a number")
+            self.beam_width = width
+
+    def clone(self, **changes) -> "SamplingParams":
+        from dataclasses import asdict
+
+        d = {k: v for k, v in asdict(self).items() if k != "stop_list"}
+        d.update(changes)
+        return SamplingParams(**d)
