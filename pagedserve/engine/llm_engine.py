@@ -1,0 +1,525 @@
+"""The synchronous engine: add_request / abort_request / step.
+
+Each step schedules, runs one forward pass over the flat batch, samples, and
+updates sequences (stop checks, detokenization, block release). It knows
+nothing of HTTP or processes; the async engine and the offline `LLM` drive it.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.scheduler import Scheduler, ScheduledSeq
+from pagedserve.engine.sequence import BeamHypothesis, Request, Sequence, Status
+from pagedserve.errors import ConfigError, InvalidRequestError, OutOfMemoryError, PromptTooLongError
+from pagedserve.model.attention import get_attention_backend
+from pagedserve.model.llama import ModelArgs
+from pagedserve.model.loader import (init_dummy_weights, iter_weights, load_tokenizer, read_hf_config,
+                                     resolve_model_dir)
+from pagedserve.model.registry import resolve_architecture
+from pagedserve.model.runner import ModelRunner
+from pagedserve.model.sampler import SampleRow, sample
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+log = logging.getLogger("pagedserve.engine")
+
+_GiB = 1 << 30
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was requested but CUDA is not available",
+                          hint="check the NVIDIA driver and that torch is a CUDA build, or use --device cpu")
+    return dev
+
+
+def select_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32 if name == "auto" else _DTYPES[name]
+    bf16_ok = torch.cuda.get_device_capability(device)[0] >= 8
+    if name == "auto":
+        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
+        if name == "float32":
+            name = "bfloat16"
+    if name == "bfloat16" and not bf16_ok:
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        log.warning("this GPU (compute capability %s) has no bfloat16 support; using float16", cap)
+        name = "float16"
+    return _DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        t0 = time.time()
+        if os.environ.get("PAGEDSERVE_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["PAGEDSERVE_NUM_THREADS"]))
+        self.device = select_device(config.device)
+        self.model_dir = resolve_model_dir(config.model)
+        self.hf_config = read_hf_config(self.model_dir)
+        model_cls = resolve_architecture(self.hf_config.get("architectures"))
+        self.args = ModelArgs.from_hf(self.hf_config)
+        self.dtype = select_dtype(config.dtype, self.device, self.hf_config)
+        self.max_model_len = self._resolve_max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        self.tokenizer = load_tokenizer(self.model_dir, config.tokenizer)
+        self.eos_token_ids = self._eos_ids()
+        self.served_model_name = config.served_model_name or (
+            "SmolLM2-135M-Instruct" if config.model in (None, "default") else str(config.model).rstrip("/"))
+
+        backend = get_attention_backend(config.attention_backend, self.device)
+        torch.manual_seed(config.seed)
+        with torch.device(self.device):
+            model = model_cls(self.args, backend, max_len=self.max_model_len).to(self.dtype)
+        if config.load_format == "dummy":
+            init_dummy_weights(model, config.seed)
+        else:
+            model.load_hf_weights(iter_weights(self.model_dir))
+        model.eval()
+        self.model = model
+
+        self.num_kv_blocks = self._num_kv_blocks()
+        a = self.args
+        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers, a.num_kv_heads,
+                                  a.head_dim, self.dtype, self.device)
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.load_seconds = time.time() - t0
+        self._log_startup()
+
+    # -- set-up helpers ----------------------------------------------------
+    def _resolve_max_model_len(self) -> int:
+        limit = self.args.max_position_embeddings
+        sw = self.hf_config.get("sliding_window")
+        if sw and self.hf_config.get("use_sliding_window", True):
+            limit = min(limit, sw)  # no sliding-window attention yet: stay inside the window
+        want = self.config.max_model_len
+        if want is None:
+            return min(limit, 8192)
+        if want > limit:
+            raise ConfigError(f"max_model_len={want} exceeds the model's context length {limit}",
+                              param="max_model_len", hint=f"use --max-model-len {limit} or less")
+        return want
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.hf_config.get("eos_token_id"),):
+            if src is not None:
+                ids |= set(src) if isinstance(src, list) else {src}
+        gen = self.model_dir / "generation_config.json"
+        if gen.exists():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            if e is not None:
+                ids |= set(e) if isinstance(e, list) else {e}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def kv_bytes_per_block(self) -> int:
+        a = self.args
+        return 2 * a.num_layers * self.config.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        per_block = self.kv_bytes_per_block()
+        if cfg.num_kv_blocks is not None:
+            n = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory is not None or self.device.type != "cuda":
+            n = int((cfg.kv_cache_memory or 1.0) * _GiB // per_block)
+        else:
+            n = self._profile_gpu_blocks(per_block)
+        min_blocks = -(-self.max_model_len // cfg.block_size)
+        if n < min_blocks:
+            raise OutOfMemoryError(
+                f"the KV cache holds {n} blocks ({n * cfg.block_size} tokens) but one sequence of "
+                f"max_model_len={self.max_model_len} needs {min_blocks} blocks",
+                hint="lower --max-model-len or give the KV cache more memory "
+                     "(--kv-cache-memory on CPU, --gpu-memory-utilization on GPU)")
+        return n
+
+    @torch.inference_mode()
+    def _profile_gpu_blocks(self, per_block: int) -> int:
+        """KV budget = utilization x total - (weights + activation peak of a full batch) - non-torch memory."""
+        dev = self.device
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        tmp = ModelRunner(self.model, 1 + -(-self.max_num_batched_tokens // self.config.block_size),
+                          self.config.block_size, self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
+                          self.dtype, dev)
+        n = self.max_num_batched_tokens
+        seq = Sequence(-1, 0, [0] * n)
+        seq.block_table = list(range(1, 1 + -(-n // self.config.block_size)))
+        fake = Request("profile", None, seq.token_ids, SamplingParams(max_tokens=1), 1, [seq])
+        tmp.execute([ScheduledSeq(seq, fake, n)])
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del tmp
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        non_torch = (total - free) - torch.cuda.memory_reserved(dev)
+        budget = total * self.config.gpu_memory_utilization - peak - max(non_torch, 0)
+        if budget < per_block:
+            raise OutOfMemoryError(
+                f"no GPU memory left for the KV cache: {total / _GiB:.1f} GiB x "
+                f"{self.config.gpu_memory_utilization} = {total * self.config.gpu_memory_utilization / _GiB:.1f} GiB "
+                f"budget, weights+activations peak {peak / _GiB:.1f} GiB",
+                hint="raise --gpu-memory-utilization, lower --max-num-batched-tokens, quantize, or use a bigger GPU")
+        return int(budget // per_block)
+
+    def _log_startup(self) -> None:
+        bs = self.config.block_size
+        cap = self.num_kv_blocks * bs
+        log.info("model %s (%s, %d layers) on %s, dtype %s, loaded in %.1fs",
+                 self.served_model_name, self.hf_config.get("architectures", ["?"])[0], self.args.num_layers,
+                 self.device, str(self.dtype).replace("torch.", ""), self.load_seconds)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at max_model_len=%d: %.1f",
+                 self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
+                 self.max_model_len, cap / self.max_model_len)
+
+    # -- requests ------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        text = prompt if isinstance(prompt, str) else None
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise InvalidRequestError("prompt: must not be empty", param="prompt")
+                prompt_token_ids = self.tokenize(prompt)
+            elif isinstance(prompt, list):
+                prompt_token_ids = prompt
+            else:
+                raise InvalidRequestError("prompt: must be a string or a list of token ids", param="prompt")
+        ids = prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("prompt: must contain at least one token", param="prompt")
+        vocab = self.args.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt: token ids must be integers in [0, {vocab})", param="prompt")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens "
+                f"(at least one token must be left for the completion)", param="prompt")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        elif n + max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} were "
+                f"requested ({n} in the prompt, {max_tokens} for the completion)", param="max_tokens")
+        req = Request(request_id, text, list(ids), params, max_tokens,
+                      [self._new_seq(0, ids, params)], arrival_time or time.time())
+        bs = self.config.block_size
+        need = -(-(n + max_tokens) // bs) * req.num_slots
+        if req.num_slots > self.config.max_num_seqs:
+            raise InvalidRequestError(f"n/beam_width={req.num_slots} exceeds max_num_seqs={self.config.max_num_seqs}",
+                                      param="n")
+        if need > self.num_kv_blocks:
+            raise InvalidRequestError(
+                f"this request may need {need} KV blocks ({req.num_slots} x {n + max_tokens} tokens) but the "
+                f"cache has {self.num_kv_blocks}", param="max_tokens", hint="lower max_tokens or n")
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _new_seq(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(next(self._seq_ids), index, ids)
+        if params.detokenize and not params.use_beam_search:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        self._seed(seq, params)
+        return seq
+
+    def _seed(self, seq: Sequence, params: SamplingParams) -> None:
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed((params.seed + seq.index) % 2**63)
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.live_seqs:
+            seq.finish_reason = "abort"
+        self.scheduler.remove(req)
+        req.status = Status.FINISHED
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def stats(self) -> dict:
+        s, bm = self.scheduler, self.block_manager
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "kv_cache_usage": bm.usage(),
+            "num_preemptions": s.num_preemptions,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_kv_blocks": self.num_kv_blocks,
+        }
+
+    # -- the step --------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        now = time.time()
+        for e in out.scheduled:
+            if e.request.metrics.first_scheduled_time is None:
+                e.request.metrics.first_scheduled_time = now
+        self.runner.copy_blocks(self.block_manager.pending_copies)
+        self.block_manager.pending_copies.clear()
+        logits, sampled = self.runner.execute(out.scheduled)
+        for e in out.scheduled:
+            e.seq.num_computed += e.num_tokens
+            self.block_manager.commit(e.seq)
+
+        rows: list[SampleRow] = []
+        row_seqs: list[tuple[Request, Sequence]] = []
+        row_src: list[int] = []
+        beams: dict[str, list[tuple[Sequence, int]]] = {}
+        for i, e in enumerate(sampled):
+            req, seq = e.request, e.seq
+            if req.params.use_beam_search:
+                beams.setdefault(req.request_id, []).append((seq, i))
+                continue
+            targets = [seq]
+            if req.num_slots > 1 and not req.forked:
+                targets += self._fork(req, seq, req.params.n - 1)
+            for s in targets:
+                rows.append(self._sample_row(req, s))
+                row_seqs.append((req, s))
+                row_src.append(i)
+
+        touched: dict[str, Request] = {}
+        if rows:
+            need_lp = any(r.params.logprobs is not None for r in rows)
+            res = sample(logits[row_src], rows, self.generator, need_lp)
+            for j, ((req, seq), tok) in enumerate(zip(row_seqs, res.token_ids)):
+                lp_row = res.logprobs[j] if res.logprobs is not None else None
+                slp = res.sampled_logprobs[j] if res.sampled_logprobs is not None else None
+                self._append(req, seq, tok, lp_row, slp, now)
+                touched[req.request_id] = req
+        for rid, entries in beams.items():
+            req = self.requests[rid]
+            self._beam_step(req, entries, logits, now)
+            touched[rid] = req
+
+        outputs = []
+        for req in touched.values():
+            if req.params.use_beam_search and not req.finished:
+                continue  # beams are reported once, ranked, when the search ends
+            if not req.live_seqs and not req.finished:
+                self._finish_request(req, now)
+            outputs.append(self._make_output(req))
+        return outputs
+
+    def _fork(self, req: Request, parent: Sequence, count: int) -> list[Sequence]:
+        children = []
+        for k in range(count):
+            child = parent.fork(next(self._seq_ids), len(req.seqs))
+            self.block_manager.fork(parent, child)
+            self._seed(child, req.params)
+            req.seqs.append(child)
+            children.append(child)
+        req.forked = True
+        return children
+
+    def _sample_row(self, req: Request, seq: Sequence) -> SampleRow:
+        p = req.params
+        block = []
+        if seq.num_output_tokens < p.min_tokens:
+            block = sorted((set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids))
+        return SampleRow(p, req.prompt_token_ids, seq.output_token_ids, seq.generator, block)
+
+    def _record_logprobs(self, seq: Sequence, k: int, lp_row: torch.Tensor | None, token: int,
+                         slp: float | None) -> None:
+        if slp is not None:
+            seq.cumulative_logprob += slp
+        if seq.logprobs is None or lp_row is None:
+            return
+        entry: dict[int, Logprob] = {}
+        if k:
+            vals, idx = lp_row.topk(k)
+            for r, (t, v) in enumerate(zip(idx.tolist(), vals.tolist()), start=1):
+                entry[t] = Logprob(v, r, self.tokenizer.decode([t]))
+        if token not in entry:
+            rank = int((lp_row > lp_row[token]).sum()) + 1
+            entry[token] = Logprob(float(slp), rank, self.tokenizer.decode([token]))
+        seq.logprobs.append(entry)
+
+    def _append(self, req: Request, seq: Sequence, token: int, lp_row, slp, now: float) -> None:
+        p = req.params
+        seq.token_ids.append(token)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        self._record_logprobs(seq, p.logprobs or 0, lp_row, token, slp)
+        if token in self.eos_token_ids and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            if seq.detokenizer is not None:
+                before = len(seq.output_text)
+                seq.output_text += seq.detokenizer.step(token)
+                if p.stop_list and seq.num_output_tokens >= p.min_tokens:
+                    self._check_stop_strings(seq, p, before)
+        if not seq.finished and (seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finished:
+            self.block_manager.free_seq(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, p: SamplingParams, before: int) -> None:
+        text = seq.output_text
+        longest = max(len(s) for s in p.stop_list)
+        start = max(0, before - longest + 1)
+        best = None
+        for s in p.stop_list:
+            i = text.find(s, start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            i, s = best
+            seq.output_text = text[:i + len(s)] if p.include_stop_str_in_output else text[:i]
+            seq.finish_reason, seq.stop_reason = "stop", s
+
+    # -- beam search -------------------------------------------------------------
+    def _beam_step(self, req: Request, entries: list[tuple[Sequence, int]], logits: torch.Tensor, now: float) -> None:
+        """Keep the beam_width best continuations over all live beams; forks share blocks (CoW)."""
+        p = req.params
+        width = p.beam_width
+        live = req.live_seqs
+        got = {s.seq_id for s, _ in entries}
+        if got != {s.seq_id for s in live}:
+            # Some beams did not finish recomputing this step: redo their last token next step.
+            for s, _ in entries:
+                s.num_computed -= 1
+            return
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        rows = torch.stack([logits[i] for _, i in entries])
+        lps = torch.log_softmax(rows, dim=-1)
+        out_len = live[0].num_output_tokens
+        stop_ids = (set() if p.ignore_eos else set(self.eos_token_ids)) | set(p.stop_token_ids)
+        if out_len < p.min_tokens and stop_ids:
+            lps[:, sorted(stop_ids)] = float("-inf")
+        cum = torch.tensor([s.cumulative_logprob for s, _ in entries], device=lps.device)
+        scores = (cum[:, None] + lps).flatten()
+        top = scores.topk(min(2 * width, scores.numel()))
+        vocab = lps.shape[1]
+        chosen: list[tuple[int, int, float]] = []  # (beam index, token, cumulative logprob)
+        for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+            b, tok = divmod(flat, vocab)
+            if tok in stop_ids:
+                seq = entries[b][0]
+                ids = seq.output_token_ids + [tok]
+                req.beam_done.append(BeamHypothesis(ids, score, self._beam_score(score, len(ids), p), "stop",
+                                                    tok if tok in p.stop_token_ids else None))
+            else:
+                chosen.append((b, tok, score))
+            if len(chosen) == width:
+                break
+        children: dict[int, list[tuple[int, float]]] = {}
+        for b, tok, score in chosen:
+            children.setdefault(b, []).append((tok, score))
+        new_seqs: list[Sequence] = []
+        for b, (seq, _) in enumerate(entries):
+            kids = children.get(b)
+            if not kids:
+                seq.finish_reason = "pruned"
+                self.block_manager.free_seq(seq)
+                continue
+            for tok, score in kids[1:]:
+                child = seq.fork(next(self._seq_ids), 0)
+                self.block_manager.fork(seq, child)
+                child.token_ids.append(tok)
+                child.cumulative_logprob = score
+                new_seqs.append(child)
+            seq.token_ids.append(kids[0][0])
+            seq.cumulative_logprob = kids[0][1]
+            new_seqs.append(seq)
+        req.seqs = new_seqs
+        req.forked = True
+        n_out = out_len + 1
+        if not new_seqs:
+            self._finish_request(req, now)
+            return
+        hit_length = n_out >= req.max_tokens or new_seqs[0].num_tokens >= self.max_model_len
+        done = sorted(req.beam_done, key=lambda h: h.score, reverse=True)
+        best_live = max(s.cumulative_logprob for s in new_seqs)
+        enough = len(done) >= width and done[width - 1].score >= self._beam_score(best_live, n_out, p)
+        if hit_length or enough:
+            if hit_length:
+                for s in new_seqs:
+                    ids = s.output_token_ids
+                    req.beam_done.append(BeamHypothesis(ids, s.cumulative_logprob,
+                                                        self._beam_score(s.cumulative_logprob, len(ids), p), "length"))
+            for s in new_seqs:
+                s.finish_reason = "pruned"
+                self.block_manager.free_seq(s)
+            self._finish_request(req, now)
+
+    @staticmethod
+    def _beam_score(cum: float, length: int, p: SamplingParams) -> float:
+        return cum / (max(length, 1) ** p.length_penalty)
+
+    # -- outputs -------------------------------------------------------------------
+    def _finish_request(self, req: Request, now: float) -> None:
+        req.status = Status.FINISHED
+        req.metrics.finished_time = now
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        p = req.params
+        if p.use_beam_search:
+            best = sorted(req.beam_done, key=lambda h: h.score, reverse=True)[:p.n]
+            outs = [CompletionOutput(i, self.tokenizer.decode(h.token_ids, skip_special_tokens=p.skip_special_tokens)
+                                     if p.detokenize else "", h.token_ids, h.cumulative_logprob, None,
+                                     h.finish_reason, h.stop_reason) for i, h in enumerate(best)]
+            return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, True, req.metrics,
+                                 req.seqs[0].num_cached_tokens if req.seqs else 0,
+                                 [(o.text, o.token_ids) for o in outs])
+        holdback = max((len(s) for s in p.stop_list), default=1) - 1
+        outs, deltas = [], []
+        for seq in req.seqs:
+            text = seq.output_text
+            visible = len(text) if seq.finished else max(seq.text_sent, len(text) - holdback)
+            out_ids = seq.output_token_ids
+            deltas.append((text[seq.text_sent:visible], out_ids[seq.tokens_sent:]))
+            seq.text_sent, seq.tokens_sent = visible, len(out_ids)
+            outs.append(CompletionOutput(seq.index, text[:visible], out_ids,
+                                         seq.cumulative_logprob if seq.logprobs is not None else None,
+                                         seq.logprobs, seq.finish_reason, seq.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics,
+                             req.seqs[0].num_cached_tokens, deltas)

@@ -1,0 +1,166 @@
+"""Iteration-level scheduling under a token budget.
+
+Each step: (1) running requests in decode (one token per live sequence) are
+served first, so long prompts never starve ongoing generations; (2) running
+requests still prefilling get chunks of what budget is left (chunked
+prefill); (3) waiting requests are admitted in arrival order while slots,
+budget and KV blocks allow. When blocks run out, the latest-arrived running
+request not yet scheduled this step is preempted by recompute: its blocks are
+freed (full blocks stay in the prefix cache, so the recompute is often cheap)
+and it goes back to the front of the waiting queue.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.sequence import Request, Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    request: Request
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._order: dict[str, int] = {}  # arrival order: lower = higher priority
+        self._counter = 0
+
+    # -- queue management -----------------------------------------------
+    def add(self, req: Request) -> None:
+        self._order[req.request_id] = self._counter
+        self._counter += 1
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, req: Request) -> None:
+        """Drop a finished or aborted request and free all its blocks."""
+        for seq in req.seqs:
+            if seq.block_table:
+                self.bm.free_seq(seq)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._order.pop(req.request_id, None)
+
+    def _slots(self, req: Request) -> int:
+        return len(req.live_seqs) if req.forked else req.num_slots
+
+    def num_running_seqs(self) -> int:
+        return sum(self._slots(r) for r in self.running)
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        for seq in req.seqs:
+            if seq.block_table:
+                self.bm.free_seq(seq)
+            seq.num_computed = 0
+        self.running.remove(req)
+        req.status = Status.WAITING
+        order = self._order[req.request_id]
+        i = 0
+        while i < len(self.waiting) and self._order[self.waiting[i].request_id] < order:
+            i += 1
+        self.waiting.insert(i, req)
+        self.num_preemptions += 1
+        out.preempted.append(req)
+
+    # -- one step ----------------------------------------------------------
+    def _try_seq(self, seq: Sequence, budget: int) -> tuple[int, bool]:
+        """Allocate for the next chunk of `seq`; returns (num_tokens, ok)."""
+        prefix = self.bm.find_prefix(seq) if not seq.block_table else []
+        computed = len(prefix) * self.bm.block_size if prefix else seq.num_computed
+        n = min(seq.num_tokens - computed, budget)
+        if n <= 0:
+            return 0, True
+        return n, self.bm.allocate(seq, n, prefix)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        done: set[str] = set()
+
+        for decode_pass in (True, False):
+            for req in list(self.running):
+                if budget <= 0:
+                    break
+                if req.request_id in done or req.status != Status.RUNNING:
+                    continue
+                is_decode = all(s.num_tokens - s.num_computed == 1 and s.block_table for s in req.live_seqs)
+                if is_decode != decode_pass:
+                    continue
+                entries: list[ScheduledSeq] = []
+                for seq in req.live_seqs:
+                    while True:
+                        n, ok = self._try_seq(seq, budget)
+                        if ok:
+                            break
+                        victim = self._victim(req, done)
+                        self._preempt(victim, out)
+                        if victim is req:
+                            break
+                    if req.status != Status.RUNNING or n == 0:
+                        break
+                    entries.append(ScheduledSeq(seq, req, n))
+                    budget -= n
+                if req.status == Status.RUNNING:
+                    out.scheduled.extend(entries)
+                    done.add(req.request_id)
+                else:
+                    budget += sum(e.num_tokens for e in entries)
+
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _victim(self, req: Request, done: set[str]) -> Request:
+        """The lowest-priority (latest-arrived) running request not yet scheduled this step."""
+        candidates = [r for r in self.running if r.request_id not in done]
+        return max(candidates, key=lambda r: self._order[r.request_id])
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            if self.num_running_seqs() + self._slots(req) > self.max_num_seqs:
+                break
+            entries: list[ScheduledSeq] = []
+            ok = True
+            for seq in req.live_seqs:
+                n, ok = self._try_seq(seq, budget - sum(e.num_tokens for e in entries))
+                if not ok:
+                    break
+                if n == 0:
+                    break
+                entries.append(ScheduledSeq(seq, req, n))
+            if not ok or not entries:
+                for seq in req.seqs:  # roll back partial allocations; full blocks stay cached
+                    if seq.block_table:
+                        self.bm.free_seq(seq)
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.scheduled.extend(entries)
+            budget -= sum(e.num_tokens for e in entries)

@@ -1,0 +1,63 @@
+"""`pagedserve generate "prompt"` and `pagedserve chat "message"`: one-shot completions on the offline engine."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags shared by generate/chat/serve; names mirror vLLM's."""
+    p.add_argument("--model", dest="model_opt", default=None, help="HF dir, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB (CPU default 1)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+
+
+def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
+    return dict(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
+                seed=args.seed, load_format=args.load_format)
+
+
+def add_parser(sub) -> None:
+    for name, helptext in (("generate", "complete a prompt"), ("chat", "answer one chat message")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+        add_engine_args(p)
+        p.add_argument("--max-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=-1)
+        p.add_argument("-n", type=int, default=1)
+        p.add_argument("--stop", action="append", default=None)
+        p.set_defaults(func=run, mode=name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pagedserve.llm import LLM
+    from pagedserve.sampling_params import SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, n=args.n, stop=args.stop, seed=args.seed)
+    max_len = args.max_model_len or 2048
+    llm = LLM(**engine_kwargs(args, args.model_opt) | {"max_model_len": max_len})
+    if args.mode == "chat":
+        out = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+    for i, o in enumerate(out.outputs):
+        if len(out.outputs) > 1:
+            print(f"--- [{i}] ({o.finish_reason})")
+        print(o.text)
+    return 0

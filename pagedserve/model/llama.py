@@ -1,0 +1,254 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+One class covers the family; config flags switch the differences:
+Qwen2's bias on q/k/v, Qwen3's per-head RMSNorm on q and k, tied embeddings,
+RoPE scaling. Q, K, V share one matmul and gate/up share another.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.errors import UnsupportedModelError
+from pagedserve.model.attention import AttentionMetadata
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: dict | None = None
+
+    @classmethod
+    def from_hf(cls, cfg) -> "ModelArgs":
+        g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        model_type = g("model_type", "llama")
+        heads = g("num_attention_heads")
+        head_dim = g("head_dim") or g("hidden_size") // heads
+        attention_bias = bool(g("attention_bias", False))
+        rope_scaling = g("rope_scaling") or None
+        rope_theta = g("rope_theta")
+        rope_params = g("rope_parameters")  # transformers >= 5 folds theta/scaling in here
+        if isinstance(rope_params, dict):
+            rope_theta = rope_theta or rope_params.get("rope_theta")
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_params
+        return cls(
+            vocab_size=g("vocab_size"),
+            hidden_size=g("hidden_size"),
+            intermediate_size=g("intermediate_size"),
+            num_layers=g("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=g("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=g("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta or 10000.0),
+            max_position_embeddings=g("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias and model_type != "qwen2",
+            mlp_bias=bool(g("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope_scaling=rope_scaling,
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies, with the RoPE scaling schemes Llama/Qwen checkpoints use."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling
+    if not sc:
+        return inv
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    if kind == "llama3":
+        factor = sc["factor"]
+        low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_ctx = sc["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, args: ModelArgs, max_len: int):
+        super().__init__()
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(args))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, backend):
+        super().__init__()
+        self.nh, self.nkv, self.hd = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = self.hd ** -0.5
+        self.backend = backend
+
+    def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.nh, self.hd)
+        k = k.view(t, self.nkv, self.hd)
+        v = v.view(t, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * self.inter, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(self.inter, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, backend)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, positions, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs, backend, max_len: int):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, backend) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rope = RotaryEmbedding(args, max_len)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
+        """input_ids/positions [T] -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rope, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w).float()
+
+    # -- weights ---------------------------------------------------------
+    def load_hf_weights(self, tensors) -> None:
+        """Load HF-named tensors (an iterable of (name, tensor)), fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        fused = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
+        loaded = set()
+        a = self.args
+        qkv_sizes = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+        for name, w in tensors:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still store a copy
+            parts = name.split(".")
+            target, offset, size = name, 0, None
+            if len(parts) >= 2 and parts[-2] in fused:
+                proj, idx = parts[-2], fused[parts[-2]]
+                if proj in ("q_proj", "k_proj", "v_proj"):
+                    target = ".".join(parts[:-2] + ["qkv_proj", parts[-1]])
+                    offset, size = sum(qkv_sizes[:idx]), qkv_sizes[idx]
+                else:
+                    target = ".".join(parts[:-2] + ["gate_up_proj", parts[-1]])
+                    offset, size = idx * a.intermediate_size, a.intermediate_size
+            p = params.get(target)
+            if p is None:
+                raise UnsupportedModelError(f"checkpoint tensor {name!r} has no place in the model")
+            with torch.no_grad():
+                dst = p if size is None else p.narrow(0, offset, size)
+                if tuple(dst.shape) != tuple(w.shape):
+                    raise UnsupportedModelError(
+                        f"checkpoint tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}"
+                    )
+                dst.copy_(w)
+            loaded.add((target, offset))
+        expected = set()
+        for pname, p in params.items():
+            if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+                expected |= {(pname, sum(qkv_sizes[:i])) for i in range(3)}
+            elif pname.endswith(("gate_up_proj.weight", "gate_up_proj.bias")):
+                expected |= {(pname, 0), (pname, a.intermediate_size)}
+            else:
+                expected.add((pname, 0))
+        missing = sorted({n for n, _ in expected - loaded})
+        if missing:
+            raise UnsupportedModelError(
+                f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}"
+            )

@@ -1,0 +1,124 @@
+"""Find a model, read its config, build the module and fill its weights.
+
+Accepted: an HF directory (config.json + safetensors, sharded or not), a .gguf
+file (dequantized into a cached HF directory), a Hub id already in the local
+Hugging Face cache, or None for the embedded default. `load_format="dummy"`
+skips the weights (random values of the right shapes) for performance work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pagedserve.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """Return a local HF-layout directory for `model`, converting/locating as needed."""
+    from pagedserve.model.default_model import default_model_dir, gguf_to_hf_dir
+
+    if model is None or model == "default":
+        return default_model_dir()
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_to_hf_dir(p)
+    if p.is_file() and p.name == "config.json":
+        return p.parent
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if ggufs:
+                return gguf_to_hf_dir(ggufs[0])
+            raise ConfigError(
+                f"model directory {p} is incomplete: config.json is missing",
+                hint="point at a Hugging Face model directory (config.json + *.safetensors + tokenizer files)",
+            )
+        return p
+    if p.exists() or "/" not in model or model.startswith((".", "/", "~")):
+        raise ConfigError(f"model path {model!r} does not exist", hint="give a model directory, a .gguf file or a Hub id")
+    # A Hub id: use the local HF cache only; `pagedserve download` fetches.
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as e:
+        raise ConfigError(
+            f"model {model!r} is neither a local path nor in the Hugging Face cache",
+            hint=f"run `pagedserve download {model}` first, or pass a local directory",
+        ) from e
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (model_dir / n).exists()]
+        if missing:
+            raise ConfigError(
+                f"model directory {model_dir} is incomplete: missing {len(missing)} weight shard(s): "
+                f"{', '.join(missing[:4])}",
+                hint="re-run the download; it resumes",
+            )
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        if bins:
+            return bins
+        raise ConfigError(
+            f"model directory {model_dir} has no weights (*.safetensors)",
+            hint="download the model again or use --load-format dummy for random weights",
+        )
+    return files
+
+
+def iter_weights(model_dir: Path):
+    """Yield (name, tensor) from every weight file, one tensor at a time to bound memory."""
+    for f in _safetensor_files(model_dir):
+        if f.suffix == ".bin":
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            yield from state.items()
+            continue
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes: std 0.02 like HF's init, norms at 1."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif p.device.type == "cpu":
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
+    from transformers import AutoTokenizer
+
+    src = tokenizer or str(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise ConfigError(
+            f"cannot load a tokenizer from {src}: {str(e).splitlines()[0][:200]}",
+            hint="the model directory needs tokenizer.json or tokenizer.model + tokenizer_config.json",
+        ) from e

@@ -1,0 +1,93 @@
+"""Owns the model and the KV cache; turns a scheduled step into one forward pass.
+
+The flat batch puts single-token rows (decodes) first and prefill chunks after,
+the layout `AttentionMetadata` describes. Only rows that reach the end of
+their sequence need logits, so the LM head runs on those rows alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagedserve.engine.scheduler import ScheduledSeq
+from pagedserve.model.attention import AttentionMetadata
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, num_layers: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeroed, not empty: masked-out slots are multiplied by 0 and must not hold NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks src -> dst in every layer."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+    def prepare(self, scheduled: list[ScheduledSeq]):
+        bs = self.block_size
+        decodes = [e for e in scheduled if e.num_tokens == 1]
+        prefills = [e for e in scheduled if e.num_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        for e in ordered:
+            seq, s, n = e.seq, e.seq.num_computed, e.num_tokens
+            input_ids.extend(seq.token_ids[s:s + n])
+            positions.extend(range(s, s + n))
+            bt = seq.block_table
+            slots.extend(bt[p // bs] * bs + p % bs for p in range(s, s + n))
+            if s + n == seq.num_tokens:
+                logit_rows.append(len(input_ids) - 1)
+                sampled.append(e)
+
+        def tables(entries):
+            width = max((len(e.seq.block_table) for e in entries), default=0)
+            return self._tensor([e.seq.block_table + [0] * (width - len(e.seq.block_table)) for e in entries]
+                                or [[0]])
+
+        d_lens = [e.seq.num_computed + 1 for e in decodes]
+        p_lens = [e.seq.num_computed + e.num_tokens for e in prefills]
+        q_start = [0]
+        for e in prefills:
+            q_start.append(q_start[-1] + e.num_tokens)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            num_decode=len(decodes),
+            decode_block_tables=tables(decodes),
+            decode_seq_lens=self._tensor(d_lens or [0]),
+            prefill_query_start=self._tensor(q_start),
+            prefill_seq_lens=self._tensor(p_lens or [0]),
+            prefill_block_tables=tables(prefills),
+            decode_max_seq_len=max(d_lens, default=0),
+            prefill_query_start_list=tuple(q_start),
+            prefill_seq_lens_list=tuple(p_lens),
+        )
+        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+                self._tensor(logit_rows, torch.int64), sampled)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows."""
+        input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sampled:
+            return torch.empty(0), sampled
+        return self.model.compute_logits(hidden[logit_rows]), sampled
