@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # that layer is not part of this build
+            if e.name and name.startswith(e.name):  # that layer is not part of this build
                 continue
             raise
         module.add_parser(sub)
