@@ -8,7 +8,6 @@ steps) are compared with one HF forward pass over the same tokens.
 """
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 
@@ -17,106 +16,26 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ConfigError, PagedServeError, UnsupportedModelError
+from tests.tiny_models import VOCAB, LogitTap, build_hf, configs, save
 
-VOCAB = 384
 BLOCK = 8
 PROMPT_LEN = 45  # 5+ blocks of 8, not a multiple of the block size
 NEW_TOKENS = 6
-
-
-@functools.lru_cache(maxsize=None)
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<bos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog. " * 4, "hello world 你好 🙂"], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
-
-
-def _common(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=1, tie_word_embeddings=False)
-    base.update(kw)
-    return base
-
-
-def _configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    return {
-        "qwen2": lambda: Qwen2Config(**_common(rope_theta=1e6)),  # q/k/v bias
-        "qwen3": lambda: Qwen3Config(**_common(rope_theta=1e6)),  # per-head q/k RMSNorm
-        "mistral": lambda: MistralConfig(**_common(sliding_window=None)),
-        "llama": lambda: LlamaConfig(**_common(rope_theta=5e5)),
-        # Llama 3.1-style RoPE scaling (original context shorter than the prompt) and tied embeddings.
-        "llama3_rope_tied": lambda: LlamaConfig(**_common(
-            rope_theta=5e5, tie_word_embeddings=True,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 32})),
-    }
-
-
-def _build_hf(name: str):
-    from transformers import AutoModelForCausalLM
-
-    cfg = _configs()[name]()
-    torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # HF's 0.02 init gives near-uniform logits (argmax ties); larger weights separate them, and
-    # non-unit norm weights make a missing/misplaced norm visible.
-    g = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
-    model.eval()
-    return model
-
-
-def _save(model, path, **kw):
-    model.save_pretrained(path, safe_serialization=True, **kw)
-    _tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """name -> (hf model, saved dir)."""
     out = {}
-    for name in _configs():
-        model = _build_hf(name)
-        out[name] = (model, _save(model, tmp_path_factory.mktemp(name)))
+    for name in configs():
+        model = build_hf(name)
+        out[name] = (model, save(model, tmp_path_factory.mktemp(name)))
     return out
 
 
 def _prompt(seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (PROMPT_LEN,), generator=g).tolist()
-
-
-class _LogitTap:
-    """Wraps the engine's runner to record the logits of every sampling step."""
-
-    def __init__(self, llm):
-        self.rows: list[torch.Tensor] = []
-        runner = llm.engine.runner
-        orig = runner.execute
-
-        def execute(scheduled):
-            logits, sampled = orig(scheduled)
-            for i, _ in enumerate(sampled):
-                self.rows.append(logits[i].clone())
-            return logits, sampled
-
-        runner.execute = execute
 
 
 def _hf_reference(model, prompt: list[int], n_new: int):
@@ -129,7 +48,7 @@ def _hf_reference(model, prompt: list[int], n_new: int):
     return full[len(prompt):], logits[len(prompt) - 1:len(full) - 1]
 
 
-@pytest.mark.parametrize("name", list(_configs()))
+@pytest.mark.parametrize("name", list(configs()))
 def test_logits_and_greedy_match_hf(tiny_dirs, name):
     model, path = tiny_dirs[name]
     prompt = _prompt()
@@ -137,11 +56,11 @@ def test_logits_and_greedy_match_hf(tiny_dirs, name):
 
     # A 16-token budget prefills the 45-token prompt in three chunks across block boundaries.
     llm = LLM(model=str(path), block_size=BLOCK, max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=16)
-    tap = _LogitTap(llm)
+    tap = LogitTap(llm.engine)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == ref_tokens
-    got = torch.stack(tap.rows)
+    got = torch.stack([r[3] for r in tap.rows])
     assert got.shape == ref_logits.shape
     # Logits are O(10) here; fp32 differences in summation order stay far below this.
     torch.testing.assert_close(got, ref_logits.float(), atol=2e-3, rtol=1e-3)
@@ -151,7 +70,7 @@ def test_logits_and_greedy_match_hf(tiny_dirs, name):
     out2 = llm.generate([prompt], params, use_tqdm=False)[0]
     assert out2.num_cached_tokens >= (PROMPT_LEN // BLOCK) * BLOCK - BLOCK
     assert out2.outputs[0].token_ids == ref_tokens
-    torch.testing.assert_close(torch.stack(tap.rows), ref_logits.float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.stack([r[3] for r in tap.rows]), ref_logits.float(), atol=2e-3, rtol=1e-3)
     bm = llm.engine.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks
@@ -170,7 +89,7 @@ def test_batched_prompts_match_hf(tiny_dirs):
 
 def test_sharded_checkpoint_loads(tiny_dirs, tmp_path):
     model, _ = tiny_dirs["qwen2"]
-    path = _save(model, tmp_path / "sharded", max_shard_size="60KB")
+    path = save(model, tmp_path / "sharded", max_shard_size="60KB")
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     assert len(shards) > 1 and (path / "model.safetensors.index.json").exists()
     prompt = _prompt()

@@ -1,0 +1,98 @@
+"""Tiny random-weight Llama-family checkpoints built with transformers, for fast engine tests.
+
+`tiny_model_dir(path)` writes a 2-layer, hidden-64 model (vocab 384) and a tiny
+byte-level BPE tokenizer trained on the spot (no network) into `path`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+VOCAB = 384
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>", "<bos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog. " * 4, "hello world 你好 🙂"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+
+
+def common(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rms_norm_eps=1e-5, eos_token_id=0, bos_token_id=1, tie_word_embeddings=False)
+    base.update(kw)
+    return base
+
+
+def configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "qwen2": lambda: Qwen2Config(**common(rope_theta=1e6)),  # q/k/v bias
+        "qwen3": lambda: Qwen3Config(**common(rope_theta=1e6)),  # per-head q/k RMSNorm
+        "mistral": lambda: MistralConfig(**common(sliding_window=None)),
+        "llama": lambda: LlamaConfig(**common(rope_theta=5e5)),
+        # Llama 3.1-style RoPE scaling (original context shorter than the prompt) and tied embeddings.
+        "llama3_rope_tied": lambda: LlamaConfig(**common(
+            rope_theta=5e5, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32})),
+    }
+
+
+def build_hf(name: str):
+    from transformers import AutoModelForCausalLM
+
+    cfg = configs()[name]()
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # HF's 0.02 init gives near-uniform logits (argmax ties); larger weights separate them, and
+    # non-unit norm weights make a missing/misplaced norm visible.
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    model.eval()
+    return model
+
+
+def save(model, path, **kw):
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_model_dir(path, name: str = "llama"):
+    """Build, save and return `path` holding the tiny `name` model and its tokenizer."""
+    return save(build_hf(name), path)
+
+
+class LogitTap:
+    """Wraps an engine's runner to record, for every sampled row, (request id, output index, position, logits)."""
+
+    def __init__(self, engine):
+        self.rows: list[tuple[str, int, int, torch.Tensor]] = []
+        runner = engine.runner
+        orig = runner.execute
+
+        def execute(scheduled):
+            logits, sampled = orig(scheduled)
+            for i, e in enumerate(sampled):
+                pos = e.seq.num_computed + e.num_tokens - 1
+                self.rows.append((e.request.request_id, e.seq.index, pos, logits[i].clone()))
+            return logits, sampled
+
+        runner.execute = execute
