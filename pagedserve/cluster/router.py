@@ -1,0 +1,688 @@
+"""The router: an ASGI app that spreads OpenAI-compatible requests over backends.
+
+Hot path, per request: read the body once, parse the few fields policies need (model,
+max_tokens, stream, user, a prompt prefix), let the policy pick a healthy backend, forward
+the original body bytes over a pooled keep-alive connection, and relay the answer.
+
+- Streaming responses pass through chunk by chunk as received (no re-encoding). The router
+  commits to a backend only when its first body bytes arrive: a request that fails before
+  that (connect error, reset, 5xx, 429) is retried on another backend, at most `max_retries`
+  times. A stream that breaks after bytes were sent ends with an SSE error event.
+- Non-streaming responses are small: they are read whole, so a failure anywhere before the
+  end is still retried.
+- Health: active checks of each backend's /health; passive ejection on connect errors (at
+  once) and on repeated 5xx / resets; readmission when a check passes after the ejection
+  period. With no healthy backend the router answers 503 with an OpenAI-style error.
+- A client that disconnects cancels its upstream request (the backend aborts it).
+
+Router-owned paths: /health, /metrics, /v1/models (merged from the backends) and
+/admin/backends (GET list, POST {"url"} add, DELETE {"url"} remove). Everything else is
+proxied.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pagedserve.cluster.backends import Backend, BackendPool, normalize_url
+from pagedserve.cluster.policies import DEFAULT_POLICY, Policy, RequestInfo, make_policy
+from pagedserve.cluster.scrape import LocalGpuUtil, parse_engine_metrics
+
+log = logging.getLogger("pagedserve.router")
+disable_created_metrics()  # no *_created series, as vLLM
+
+_REQ_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding",
+                       b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection"})
+_RESP_DROP = frozenset({b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
+                        b"server", b"trailer", b"upgrade"})
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_JSON = [(b"content-type", b"application/json")]
+
+
+@dataclass
+class RouterConfig:
+    policy: str = DEFAULT_POLICY
+    max_retries: int = 2  # extra attempts on other backends for a request that failed before its first byte
+    health_interval: float = 1.0
+    health_timeout: float = 3.0
+    health_path: str = "/health"
+    metrics_interval: float = 0.25  # /metrics scrape period (engine_load, gpu_util)
+    connect_timeout: float = 3.0
+    request_timeout: float = 600.0  # longest wait for the next bytes from a backend
+    failures_to_eject: int = 3  # consecutive 5xx/resets that eject a backend (connect errors eject at once)
+    eject_base_s: float = 1.0
+    admin_api_key: str | None = None
+    backends_file: str | None = None  # one URL a line; re-read when it changes
+    file_poll_interval: float = 1.0
+    prefix_chars: int = 256  # prompt characters hashed by prefix_affinity
+    default_max_tokens: int = 256  # token estimate when a request gives no max_tokens
+    backend_header: bool = True  # add x-pagedserve-backend to responses
+    load_factor: float = 1.25  # prefix_affinity's bound on a backend's share
+
+
+def _error_body(message: str, status: int, type_: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": status}}).encode()
+
+
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig) -> RequestInfo:
+    """The fields policies use, from an OpenAI request body (tolerant: bad JSON is the backend's to reject)."""
+    info = RequestInfo(path=path, max_tokens=cfg.default_max_tokens)
+    if not body:
+        info.affinity_key = session
+        return info
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        info.affinity_key = session
+        return info
+    model = data.get("model")
+    info.model = model if isinstance(model, str) else None
+    info.stream = data.get("stream") is True
+    mt = data.get("max_completion_tokens") or data.get("max_tokens")
+    n = data.get("n")
+    if isinstance(mt, int) and mt > 0:
+        info.max_tokens = mt
+    if isinstance(n, int) and n > 1:
+        info.max_tokens *= n
+    text = ""
+    n_tok = 0
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        text = "".join(f"{m.get('role', '')}:{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
+    else:
+        prompt = data.get("prompt")
+        if isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):  # a batch of prompts
+                text = prompt[0]
+                n_tok = sum(len(p) for p in prompt) // 4
+                info.max_tokens *= len(prompt)
+            elif all(isinstance(t, int) for t in prompt):  # token ids
+                n_tok = len(prompt)
+                text = ",".join(map(str, prompt[: cfg.prefix_chars // 4]))
+            elif isinstance(prompt[0], list):  # a batch of token-id lists
+                n_tok = sum(len(p) for p in prompt if isinstance(p, list))
+                text = ",".join(map(str, prompt[0][: cfg.prefix_chars // 4]))
+                info.max_tokens *= len(prompt)
+    info.prompt_tokens = n_tok or len(text) // 4
+    user = data.get("user")
+    info.affinity_key = session or (user if isinstance(user, str) and user else None) or (text[: cfg.prefix_chars] or None)
+    return info
+
+
+class _Failure:
+    """An attempt that failed before anything reached the client (so it may be retried)."""
+
+    __slots__ = ("message", "status", "headers", "body", "retry")
+
+    def __init__(self, message: str, status: int = 502, headers=None, body: bytes | None = None, retry: bool = True):
+        self.message, self.status, self.headers, self.body = message, status, headers, body
+        self.retry = retry  # False for timeouts: the backend may still be working on it
+
+
+class _RouterCollector:
+    """Per-backend gauges read from the pool at scrape time."""
+
+    def __init__(self, router: "Router"):
+        self.router = router
+
+    def collect(self):
+        healthy = GaugeMetricFamily("pagedserve:router_backend_healthy", "1 if the backend receives traffic", labels=["backend"])
+        inflight = GaugeMetricFamily("pagedserve:router_backend_inflight", "Requests in flight through the router", labels=["backend"])
+        load = GaugeMetricFamily("pagedserve:router_backend_engine_requests",
+                                 "Backend's scraped running + waiting requests (engine_load)", labels=["backend"])
+        ejections = CounterMetricFamily("pagedserve:router_backend_ejections", "Passive ejections in the last minute window",
+                                        labels=["backend"])
+        for b in self.router.pool.all:
+            healthy.add_metric([b.url], 1.0 if b.healthy else 0.0)
+            inflight.add_metric([b.url], b.inflight)
+            if b.running is not None:
+                load.add_metric([b.url], (b.running or 0) + (b.waiting or 0))
+            ejections.add_metric([b.url], b.ejections)
+        n = GaugeMetricFamily("pagedserve:router_healthy_backends", "Backends receiving traffic")
+        n.add_metric([], len(self.router.pool.healthy))
+        yield from (healthy, inflight, load, ejections, n)
+
+
+class Router:
+    """ASGI application. `await router.start()` / `stop()` (or ASGI lifespan) run the
+    background loops: health checks, metrics scrapes (when the policy needs them) and the
+    backends-file watcher."""
+
+    def __init__(self, backends: list[str] | None = None, config: RouterConfig | None = None, *,
+                 policy: Policy | None = None, initially_healthy: bool = True):
+        self.cfg = config or RouterConfig()
+        self.policy = policy or make_policy(self.cfg.policy, **({"load_factor": self.cfg.load_factor}
+                                                                 if self.cfg.policy == "prefix_affinity" else {}))
+        self.pool = BackendPool(eject_base_s=self.cfg.eject_base_s, failures_to_eject=self.cfg.failures_to_eject)
+        for url in backends or []:
+            self.pool.add(url, healthy=initially_healthy)
+        self.client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._file_urls: set[str] = set()
+        self._file_mtime: float | None = None
+        self._gpu = None
+        self._models_cache: tuple[float, bytes] | None = None
+        self.started = False
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.m_requests = Counter("pagedserve:router_requests", "Responses relayed, by backend and HTTP status",
+                                  ["backend", "code"], registry=self.registry)
+        self.m_errors = Counter("pagedserve:router_errors", "Backend failures by kind (connect, http_5xx, reset, "
+                                "timeout, stream_broken)", ["backend", "kind"], registry=self.registry)
+        self.m_retries = Counter("pagedserve:router_retries", "Requests retried elsewhere after failing on this backend",
+                                 ["backend"], registry=self.registry)
+        self.m_unavailable = Counter("pagedserve:router_no_backend", "Requests answered 503: no healthy backend",
+                                     registry=self.registry)
+        self.m_routing = Histogram("pagedserve:router_routing_latency_seconds",
+                                   "Time from the request's arrival to the backend choice (body read, parse, policy)",
+                                   registry=self.registry,
+                                   buckets=(2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2))
+        self.registry.register(_RouterCollector(self))
+        self._children: dict = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=self.cfg.connect_timeout, read=self.cfg.request_timeout, write=60.0,
+                                  pool=self.cfg.connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024, keepalive_expiry=4.0),
+            trust_env=False,
+        )
+        if self.cfg.backends_file:
+            self._read_backends_file()
+        await self.check_all()  # know who is up before the first request
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
+        if self.policy.needs_metrics or self.policy.needs_gpu_util:
+            if self.policy.needs_gpu_util:
+                self._gpu = LocalGpuUtil()
+            self._tasks.append(asyncio.create_task(self._scrape_loop(), name="router-scrape"))
+        if self.cfg.backends_file:
+            self._tasks.append(asyncio.create_task(self._file_loop(), name="router-file"))
+        log.info("router: policy %s, %d backend(s), %d healthy", self.policy.name, len(self.pool), len(self.pool.healthy))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+        self.started = False
+
+    # ------------------------------------------------------------------ ASGI
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            if path == "/health":
+                return await self._health_endpoint(send)
+            if path == "/metrics":
+                return await self._send(send, 200, generate_latest(self.registry),
+                                        [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+            if path == "/v1/models" and scope["method"] == "GET":
+                return await self._models(scope, send)
+            if path.startswith("/admin/"):
+                return await self._admin(scope, receive, send)
+            return await self._proxy_guarded(scope, receive, send)
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    try:
+                        await self.start()
+                    except Exception as e:  # pragma: no cover
+                        await send({"type": "lifespan.startup.failed", "message": str(e)})
+                        return
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await self.stop()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    @staticmethod
+    async def _send(send, status: int, body: bytes, headers=_JSON) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _send_error(self, send, status: int, message: str, type_: str, extra_headers=()) -> None:
+        await self._send(send, status, _error_body(message, status, type_), _JSON + list(extra_headers))
+
+    # ------------------------------------------------------------------ proxy
+    async def _proxy_guarded(self, scope, receive, send):
+        """Proxy, and cancel the upstream request if the client goes away meanwhile."""
+        task = asyncio.current_task()
+        gone = done = False
+
+        async def watch():
+            nonlocal gone
+            msg = await receive()
+            while msg["type"] == "http.request" and msg.get("more_body"):
+                msg = await receive()
+            if msg["type"] == "http.disconnect" and not done:
+                gone = True
+                task.cancel()
+
+        async def tracked_send(msg):
+            nonlocal done
+            if msg["type"] == "http.response.body" and not msg.get("more_body"):
+                done = True
+            await send(msg)
+
+        body = await _read_body(receive)
+        if body is None:
+            return
+        watcher = asyncio.create_task(watch())
+        try:
+            await self._proxy(scope, body, tracked_send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+        finally:
+            watcher.cancel()
+
+    async def _proxy(self, scope, body: bytes, send) -> None:
+        t0 = time.perf_counter()
+        if not self.started:
+            await self.start()
+        headers = [(k, v) for k, v in scope["headers"] if k not in _REQ_DROP]
+        session = None
+        for k, v in headers:
+            if k == b"x-session-id":
+                session = v.decode("latin-1")
+        info = parse_request(scope["path"], body, session, self.cfg)
+        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        tried: list[Backend] = []
+        failure: _Failure | None = None
+        for attempt in range(self.cfg.max_retries + 1):
+            candidates = self._candidates(info, tried)
+            if not candidates:
+                break
+            b = self.policy.choose(info, candidates)
+            if attempt == 0:
+                self.m_routing.observe(time.perf_counter() - t0)
+            else:
+                self.m_retries.labels(tried[-1].url).inc()
+                log.info("retrying %s on %s after %s failed: %s", info.path, b.url, tried[-1].url, failure.message)
+            tried.append(b)
+            failure = await self._attempt(b, scope["method"], target, body, headers, info, send)
+            if failure is None:
+                return
+            if not failure.retry:
+                break
+        if failure is None:
+            self.m_unavailable.inc()
+            n = len(self.pool)
+            await self._send_error(send, 503, f"no healthy backend: 0 of {n} backend(s) can take requests "
+                                   "(starting, down or ejected); retry later", "service_unavailable",
+                                   [(b"retry-after", b"1")])
+        elif failure.body is not None:  # the last backend's own error answer
+            await self._send(send, failure.status, failure.body, failure.headers)
+        else:
+            await self._send_error(send, failure.status, f"all backends tried failed; last: {failure.message}",
+                                   "upstream_error")
+
+    def _candidates(self, info: RequestInfo, tried: list[Backend]) -> list[Backend]:
+        healthy = self.pool.healthy
+        if tried:
+            healthy = [b for b in healthy if b not in tried]
+        if info.model and len(healthy) > 1:
+            serving = [b for b in healthy if not b.models or info.model in b.models]
+            if serving:
+                return serving
+        return healthy
+
+    def _child(self, metric, *labels):
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def _fail(self, b: Backend, kind: str, message: str, *, connect: bool = False) -> _Failure:
+        self._child(self.m_errors, b.url, kind).inc()
+        self.pool.record_failure(b, message, connect=connect)
+        return _Failure(f"{b.url}: {message}")
+
+    async def _attempt(self, b: Backend, method: str, target: str, body: bytes, headers, info: RequestInfo,
+                       send) -> _Failure | None:
+        est = info.est_tokens
+        b.inflight += 1
+        b.inflight_tokens += est
+        b.total_requests += 1
+        resp = None
+        try:
+            req = self.client.build_request(method, b.url + target, headers=headers, content=body)
+            try:
+                resp = await self.client.send(req, stream=True)
+            except httpx.ConnectError as e:
+                return self._fail(b, "connect", f"connect error: {e or type(e).__name__}", connect=True)
+            except httpx.ConnectTimeout:
+                return self._fail(b, "connect", "connect timeout", connect=True)
+            except httpx.TimeoutException:
+                self._child(self.m_errors, b.url, "timeout").inc()
+                return _Failure(f"{b.url}: no answer within {self.cfg.request_timeout:.0f}s", 504,
+                                _JSON, _error_body(f"backend {b.url} did not answer within {self.cfg.request_timeout:.0f}s",
+                                                   504, "timeout"), retry=False)
+            except httpx.TransportError as e:
+                return self._fail(b, "reset", f"{type(e).__name__}: {e}")
+            status = resp.status_code
+            out_headers = [(k, v) for k, v in resp.headers.raw if k.lower() not in _RESP_DROP]
+            if self.cfg.backend_header:
+                out_headers.append((b"x-pagedserve-backend", b.url.encode()))
+            if status >= 400 or not info.stream:
+                try:
+                    data = await resp.aread()
+                except httpx.TransportError as e:
+                    return self._fail(b, "reset", f"broken before the end of a {status} answer: {type(e).__name__}")
+                if status in _RETRY_STATUS:
+                    if status == 429:  # full queue: try elsewhere, the backend itself is fine
+                        self._child(self.m_errors, b.url, "http_429").inc()
+                    else:
+                        self._fail(b, "http_5xx", f"HTTP {status}")
+                    return _Failure(f"{b.url}: HTTP {status}", status, out_headers, data)
+                self.pool.record_success(b)
+                self._child(self.m_requests, b.url, str(status)).inc()
+                await self._send(send, status, data, out_headers)
+                return None
+            # Streaming: commit to this backend only once its first bytes arrive.
+            chunks = resp.aiter_raw()
+            try:
+                first = b""
+                while not first:
+                    first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except httpx.TimeoutException:
+                self._child(self.m_errors, b.url, "timeout").inc()
+                return _Failure(f"{b.url}: no first token within {self.cfg.request_timeout:.0f}s", 504, retry=False)
+            except httpx.TransportError as e:
+                return self._fail(b, "reset", f"closed before the first byte: {type(e).__name__}")
+            self.pool.record_success(b)
+            self._child(self.m_requests, b.url, str(status)).inc()
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                tail = first
+                try:
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        tail = chunk
+                except (httpx.TransportError, httpx.StreamError) as e:
+                    msg = (f"backend {b.url} failed mid-stream ({type(e).__name__}); the response is incomplete"
+                           if not isinstance(e, httpx.TimeoutException)
+                           else f"backend {b.url} sent nothing for {self.cfg.request_timeout:.0f}s; the response is incomplete")
+                    self._child(self.m_errors, b.url, "stream_broken").inc()
+                    self.pool.record_failure(b, "stream broken")
+                    log.warning("stream from %s broke after the first bytes: %s", b.url, e)
+                    sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
+                    event = b"data: " + _error_body(msg, 502, "upstream_error") + b"\n\ndata: [DONE]\n\n"
+                    await send({"type": "http.response.body", "body": sep + event, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return None
+        finally:
+            b.inflight -= 1
+            b.inflight_tokens -= est
+            if resp is not None:
+                await resp.aclose()
+
+    # ------------------------------------------------------------------ router endpoints
+    async def _health_endpoint(self, send) -> None:
+        k, n = len(self.pool.healthy), len(self.pool)
+        if k:
+            body = json.dumps({"status": "ok", "healthy_backends": k, "backends": n}).encode()
+            await self._send(send, 200, body)
+        else:
+            await self._send_error(send, 503, f"no healthy backend (0 of {n})", "service_unavailable")
+
+    async def _models(self, scope, send) -> None:
+        if not self.started:
+            await self.start()
+        healthy = self.pool.healthy
+        if not healthy:
+            self.m_unavailable.inc()
+            return await self._send_error(send, 503, f"no healthy backend (0 of {len(self.pool)})",
+                                          "service_unavailable", [(b"retry-after", b"1")])
+        auth = [(k, v) for k, v in scope["headers"] if k == b"authorization"]
+
+        async def one(b):
+            try:
+                r = await self.client.get(b.url + "/v1/models", headers=auth, timeout=self.cfg.health_timeout)
+                return b, r.status_code, r.content
+            except httpx.HTTPError as e:
+                return b, 502, str(e).encode()
+
+        seen: dict[str, dict] = {}
+        last = (502, b"")
+        for b, status, content in await asyncio.gather(*(one(b) for b in healthy)):
+            if status != 200:
+                last = (status, content)
+                continue
+            try:
+                data = json.loads(content).get("data", [])
+            except (ValueError, AttributeError):
+                continue
+            b.models = frozenset(m.get("id") for m in data if isinstance(m, dict))
+            for m in data:
+                if isinstance(m, dict) and m.get("id") not in seen:
+                    seen[m.get("id")] = m
+        if not seen and last[0] != 200:
+            if last[0] in (401, 403):
+                return await self._send(send, last[0], last[1])
+            return await self._send_error(send, 502, "no backend answered /v1/models", "upstream_error")
+        await self._send(send, 200, json.dumps({"object": "list", "data": list(seen.values())}).encode())
+
+    async def _admin(self, scope, receive, send) -> None:
+        body = await _read_body(receive)
+        if body is None:
+            return
+        if self.cfg.admin_api_key:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if auth != f"Bearer {self.cfg.admin_api_key}":
+                return await self._send_error(send, 401, "admin endpoints need 'Authorization: Bearer <admin key>'",
+                                              "authentication_error")
+        if scope["path"].rstrip("/") != "/admin/backends":
+            return await self._send_error(send, 404, f"unknown admin path {scope['path']}; use /admin/backends",
+                                          "not_found_error")
+        method = scope["method"]
+        if method == "GET":
+            out = {"policy": self.policy.name, "backends": [b.snapshot() for b in self.pool.all]}
+            return await self._send(send, 200, json.dumps(out).encode())
+        url = None
+        try:
+            url = json.loads(body).get("url") if body else None
+        except (ValueError, AttributeError):
+            pass
+        if url is None and scope.get("query_string"):
+            from urllib.parse import parse_qs
+
+            url = (parse_qs(scope["query_string"].decode()).get("url") or [None])[0]
+        if not isinstance(url, str):
+            return await self._send_error(send, 400, 'give the backend as JSON {"url": "http://host:port"}',
+                                          "invalid_request_error")
+        try:
+            url = normalize_url(url)
+        except ValueError as e:
+            return await self._send_error(send, 400, str(e), "invalid_request_error")
+        if method == "POST":
+            existed = self.pool.get(url) is not None
+            b = self.add_backend(url, healthy=False)
+            if self.started:
+                await self._check(b)
+            return await self._send(send, 200 if existed else 201, json.dumps(b.snapshot()).encode())
+        if method == "DELETE":
+            b = self.pool.remove(url)
+            if b is None:
+                return await self._send_error(send, 404, f"no backend {url}", "not_found_error")
+            return await self._send(send, 200, json.dumps({"removed": url}).encode())
+        return await self._send_error(send, 405, "use GET, POST or DELETE on /admin/backends", "invalid_request_error")
+
+    # ------------------------------------------------------------------ membership
+    def add_backend(self, url: str, *, healthy: bool = False, **kw) -> Backend:
+        """Add a backend; unless healthy=True it gets traffic after its first passing health check."""
+        return self.pool.add(url, healthy=healthy, **kw)
+
+    def remove_backend(self, url: str) -> Backend | None:
+        return self.pool.remove(url)
+
+    def _read_backends_file(self) -> None:
+        path = self.cfg.backends_file
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as e:
+            if self._file_mtime is not None:
+                log.warning("backends file %s unreadable: %s (keeping the current backends)", path, e)
+                self._file_mtime = None
+            return
+        if mtime == self._file_mtime:
+            return
+        self._file_mtime = mtime
+        urls = set()
+        with open(path) as f:
+            for line in f:
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    try:
+                        urls.add(normalize_url(line))
+                    except ValueError as e:
+                        log.warning("backends file %s: %s", path, e)
+        for url in sorted(urls - self._file_urls):
+            b = self.pool.get(url) or self.add_backend(url, healthy=False)
+            if self.started:
+                asyncio.ensure_future(self._check(b))
+        for url in self._file_urls - urls:
+            self.pool.remove(url)
+        self._file_urls = urls
+
+    async def _file_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.file_poll_interval)
+            try:
+                self._read_backends_file()
+            except Exception as e:  # pragma: no cover
+                log.warning("backends file: %s", e)
+
+    # ------------------------------------------------------------------ health and load
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(b) for b in self.pool.all), return_exceptions=True)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.health_interval)
+            await self.check_all()
+
+    async def _check(self, b: Backend) -> None:
+        if self.client is None:
+            return
+        connect = False
+        try:
+            r = await self.client.get(b.url + self.cfg.health_path, timeout=self.cfg.health_timeout)
+            ok = r.status_code == 200 or r.status_code == 404  # 404: a server without /health that answers
+            reason = f"{self.cfg.health_path} answered {r.status_code}"
+        except httpx.ConnectError:
+            ok, connect, reason = False, True, "connection refused"
+        except httpx.TimeoutException:
+            ok, reason = False, f"{self.cfg.health_path} timed out"
+        except httpx.HTTPError as e:
+            ok, reason = False, f"{self.cfg.health_path}: {type(e).__name__}"
+        if ok:
+            was = b.healthy
+            if self.pool.mark_up(b) and (not was or not b.models):
+                await self._refresh_models(b)
+        else:
+            b.health_failures += 1
+            # One refused connection or a 503 (not ready) is enough; a slow answer twice in a row.
+            if b.healthy and (connect or "503" in reason or b.health_failures >= 2):
+                self.pool.mark_down(b, reason)
+            elif not b.healthy:
+                b.reason = b.reason if b.ejected_until > time.monotonic() else reason
+
+    async def _refresh_models(self, b: Backend) -> None:
+        try:
+            r = await self.client.get(b.url + "/v1/models", timeout=self.cfg.health_timeout)
+            if r.status_code == 200:
+                b.models = frozenset(m.get("id") for m in r.json().get("data", []) if isinstance(m, dict))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            try:
+                await self.scrape_all()
+            except Exception as e:  # pragma: no cover
+                log.debug("scrape failed: %s", e)
+            await asyncio.sleep(self.cfg.metrics_interval)
+
+    async def scrape_all(self) -> None:
+        local = {}
+        if self._gpu is not None and self._gpu.available and any(b.gpu_index is not None for b in self.pool.all):
+            local = await self._gpu.read()
+        await asyncio.gather(*(self._scrape(b, local) for b in self.pool.healthy), return_exceptions=True)
+
+    async def _scrape(self, b: Backend, local_gpu: dict) -> None:
+        try:
+            r = await self.client.get(b.url + "/metrics", timeout=self.cfg.health_timeout)
+        except httpx.HTTPError:
+            return
+        if r.status_code != 200:
+            return
+        m = parse_engine_metrics(r.text)
+        b.inflight_at_scrape = b.inflight
+        b.metrics_time = time.monotonic()
+        if "running" in m or "waiting" in m:
+            b.running = m.get("running", 0.0)
+            b.waiting = m.get("waiting", 0.0)
+        if "kv_usage" in m:
+            b.kv_usage = m["kv_usage"]
+        if b.gpu_index is not None and b.gpu_index in local_gpu:
+            b.gpu_util = local_gpu[b.gpu_index]
+        elif "gpu_util" in m:
+            b.gpu_util = m["gpu_util"]
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole request body (None if the client went away first)."""
+    msg = await receive()
+    if msg["type"] == "http.disconnect":
+        return None
+    body = msg.get("body", b"")
+    if not msg.get("more_body"):
+        return body
+    parts = [body]
+    while msg.get("more_body"):
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        parts.append(msg.get("body", b""))
+    return b"".join(parts)

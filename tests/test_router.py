@@ -1,0 +1,259 @@
+"""The router against small in-process simulated OpenAI backends: pass-through, retries,
+ejection, readmission, broken streams, no-backend 503, admin API, backends file, metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from pagedserve.cluster.router import Router, RouterConfig
+from pagedserve.cluster.serving import start_server
+from pagedserve.cluster.sim import SimBackend, SimConfig
+
+FAST = SimConfig(token_time=0.0005, chunk_tokens=4, max_num_seqs=8)
+
+
+class Cluster:
+    def __init__(self):
+        self.sims: list[SimBackend] = []
+        self.servers: dict[int, tuple] = {}
+        self.urls: list[str] = []
+        self.router: Router | None = None
+        self.router_server = None
+
+    async def add_sim(self, port: int = 0, sim: SimBackend | None = None) -> SimBackend:
+        sim = sim or SimBackend(FAST, name=f"sim{len(self.sims)}")
+        server, task, port = await start_server(sim, "127.0.0.1", port, log_level="critical")
+        if sim not in self.sims:
+            self.sims.append(sim)
+            self.urls.append(f"http://127.0.0.1:{port}")
+        self.servers[self.sims.index(sim)] = (server, task, port)
+        return sim
+
+    async def stop_sim(self, i: int) -> None:
+        server, task, _ = self.servers.pop(i)
+        server.should_exit = True
+        await task
+
+    async def restart_sim(self, i: int) -> None:
+        port = int(self.urls[i].rsplit(":", 1)[1])
+        await self.add_sim(port, self.sims[i])
+
+    async def start_router(self, **cfg) -> str:
+        defaults = dict(health_interval=0.1, eject_base_s=0.2, metrics_interval=0.05)
+        self.router = Router(self.urls, RouterConfig(**(defaults | cfg)))
+        server, task, port = await start_server(self.router, "127.0.0.1", 0, log_level="critical")
+        self.router_server = (server, task)
+        return f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self.router_server:
+            self.router_server[0].should_exit = True
+            await self.router_server[1]
+        for i in list(self.servers):
+            await self.stop_sim(i)
+
+
+@pytest.fixture
+async def cluster():
+    c = Cluster()
+    yield c
+    await c.close()
+
+
+async def two(cluster: Cluster, **cfg) -> tuple[str, httpx.AsyncClient]:
+    await cluster.add_sim()
+    await cluster.add_sim()
+    url = await cluster.start_router(**cfg)
+    return url, httpx.AsyncClient(base_url=url, timeout=10, trust_env=False)
+
+
+async def stream_completion(client: httpx.AsyncClient, max_tokens: int = 12) -> tuple[int, list[str]]:
+    events = []
+    async with client.stream("POST", "/v1/completions",
+                             json={"model": "sim", "prompt": "hello world", "max_tokens": max_tokens, "stream": True}) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+        return r.status_code, events
+
+
+async def test_openai_client_streaming_and_models(cluster):
+    url, client = await two(cluster)
+    oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    models = await oai.models.list()
+    assert [m.id for m in models.data] == ["sim"]  # merged, no duplicates
+    out = await oai.completions.create(model="sim", prompt="a b c", max_tokens=10)
+    assert out.usage.completion_tokens == 10 and out.choices[0].text == " x" * 10
+    stream = await oai.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=10, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == " x" * 10
+    # Requests spread over both backends, and the backend is named in a header.
+    seen = set()
+    for _ in range(6):
+        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
+        seen.add(r.headers["x-pagedserve-backend"])
+    assert seen == set(cluster.urls)
+    await client.aclose()
+
+
+async def test_retry_on_5xx_then_eject(cluster):
+    url, client = await two(cluster, failures_to_eject=3)
+    cluster.sims[0].fail_status = 500
+    for _ in range(8):
+        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-pagedserve-backend"] == cluster.urls[1]
+    b0 = cluster.router.pool.get(cluster.urls[0])
+    assert not b0.healthy and "500" in b0.reason  # ejected after 3 consecutive 5xx
+    metrics = (await client.get("/metrics")).text
+    assert f'pagedserve:router_retries_total{{backend="{cluster.urls[0]}"}} 3.0' in metrics
+    assert f'pagedserve:router_errors_total{{backend="{cluster.urls[0]}",kind="http_5xx"}} 3.0' in metrics
+    # Fixed: the health check readmits it after the ejection period.
+    cluster.sims[0].fail_status = None
+    await wait_for(lambda: b0.healthy, 5)
+    await client.aclose()
+
+
+async def test_retry_when_dropped_before_first_byte(cluster):
+    url, client = await two(cluster)
+    cluster.sims[0].drop_before_first_chunk = True  # headers sent, then the connection drops
+    for _ in range(4):
+        status, events = await stream_completion(client)
+        assert status == 200 and events[-1] == "[DONE]"
+        assert all("error" not in json.loads(e) for e in events[:-1])
+    assert cluster.sims[1].finished == 4
+    await client.aclose()
+
+
+async def test_broken_stream_ends_with_error_event(cluster):
+    url, client = await two(cluster)
+    for s in cluster.sims:
+        s.break_after_chunks = 1
+    status, events = await stream_completion(client, max_tokens=40)
+    assert status == 200
+    assert json.loads(events[0])["choices"][0]["text"] == " x"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == 502 and "mid-stream" in err["message"] and events[-1] == "[DONE]"
+    # The openai client surfaces it as an error, not a silently short answer.
+    oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        async for _ in await oai.completions.create(model="sim", prompt="p", max_tokens=40, stream=True):
+            pass
+    await client.aclose()
+
+
+async def test_connect_error_ejects_then_readmits_after_recovery(cluster):
+    url, client = await two(cluster)
+    await cluster.stop_sim(0)
+    for _ in range(6):  # the first may hit the dead backend: it is retried on the other one
+        status, events = await stream_completion(client)
+        assert status == 200 and events[-1] == "[DONE]"
+    b0 = cluster.router.pool.get(cluster.urls[0])
+    assert not b0.healthy
+    await cluster.restart_sim(0)
+    await wait_for(lambda: b0.healthy, 5)
+    seen = set()
+    for _ in range(6):
+        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
+        seen.add(r.headers["x-pagedserve-backend"])
+    assert seen == set(cluster.urls)
+    await client.aclose()
+
+
+async def test_no_healthy_backend_503(cluster):
+    url, client = await two(cluster)
+    await cluster.stop_sim(0)
+    await cluster.stop_sim(1)
+    r = await client.post("/v1/chat/completions", json={"model": "sim", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code in (502, 503)  # the first request may still find them "healthy" and fail over
+    await wait_for(lambda: not cluster.router.pool.healthy, 5)
+    r = await client.post("/v1/chat/completions", json={"model": "sim", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    err = r.json()["error"]
+    assert err["code"] == 503 and err["type"] == "service_unavailable" and "no healthy backend" in err["message"]
+    assert (await client.get("/health")).status_code == 503
+    assert (await client.get("/v1/models")).status_code == 503
+    oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="no healthy backend"):
+        await oai.completions.create(model="sim", prompt="p", max_tokens=2)
+    await client.aclose()
+
+
+async def test_client_disconnect_aborts_upstream(cluster):
+    url, client = await two(cluster)
+    async with client.stream("POST", "/v1/completions",
+                             json={"model": "sim", "prompt": "p", "max_tokens": 100000, "stream": True}) as r:
+        async for _ in r.aiter_raw():
+            break
+    await wait_for(lambda: all(not s.running for s in cluster.sims), 5)
+    await wait_for(lambda: all(b.inflight == 0 for b in cluster.router.pool.all), 5)
+    await client.aclose()
+
+
+async def test_admin_add_remove_and_auth(cluster):
+    await cluster.add_sim()
+    url = await cluster.start_router(admin_api_key="sekret")
+    spare = await cluster.add_sim()  # running, but not known to the router yet
+    spare_url = cluster.urls[1]
+    async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+        assert (await client.post("/admin/backends", json={"url": spare_url})).status_code == 401
+        auth = {"authorization": "Bearer sekret"}
+        r = await client.post("/admin/backends", json={"url": spare_url}, headers=auth)
+        assert r.status_code == 201 and r.json()["healthy"]
+        listed = (await client.get("/admin/backends", headers=auth)).json()
+        assert listed["policy"] and {b["url"] for b in listed["backends"]} == {cluster.urls[0], spare_url}
+        for _ in range(4):
+            await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
+        assert spare.requests_seen >= 1
+        assert (await client.request("DELETE", "/admin/backends", json={"url": spare_url}, headers=auth)).status_code == 200
+        before = spare.requests_seen
+        for _ in range(4):
+            await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
+        assert spare.requests_seen == before
+        assert (await client.request("DELETE", "/admin/backends?url=" + spare_url, headers=auth)).status_code == 404
+
+
+async def test_backends_file_is_watched(cluster, tmp_path):
+    await cluster.add_sim()
+    await cluster.add_sim()
+    path = tmp_path / "backends.txt"
+    path.write_text(f"# replicas\n{cluster.urls[0]}\n")
+    router = Router([], RouterConfig(backends_file=str(path), file_poll_interval=0.05, health_interval=0.1))
+    server, task, port = await start_server(router, "127.0.0.1", 0, log_level="critical")
+    try:
+        assert [b.url for b in router.pool.healthy] == [cluster.urls[0]]
+        path.write_text(f"{cluster.urls[1]}  # swapped\n")
+        await wait_for(lambda: [b.url for b in router.pool.healthy] == [cluster.urls[1]], 5)
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_engine_load_scrapes_backend_metrics(cluster):
+    url, client = await two(cluster, policy="engine_load")
+    tasks = [asyncio.create_task(client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 400}))
+             for _ in range(4)]
+    await wait_for(lambda: any((b.running or 0) > 0 for b in cluster.router.pool.all), 5)
+    await asyncio.gather(*tasks)
+    assert sorted(s.requests_seen for s in cluster.sims) == [2, 2]
+    metrics = (await client.get("/metrics")).text
+    for name in ("pagedserve:router_requests_total", "pagedserve:router_backend_healthy",
+                 "pagedserve:router_routing_latency_seconds_bucket", "pagedserve:router_backend_inflight"):
+        assert name in metrics
+    health = (await client.get("/health")).json()
+    assert health == {"status": "ok", "healthy_backends": 2, "backends": 2}
+    await client.aclose()
+
+
+async def wait_for(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
