@@ -1,0 +1,334 @@
+"""`pagedserve serve --replicas N`: N replica servers, a supervisor, and the router.
+
+- Replica i is `pagedserve serve` on 127.0.0.1:(base + i), base = --port + 1 unless
+  --replica-base-port is given, with the same serve flags. On GPUs it gets one device via
+  CUDA_VISIBLE_DEVICES (from the inherited CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`); on
+  CPU the cores are split: each replica is pinned to its share and told its thread count
+  through PAGEDSERVE_NUM_THREADS / OMP_NUM_THREADS.
+- The router runs in this process on --host:--port and routes to ready replicas only.
+- The supervisor restarts a replica that dies (exponential backoff 1 s .. 30 s, reset after a
+  minute of good health), logs why it died (signal or exit code and its last output lines),
+  and kills one that is not ready within --replica-load-timeout.
+- SIGINT / SIGTERM: stop the router, SIGTERM every replica's process group, SIGKILL what is
+  left after a grace period. Replicas run in their own sessions (a terminal's Ctrl-C reaches
+  only the launcher, which stops them in order) and get SIGTERM from the kernel should the
+  launcher die without cleaning up.
+
+The server CLI calls `add_cluster_args(parser)` and, when `args.replicas > 1`,
+`run_cluster(args)`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from pagedserve.cluster.policies import DEFAULT_POLICY, POLICIES
+
+log = logging.getLogger("pagedserve.launcher")
+
+# Flags of `serve` that belong to the cluster (dropped from the replicas' command line), and
+# whether each takes a value.
+_CLUSTER_FLAGS = {"--replicas": True, "--data-parallel-size": True, "-dp": True, "--router-policy": True,
+                  "--replica-base-port": True, "--replica-load-timeout": True, "--host": True, "--port": True}
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """Register --replicas / --data-parallel-size and the launcher's options on `serve`."""
+    g = p.add_argument_group("data parallel")
+    g.add_argument("--replicas", "--data-parallel-size", "-dp", dest="replicas", type=int, default=1,
+                   help="run N replica servers (one per GPU; on CPU the cores are split) behind a router on --port")
+    g.add_argument("--router-policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
+                   help=f"routing policy with --replicas > 1 (default: {DEFAULT_POLICY})")
+    g.add_argument("--replica-base-port", type=int, default=None, help="first replica port (default: --port + 1)")
+    g.add_argument("--replica-load-timeout", type=float, default=600.0,
+                   help="seconds a replica may take to become ready before it is killed and restarted")
+
+
+def replica_argv(serve_argv: list[str]) -> list[str]:
+    """The serve command line without the cluster's own flags (and without --host/--port)."""
+    out, skip = [], False
+    for a in serve_argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _CLUSTER_FLAGS:
+            skip = _CLUSTER_FLAGS[name] and "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def _serve_argv_from_sys() -> list[str]:
+    """`pagedserve [--debug] serve ARGS` -> ['--debug'?, 'serve', *ARGS] from sys.argv."""
+    argv = sys.argv[1:]
+    if "serve" in argv:
+        i = argv.index("serve")
+        return argv[:i] + ["serve"] + replica_argv(argv[i + 1:])
+    return ["serve"] + replica_argv(argv)
+
+
+def detect_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def plan_placement(n: int, gpus: list[str], cores: list[int]) -> list[dict]:
+    """Per replica: env additions, CPU cores to pin (CPU mode) and GPU index (GPU mode)."""
+    plans = []
+    if gpus:
+        if n > len(gpus):
+            log.warning("%d replicas on %d GPU(s): replicas will share GPUs (and their memory)", n, len(gpus))
+        for i in range(n):
+            dev = gpus[i % len(gpus)]
+            plans.append({"env": {"CUDA_VISIBLE_DEVICES": dev}, "cores": None,
+                          "gpu_index": int(dev) if dev.isdigit() else None, "desc": f"GPU {dev}"})
+        return plans
+    per = max(1, len(cores) // n)
+    if n > len(cores):
+        log.warning("%d replicas on %d CPU core(s): replicas will share cores", n, len(cores))
+    for i in range(n):
+        mine = cores[i * per:(i + 1) * per] if (i + 1) * per <= len(cores) else [cores[i % len(cores)]]
+        threads = str(len(mine))
+        plans.append({"env": {"CUDA_VISIBLE_DEVICES": "", "PAGEDSERVE_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+                              "MKL_NUM_THREADS": threads},
+                      "cores": mine, "gpu_index": None, "desc": f"CPU cores {','.join(map(str, mine))}"})
+    return plans
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"killed by {name}" + (" (out of memory? see dmesg)" if -rc == signal.SIGKILL else "")
+    return f"exited with code {rc}"
+
+
+class Replica:
+    def __init__(self, index: int, port: int, argv: list[str], plan: dict):
+        self.index = index
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "pagedserve.cluster.replica", str(os.getpid()), *argv,
+                    "--host", "127.0.0.1", "--port", str(port)]
+        self.plan = plan
+        self.proc: subprocess.Popen | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=15)
+        self.restarts = 0
+        self.started_at = 0.0
+        self.ready = False
+
+    def spawn(self) -> None:
+        env = dict(os.environ, PAGEDSERVE_REPLICA_INDEX=str(self.index), PYTHONUNBUFFERED="1", **self.plan["env"])
+        self.tail.clear()
+        self.ready = False
+        self.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.started_at = time.monotonic()
+        if self.plan["cores"] and hasattr(os, "sched_setaffinity"):
+            try:
+                os.sched_setaffinity(self.proc.pid, self.plan["cores"])
+            except OSError as e:
+                log.debug("could not pin replica %d: %s", self.index, e)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True, name=f"replica{self.index}-out").start()
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        prefix = f"[replica {self.index}] "
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.tail.append(line)
+            try:
+                sys.stderr.write(prefix + line + "\n")
+            except (OSError, ValueError):
+                pass
+        proc.stdout.close()
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)  # the replica and anything it started (engine core)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Cluster:
+    def __init__(self, n: int, host: str, port: int, argv: list[str], *, policy: str = DEFAULT_POLICY,
+                 base_port: int | None = None, load_timeout: float = 600.0, device: str = "auto",
+                 grace_s: float = 15.0):
+        from pagedserve.cluster.router import Router, RouterConfig
+
+        self.host, self.port = host, port
+        base = base_port if base_port is not None else port + 1
+        gpus = [] if device == "cpu" else detect_gpus()
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        plans = plan_placement(n, gpus, cores)
+        self.replicas = [Replica(i, base + i, argv, plans[i]) for i in range(n)]
+        self.load_timeout = load_timeout
+        self.grace_s = grace_s
+        self.router = Router([], RouterConfig(policy=policy))
+        for r in self.replicas:
+            self.router.add_backend(r.url, healthy=False, gpu_index=r.plan["gpu_index"])
+        self.stopping = asyncio.Event()
+        self.server = None
+        self._force = False
+
+    def request_stop(self, sig: int | None = None) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: killing replicas now")
+            self._force = True
+            for r in self.replicas:
+                r.signal_group(signal.SIGKILL)
+            return
+        log.info("stopping (%s): router, then %d replica(s)",
+                 signal.Signals(sig).name if sig else "requested", len(self.replicas))
+        self.stopping.set()
+        if self.server is not None:
+            self.server.should_exit = True
+
+    async def run(self) -> int:
+        from pagedserve.cluster.serving import Server, uvicorn_config
+
+        self.server = Server(uvicorn_config(self.router, self.host, self.port))
+        for r in self.replicas:
+            log.info("replica %d: %s on %s", r.index, r.url, r.plan["desc"])
+        sup = [asyncio.create_task(self._supervise(r), name=f"supervise-{r.index}") for r in self.replicas]
+        log.info("router on http://%s:%d, policy %s, %d replicas", self.host, self.port,
+                 self.router.policy.name, len(self.replicas))
+        try:
+            await self.server.serve()
+            if not self.stopping.is_set():  # the router failed (port taken?)
+                log.error("router on %s:%d stopped; shutting the replicas down", self.host, self.port)
+                self.stopping.set()
+            return 0 if self.server.started else 1
+        finally:
+            self.stopping.set()
+            for t in sup:
+                t.cancel()
+            await asyncio.gather(*sup, return_exceptions=True)
+            await self._stop_replicas()
+
+    async def _stop_replicas(self) -> None:
+        live = [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+        for r in live:
+            r.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        while any(r.proc.poll() is None for r in live) and time.monotonic() < deadline and not self._force:
+            await asyncio.sleep(0.1)
+        for r in self.replicas:
+            if r.proc is not None:
+                if r.proc.poll() is None:
+                    log.warning("replica %d did not stop within %.0fs: SIGKILL", r.index, self.grace_s)
+                r.signal_group(signal.SIGKILL)  # also reaps anything left in its process group
+                try:
+                    r.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # pragma: no cover
+                    pass
+        log.info("all replicas stopped")
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        """Sleep; True if a stop was requested meanwhile."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _supervise(self, r: Replica) -> None:
+        backend = self.router.pool.get(r.url)
+        backoff = 1.0
+        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
+            while not self.stopping.is_set():
+                r.spawn()
+                backend.meta.update(pid=r.proc.pid, restarts=r.restarts)
+                log.info("replica %d starting (pid %d)", r.index, r.proc.pid)
+                died = await self._wait_ready(r, client)
+                if not died and r.ready:
+                    log.info("replica %d ready on %s in %.1fs", r.index, r.url, time.monotonic() - r.started_at)
+                    await self.router._check(backend)
+                    while r.proc.poll() is None:
+                        if await self._sleep_or_stop(0.2):
+                            return
+                if self.stopping.is_set():
+                    return
+                rc = r.proc.poll()
+                if rc is None:  # not ready in time
+                    why = f"not ready within {self.load_timeout:.0f}s (--replica-load-timeout)"
+                    r.signal_group(signal.SIGKILL)
+                    r.proc.wait()
+                else:
+                    why = describe_exit(rc)
+                    r.signal_group(signal.SIGKILL)  # leftovers of its process group
+                self.router.pool.mark_down(backend, f"replica process {why}")
+                uptime = time.monotonic() - r.started_at
+                if uptime > 60:
+                    backoff = 1.0
+                tail = "\n    ".join(list(r.tail)[-10:]) or "(no output)"
+                log.error("replica %d (pid %d) %s after %.1fs; restart #%d in %.0fs. Last output:\n    %s",
+                          r.index, r.proc.pid, why, uptime, r.restarts + 1, backoff, tail)
+                if await self._sleep_or_stop(backoff):
+                    return
+                backoff = min(30.0, backoff * 2)
+                r.restarts += 1
+
+    async def _wait_ready(self, r: Replica, client: httpx.AsyncClient) -> bool:
+        """Poll the replica's /health until 200; True if it died (or a stop came) first."""
+        deadline = r.started_at + self.load_timeout
+        while time.monotonic() < deadline:
+            if r.proc.poll() is not None or self.stopping.is_set():
+                return True
+            try:
+                if (await client.get(r.url + "/health")).status_code == 200:
+                    r.ready = True
+                    return False
+            except httpx.HTTPError:
+                pass
+            if await self._sleep_or_stop(0.5):
+                return True
+        return False
+
+
+def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: list[str] | None = None) -> int:
+    """Run `serve` as N replicas + router until SIGINT/SIGTERM. `argv` is the replicas'
+    command line (default: this process's `serve ...` arguments without cluster flags)."""
+    from pagedserve.cluster.serving import new_event_loop
+
+    n = replicas if replicas is not None else args.replicas
+    argv = argv if argv is not None else _serve_argv_from_sys()
+    cluster = Cluster(n, getattr(args, "host", "127.0.0.1") or "127.0.0.1", getattr(args, "port", 8000),
+                      argv, policy=getattr(args, "router_policy", DEFAULT_POLICY),
+                      base_port=getattr(args, "replica_base_port", None),
+                      load_timeout=getattr(args, "replica_load_timeout", 600.0),
+                      device=getattr(args, "device", "auto") or "auto")
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, cluster.request_stop, sig)
+    try:
+        return loop.run_until_complete(cluster.run())
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        loop.close()
