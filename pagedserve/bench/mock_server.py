@@ -1,0 +1,200 @@
+"""A tiny OpenAI-compatible streaming server with exactly known timing, for testing load generators.
+
+It does no model work: each request waits `ttft` seconds, then streams
+`max_tokens` tokens in chunks of `tokens_per_chunk` tokens, one chunk every
+`itl` seconds (deadlines are absolute, so sleep jitter does not accumulate).
+The truth a client should report is therefore
+
+    TTFT = ttft,  ITL = itl,  E2E = ttft + (ceil(n / k) - 1) * itl,
+    TPOT = (E2E - TTFT) / (n - 1),  usage.completion_tokens = n,
+
+where n = max_tokens and k = tokens_per_chunk. Each token's text is " the"
+(one token in GPT-2-style tokenizers) so a tokenizer fallback can count it;
+`usage.prompt_tokens` is the number of whitespace-separated words of the prompt.
+
+Markers in the prompt (or the last chat message) trigger failures:
+`[[http500]]`, `[[http429]]` answer with that status; `[[hang]]` never answers;
+`[[stall]]` sends one chunk and then hangs; `[[break]]` sends one chunk and
+then closes the connection mid-stream; `[[nodone]]` ends the stream cleanly but
+without a finish reason or `data: [DONE]`.
+
+Pure asyncio and the standard library (no FastAPI), so thousands of streams
+cost little CPU and the file runs without importing pagedserve:
+
+    python pagedserve/bench/mock_server.py --port 0 --ttft 0.2 --itl 0.02
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import sys
+import time
+
+_MARKER = re.compile(rb"\[\[(http\d{3}|hang|stall|break|nodone)\]\]")
+
+
+class MockServer:
+    def __init__(self, ttft: float = 0.1, itl: float = 0.02, tokens_per_chunk: int = 1,
+                 send_usage: bool = True, model: str = "mock"):
+        self.ttft, self.itl, self.k = ttft, itl, max(1, tokens_per_chunk)
+        self.send_usage, self.model = send_usage, model
+        self.active = 0
+        self.max_active = 0
+        self.requests = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port, backlog=4096)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()
+
+    # -- HTTP/1.1 with keep-alive -------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                keep = await self._route(method, path.split("?")[0], body, writer)
+                if not keep:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _plain(writer, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                     f"content-length: {len(data)}\r\n\r\n".encode() + data)
+
+    async def _route(self, method: str, path: str, body: bytes, writer) -> bool:
+        if method == "GET" and path in ("/health", "/v1/health"):
+            self._plain(writer, 200, {"status": "ok"})
+        elif method == "GET" and path == "/v1/models":
+            self._plain(writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            self.requests += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            try:
+                return await self._generate(path.endswith("chat/completions"), body, writer)
+            finally:
+                self.active -= 1
+        else:
+            self._plain(writer, 404, {"error": {"message": f"no route {method} {path}"}})
+        await writer.drain()
+        return True
+
+    async def _generate(self, chat: bool, body: bytes, writer) -> bool:
+        t0 = time.perf_counter()
+        req = json.loads(body)
+        if chat:
+            prompt = str((req.get("messages") or [{}])[-1].get("content", ""))
+        else:
+            prompt = req.get("prompt", "")
+            prompt = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+        m = _MARKER.search(prompt.encode())
+        marker = m.group(1).decode() if m else ""
+        if marker.startswith("http"):
+            self._plain(writer, int(marker[4:]), {"error": {"message": f"mock {marker}", "type": "mock"}})
+            await writer.drain()
+            return True
+        if marker == "hang":
+            await asyncio.sleep(1e6)
+        n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 16)
+        stream = bool(req.get("stream"))
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n,
+                 "total_tokens": len(prompt.split()) + n}
+        want_usage = self.send_usage and bool((req.get("stream_options") or {}).get("include_usage"))
+        rid, created = f"mock-{self.requests}", int(time.time())
+        obj_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None = None, with_usage: bool = False) -> bytes:
+            if text is None:
+                choices = []
+            elif chat:
+                delta = {"role": "assistant", "content": ""} if text == "" else {"content": text}
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            else:
+                choices = [{"index": 0, "text": text, "finish_reason": finish}]
+            obj = {"id": rid, "object": obj_name, "created": created, "model": self.model, "choices": choices}
+            if with_usage:
+                obj["usage"] = usage
+            data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        if stream:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            if chat:  # role-only first chunk, sent at once as OpenAI does: it carries no token
+                writer.write(chunk(""))
+            await writer.drain()
+        await asyncio.sleep(max(0.0, t0 + self.ttft - time.perf_counter()))
+        if not stream:
+            text = " the" * n
+            key = "message" if chat else "text"
+            val = {"role": "assistant", "content": text} if chat else text
+            self._plain(writer, 200, {"id": rid, "object": obj_name, "model": self.model, "usage": usage,
+                                      "choices": [{"index": 0, key: val, "finish_reason": "length"}]})
+            await writer.drain()
+            return True
+        n_chunks = math.ceil(n / self.k)
+        for i in range(n_chunks):
+            if i:
+                await asyncio.sleep(max(0.0, t0 + self.ttft + i * self.itl - time.perf_counter()))
+            toks = min(self.k, n - i * self.k)
+            last = i == n_chunks - 1
+            if last and marker == "nodone":
+                writer.write(chunk(" the" * toks) + b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            writer.write(chunk(" the" * toks, "length" if last else None))
+            await writer.drain()
+            if marker == "break":
+                writer.transport.abort()
+                return False
+            if marker == "stall":
+                await asyncio.sleep(1e6)
+        if want_usage:
+            writer.write(chunk(None, with_usage=True))
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+        await writer.drain()
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--ttft", type=float, default=0.1, help="seconds before the first token")
+    p.add_argument("--itl", type=float, default=0.02, help="seconds between chunks")
+    p.add_argument("--tokens-per-chunk", type=int, default=1)
+    p.add_argument("--no-usage", action="store_true", help="never send usage, even when asked")
+    p.add_argument("--model", default="mock")
+    a = p.parse_args(argv)
+
+    async def serve() -> None:
+        srv = MockServer(a.ttft, a.itl, a.tokens_per_chunk, not a.no_usage, a.model)
+        port = await srv.start(a.host, a.port)
+        print(f"READY {port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""`pagedserve bench serve`: load-test any OpenAI-compatible server over a sweep of loads."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import os
+import sys
+import time
+
+from pagedserve.errors import ConfigError, InvalidRequestError
+
+DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64,128"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target")
+    g.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (…/v1 and full endpoint URLs work too)")
+    g.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
+    g.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all (default 300)")
+
+    g = p.add_argument_group("load (one of)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--concurrency", default=None,
+                   help=f"closed-loop sweep: comma list of concurrent streams (default {DEFAULT_CONCURRENCY})")
+    m.add_argument("--request-rate", default=None, help="open-loop sweep: comma list of requests/s ('inf' = all at once)")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals: 1 = Poisson, <1 burstier")
+    g.add_argument("--max-concurrency", type=int, default=None, help="cap on in-flight requests in rate mode")
+    g.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per level (default: 4 × concurrency, ≥ 16; rate mode 200; unlimited with --duration)")
+    g.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending new requests after it")
+    g.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the sweep (default 1)")
+
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset", default="random", help="random | sharegpt:FILE | jsonl:FILE")
+    g.add_argument("--input-len", type=int, default=256, help="random: prompt tokens (after the shared prefix)")
+    g.add_argument("--output-len", type=int, default=None, help="max_tokens per request (default 128; sharegpt: the reply's length)")
+    g.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in [len·(1−r), len·(1+r)]")
+    g.add_argument("--prefix-len", type=int, default=0, help="random: tokens of a prefix shared by all prompts")
+    g.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens (sends ignore_eos)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--tokenizer", default=None, help="for prompt lengths and counting when a server sends no usage (default: the embedded model's)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("report")
+    g.add_argument("--slo", default=None, help="per-request SLO for goodput and the knee, e.g. ttft=500ms,tpot=50ms,e2e=10s")
+    g.add_argument("--slo-target", type=float, default=0.99, help="fraction of requests a level must keep within the SLO (default 0.99)")
+    g.add_argument("--save-json", default=None, metavar="PATH", help="summary and every per-request record")
+    g.add_argument("--save-csv", default=None, metavar="PATH", help="one row per level (+ PATH_requests.csv per request)")
+    g.add_argument("--save-text", action="store_true", help="keep generated text in the JSON records")
+    g.add_argument("--plot", default=None, metavar="DIR", help="write throughput/TTFT/latency-CDF PNGs to DIR")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_list(text: str, name: str, kind=float) -> list:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = math.inf if part.lower() == "inf" and kind is float else kind(part)
+        except ValueError:
+            raise InvalidRequestError(f"--{name}: {part!r} is not a number", param=name) from None
+        if v <= 0:
+            raise InvalidRequestError(f"--{name}: values must be > 0", param=name)
+        out.append(v)
+    if not out:
+        raise InvalidRequestError(f"--{name} is empty", param=name)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(main(args))
+
+
+async def resolve_model(url: str, api_key: str | None, timeout: float) -> str:
+    import httpx
+
+    base = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    if not base.endswith("/v1"):
+        base += "/v1"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=min(timeout, 30.0), trust_env=False) as c:
+            r = await c.get(base + "/models", headers=headers)
+    except httpx.HTTPError as e:
+        raise ConfigError(f"cannot reach the server at {url}: {type(e).__name__}: {e}",
+                          hint="start it (pagedserve serve) or pass --url") from e
+    if r.status_code == 200 and r.json().get("data"):
+        return r.json()["data"][0]["id"]
+    raise ConfigError(f"GET {base}/models answered {r.status_code}", hint="pass --model NAME")
+
+
+async def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pagedserve.bench import report
+    from pagedserve.bench.client import ClientPool, RequestRecord, build_body, endpoint_url, send_request
+    from pagedserve.bench.datasets import load_tokenizer, make_dataset
+    from pagedserve.bench.metrics import parse_slo, summarize
+    from pagedserve.bench.runner import LevelSpec, RequestSettings, run_level
+
+    import logging
+
+    for name in ("httpx", "httpcore"):  # one INFO line per request would drown the report
+        logging.getLogger(name).setLevel(logging.WARNING)
+    out = Console() if sys.stdout.isatty() else Console(width=160)
+    err = Console(stderr=True)
+    slo = parse_slo(args.slo)
+    if args.request_rate:
+        mode, loads = "rate", parse_list(args.request_rate, "request-rate")
+    else:
+        mode, loads = "concurrency", parse_list(args.concurrency or DEFAULT_CONCURRENCY, "concurrency", int)
+    if args.burstiness <= 0:
+        raise InvalidRequestError("--burstiness must be > 0", param="burstiness")
+    url = endpoint_url(args.url, args.endpoint)
+    model = args.model or await resolve_model(args.url, args.api_key, args.timeout)
+    dataset = make_dataset(args.dataset, tokenizer_name=args.tokenizer, input_len=args.input_len,
+                           output_len=args.output_len, range_ratio=args.range_ratio,
+                           prefix_len=args.prefix_len, seed=args.seed)
+    settings = RequestSettings(url=url, model=model, endpoint=args.endpoint, ignore_eos=args.ignore_eos,
+                               temperature=args.temperature, timeout=args.timeout)
+    tokenizer = getattr(dataset, "tok", None)
+
+    def level_prompts(i: int, load: float) -> int | None:
+        if args.num_prompts is not None:
+            return args.num_prompts
+        if args.duration:
+            return None
+        return max(16, 4 * int(load)) if mode == "concurrency" else 200
+
+    streams = max(int(x) for x in loads) if mode == "concurrency" else (args.max_concurrency or 256)
+    pool = ClientPool(streams, args.timeout, args.api_key)
+    results, summaries = [], []
+    try:
+        if args.warmup:
+            warm = dataset.stream(args.seed + 10_000)
+            for _ in range(args.warmup):
+                rec = RequestRecord(-1)
+                req = next(warm)
+                req.output_len = min(req.output_len, 16)
+                body = build_body(req, model, args.endpoint, args.ignore_eos, args.temperature)
+                await send_request(pool.get(0), url, body, rec, time.perf_counter(), args.timeout)
+                if rec.error_kind == "connection":
+                    raise ConfigError(f"cannot reach {url}: {rec.error}", hint="is the server running? see --url")
+                if not rec.success:
+                    err.print(f"[yellow]warm-up request failed: {rec.error_kind}: {rec.error}[/yellow]")
+        for i, load in enumerate(loads):
+            n = level_prompts(i, load)
+            stream = dataset.stream(args.seed + 1 + i)
+            # Prompts are made before the clock starts; with --duration alone they are made on the fly.
+            reqs = iter(list(itertools.islice(stream, n))) if n is not None else stream
+            spec = LevelSpec(mode, load, n, args.duration, args.burstiness, args.max_concurrency, args.seed + i)
+            res = await _run_with_progress(spec, settings, reqs, pool, err, args.no_progress)
+            _count_missing_tokens(res.records, tokenizer, args.tokenizer)
+            s = summarize(res.records, res.duration, slo)
+            results.append(res)
+            summaries.append(s)
+            for w in res.client["warnings"]:
+                err.print(f"[yellow]warning:[/yellow] {w}")
+    finally:
+        await pool.aclose()
+
+    analysis = report.analyze(mode, loads, summaries, slo, args.slo_target)
+    report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results])
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {"url": url, "model": model}
+    if args.save_json:
+        report.to_json(args.save_json, config, mode, results, summaries, analysis, args.save_text)
+        out.print(f"wrote {args.save_json}")
+    if args.save_csv:
+        out.print("wrote " + ", ".join(report.to_csv(args.save_csv, mode, results, summaries)))
+    if args.plot:
+        out.print("wrote " + ", ".join(report.plot(args.plot, mode, loads, summaries, results, analysis)))
+    return 0
+
+
+async def _run_with_progress(spec, settings, reqs, pool, console, disabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pagedserve.bench.runner import run_level
+
+    if disabled or not console.is_terminal:
+        t = time.perf_counter()
+        res = await run_level(spec, settings, reqs, pool)
+        ok = sum(r.success for r in res.records)
+        console.print(f"{spec.label}: {ok}/{len(res.records)} ok in {time.perf_counter() - t:.1f}s")
+        return res
+    errors = 0
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("in flight {task.fields[inflight]}  errors {task.fields[errors]}"),
+                  console=console, refresh_per_second=4, transient=False) as progress:
+        task = progress.add_task(spec.label, total=spec.num_prompts, inflight=0, errors=0)
+
+        def on_done(rec, in_flight):
+            nonlocal errors
+            errors += not rec.success
+            progress.update(task, advance=1, inflight=in_flight, errors=errors)
+
+        return await run_level(spec, settings, reqs, pool, on_done)
+
+
+def _count_missing_tokens(records, tokenizer, tokenizer_name) -> None:
+    """Tokenizer fallback for servers that send no usage: count the prompt and the generated text."""
+    missing = [r for r in records if r.success and r.output_tokens is None]
+    if not missing:
+        return
+    tok = tokenizer
+    if tok is None:
+        from pagedserve.bench.datasets import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_name)
+    for r in missing:
+        r.output_tokens = len(tok(r.generated_text, add_special_tokens=False).input_ids)
+        if r.prompt_tokens is None and r.expected_prompt_len >= 0:
+            r.prompt_tokens = r.expected_prompt_len
+        r.token_source = "tokenizer"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from pagedserve.cli import main as _main
+
+    sys.exit(_main(["bench", "serve", *sys.argv[1:]]))
