@@ -800,3 +800,27 @@ def test_promql_metric_names_are_exported():
                 f"{where} queries {name}, which neither pagedserve nor a known exporter exposes"
     # The check looked at both layers (not vacuous).
     assert {exported[n] for n in used if n in exported} == {"server", "router"}
+
+
+def test_monitoring_doc_lists_every_metric():
+    """docs/monitoring.md documents each metric family the server and router export, by its scraped name."""
+    from pagedserve.server.metrics import ServerMetrics
+
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    registries = [ServerMetrics("test-model").registry, _router_registry()]
+    missing = []
+    for reg in registries:
+        for fam in reg.collect():
+            name = fam.name + ("_total" if fam.type == "counter" else "")
+            if f"`{name}`" not in doc and f"`{name}{{" not in doc:
+                missing.append(name)
+    assert not missing, f"docs/monitoring.md does not mention {missing}"
+
+
+def test_deploy_doc_covers_the_files():
+    """docs/deploy.md names every Kubernetes manifest and every variable the compose file reads."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for p in K8S.glob("*.yaml"):
+        assert f"`{p.name}`" in doc, f"docs/deploy.md does not describe deploy/k8s/{p.name}"
+    for var in sorted(set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", COMPOSE.read_text()))):
+        assert f"`{var}`" in doc, f"docs/deploy.md does not document ${{{var}}} used in docker-compose.yml"
