@@ -108,3 +108,18 @@ def test_presets_are_consistent():
         shape = ModelShape.from_config(cfg, name)
         assert shape.num_heads % shape.num_kv_heads == 0
         assert 0.4e9 < shape.num_params() < 9e9
+
+
+def test_startup_memory_check_refuses_before_allocating():
+    from pagedserve.errors import OutOfMemoryError
+    from pagedserve.plan import available_host_memory, check_memory_before_load
+
+    qwen = load_shape("Qwen/Qwen-7B")
+    with pytest.raises(OutOfMemoryError, match=r"weights need 14\.4 GiB .* budget is 14\.2 GiB"):
+        check_memory_before_load(qwen, 2, None, "cuda", None, int(16160 / 1024 * GiB), 0.9)
+    check_memory_before_load(qwen, 2, "int8", "cuda", None, int(16160 / 1024 * GiB), 0.9)  # int8 loads
+    small = load_shape("Qwen2.5-0.5B-Instruct")
+    absurd = available_host_memory() + 64 * GiB
+    with pytest.raises(OutOfMemoryError, match="KV cache .* only .* GiB of memory is available"):
+        check_memory_before_load(small, 4, None, "cpu", absurd)
+    check_memory_before_load(small, 4, None, "cpu", GiB // 4)
