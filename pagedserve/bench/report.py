@@ -75,7 +75,7 @@ def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: flo
         s = summaries[nxt]
         why = (f"{(1 - s['success_rate']) * 100:.1f}% of requests fail" if knee["break_reason"] == "errors"
                else f"only {s['slo_attainment'] * 100:.0f}% of requests meet the SLO ({slo.describe()})")
-        return (f"No tested load is production-safe: even {load_text(mode, loads[nxt])} {unit} {why}; "
+        return (f"No tested load is production-safe: even at {load_text(mode, loads[nxt])} {unit}, {why}; "
                 f"test lower loads, relax the SLO or add capacity.")
     i = knee["index"]
     s = summaries[i]
