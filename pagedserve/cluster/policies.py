@@ -145,11 +145,12 @@ class PrefixAffinity(Policy):
 
     name = "prefix_affinity"
 
-    def __init__(self, load_factor: float = 1.25, vnodes: int = 64) -> None:
+    def __init__(self, load_factor: float = 1.25, vnodes: int = 64, slack: float = 0) -> None:
         if load_factor < 1.0:
             raise ValueError("load_factor must be >= 1")
         self.load_factor = load_factor
-        self.vnodes = vnodes
+        self.slack = slack
+        self.vnodes = int(vnodes)
         self._ring_urls: tuple = ()
         self._ring_keys: list[int] = []
         self._ring_nodes: list[str] = []
@@ -173,7 +174,7 @@ class PrefixAffinity(Policy):
         self._ring(candidates)
         by_url = {b.url: b for b in candidates}
         total = sum(b.inflight for b in candidates)
-        bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
+        bound = math.ceil(self.load_factor * (total + 1) / len(candidates) + self.slack)
         n = len(self._ring_keys)
         i = bisect.bisect(self._ring_keys, _hash64(req.affinity_key)) % n
         seen = set()

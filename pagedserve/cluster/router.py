@@ -38,6 +38,8 @@ from pagedserve.cluster.scrape import LocalGpuUtil, parse_engine_metrics
 
 log = logging.getLogger("pagedserve.router")
 disable_created_metrics()  # no *_created series, as vLLM
+for _name in ("httpx", "httpcore"):  # one INFO line per proxied request otherwise
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 _REQ_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding",
                        b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection"})

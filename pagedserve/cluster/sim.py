@@ -274,6 +274,10 @@ class SimBackend:
             return await _send(send, 200, json.dumps(body).encode())
         if path == "/sim/stats":
             return await _send(send, 200, json.dumps(self.stats()).encode())
+        if path == "/sim/reset" and method == "POST":  # empty prefix cache, zero counters
+            self._cache.clear()
+            self.prefix_queries = self.prefix_hits = self.requests_seen = self.finished = 0
+            return await _send(send, 200, b"{}")
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             return await self._generate(scope, receive, send, chat=path.endswith("chat/completions"))
         return await _send(send, 404, b'{"error": {"message": "not found", "type": "not_found_error", "code": 404}}')
