@@ -32,6 +32,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pagedserve.cluster import upstream
 from pagedserve.cluster.backends import Backend, BackendPool, normalize_url
 from pagedserve.cluster.policies import DEFAULT_POLICY, Policy, RequestInfo, make_policy
 from pagedserve.cluster.scrape import LocalGpuUtil, parse_engine_metrics
@@ -178,7 +179,8 @@ class Router:
         self.pool = BackendPool(eject_base_s=self.cfg.eject_base_s, failures_to_eject=self.cfg.failures_to_eject)
         for url in backends or []:
             self.pool.add(url, healthy=initially_healthy)
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # control traffic: health, metrics, models
+        self.upstream: upstream.UpstreamPool | None = None  # proxied requests
         self._tasks: list[asyncio.Task] = []
         self._file_urls: set[str] = set()
         self._file_mtime: float | None = None
@@ -213,6 +215,8 @@ class Router:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024, keepalive_expiry=4.0),
             trust_env=False,
         )
+        self.upstream = upstream.UpstreamPool(connect_timeout=self.cfg.connect_timeout,
+                                              read_timeout=self.cfg.request_timeout)
         if self.cfg.backends_file:
             self._read_backends_file()
         await self.check_all()  # know who is up before the first request
@@ -237,6 +241,9 @@ class Router:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
         self.started = False
 
     # ------------------------------------------------------------------ ASGI
@@ -308,7 +315,8 @@ class Router:
         except asyncio.CancelledError:
             if not gone:
                 raise
-            task.uncancel()
+            if hasattr(task, "uncancel"):  # Python 3.11+
+                task.uncancel()
         finally:
             watcher.cancel()
 
@@ -384,30 +392,27 @@ class Router:
         b.inflight_tokens += est
         b.total_requests += 1
         resp = None
+        timeout = self.cfg.request_timeout
         try:
-            req = self.client.build_request(method, b.url + target, headers=headers, content=body)
             try:
-                resp = await self.client.send(req, stream=True)
-            except httpx.ConnectError as e:
-                return self._fail(b, "connect", f"connect error: {e or type(e).__name__}", connect=True)
-            except httpx.ConnectTimeout:
-                return self._fail(b, "connect", "connect timeout", connect=True)
-            except httpx.TimeoutException:
-                self._child(self.m_errors, b.url, "timeout").inc()
-                return _Failure(f"{b.url}: no answer within {self.cfg.request_timeout:.0f}s", 504,
-                                _JSON, _error_body(f"backend {b.url} did not answer within {self.cfg.request_timeout:.0f}s",
-                                                   504, "timeout"), retry=False)
-            except httpx.TransportError as e:
-                return self._fail(b, "reset", f"{type(e).__name__}: {e}")
-            status = resp.status_code
-            out_headers = [(k, v) for k, v in resp.headers.raw if k.lower() not in _RESP_DROP]
+                resp = await self.upstream.request(b.url, method, target, headers, body)
+            except upstream.ConnectError as e:
+                return self._fail(b, "connect", f"connect error: {e}", connect=True)
+            except upstream.ReadTimeout:
+                return self._timeout(b, f"no answer within {timeout:.0f}s")
+            except upstream.RemoteClosed as e:
+                return self._fail(b, "reset", str(e))
+            status = resp.status
+            out_headers = [(k, v) for k, v in resp.headers if k not in _RESP_DROP]
             if self.cfg.backend_header:
                 out_headers.append((b"x-pagedserve-backend", b.url.encode()))
             if status >= 400 or not info.stream:
                 try:
                     data = await resp.aread()
-                except httpx.TransportError as e:
-                    return self._fail(b, "reset", f"broken before the end of a {status} answer: {type(e).__name__}")
+                except upstream.ReadTimeout:
+                    return self._timeout(b, f"no answer within {timeout:.0f}s")
+                except upstream.RemoteClosed as e:
+                    return self._fail(b, "reset", f"broken before the end of a {status} answer: {e}")
                 if status in _RETRY_STATUS:
                     if status == 429:  # full queue: try elsewhere, the backend itself is fine
                         self._child(self.m_errors, b.url, "http_429").inc()
@@ -419,18 +424,12 @@ class Router:
                 await self._send(send, status, data, out_headers)
                 return None
             # Streaming: commit to this backend only once its first bytes arrive.
-            chunks = resp.aiter_raw()
             try:
-                first = b""
-                while not first:
-                    first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except httpx.TimeoutException:
-                self._child(self.m_errors, b.url, "timeout").inc()
-                return _Failure(f"{b.url}: no first token within {self.cfg.request_timeout:.0f}s", 504, retry=False)
-            except httpx.TransportError as e:
-                return self._fail(b, "reset", f"closed before the first byte: {type(e).__name__}")
+                first = await resp.next_chunk()
+            except upstream.ReadTimeout:
+                return self._timeout(b, f"no first token within {timeout:.0f}s")
+            except upstream.RemoteClosed as e:
+                return self._fail(b, "reset", f"closed before the first byte: {e}")
             self.pool.record_success(b)
             self._child(self.m_requests, b.url, str(status)).inc()
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
@@ -438,13 +437,13 @@ class Router:
                 await send({"type": "http.response.body", "body": first, "more_body": True})
                 tail = first
                 try:
-                    async for chunk in chunks:
+                    while (chunk := await resp.next_chunk()) is not None:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         tail = chunk
-                except (httpx.TransportError, httpx.StreamError) as e:
-                    msg = (f"backend {b.url} failed mid-stream ({type(e).__name__}); the response is incomplete"
-                           if not isinstance(e, httpx.TimeoutException)
-                           else f"backend {b.url} sent nothing for {self.cfg.request_timeout:.0f}s; the response is incomplete")
+                except upstream.UpstreamError as e:
+                    msg = (f"backend {b.url} sent nothing for {timeout:.0f}s; the response is incomplete"
+                           if isinstance(e, upstream.ReadTimeout)
+                           else f"backend {b.url} failed mid-stream ({e}); the response is incomplete")
                     self._child(self.m_errors, b.url, "stream_broken").inc()
                     self.pool.record_failure(b, "stream broken")
                     log.warning("stream from %s broke after the first bytes: %s", b.url, e)
@@ -457,7 +456,13 @@ class Router:
             b.inflight -= 1
             b.inflight_tokens -= est
             if resp is not None:
-                await resp.aclose()
+                resp.close()
+
+    def _timeout(self, b: Backend, message: str) -> _Failure:
+        """No retry: the backend may still be working on it."""
+        self._child(self.m_errors, b.url, "timeout").inc()
+        return _Failure(f"{b.url}: {message}", 504, _JSON, _error_body(f"backend {b.url}: {message}", 504, "timeout"),
+                        retry=False)
 
     # ------------------------------------------------------------------ router endpoints
     async def _health_endpoint(self, send) -> None:
