@@ -331,8 +331,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return max(1, min(triton.cdiv(target, ctas), by_len, max_splits))
 
 
-def _dot_block(d_pad: int) -> int:
-    return 64 if d_pad <= 128 else 32
+def _dot_block(d_pad: int, dtype: torch.dtype) -> int:
+    """Default tile: 64 tokens for head_dim <= 128 in 16-bit types, 32 otherwise
+    (fp32 tiles take twice the registers and shared memory)."""
+    return 64 if d_pad <= 128 and dtype != torch.float32 else 32
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -358,7 +360,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         raise ValueError(f"num_heads {h} is not a multiple of num_kv_heads {kvh}")
     group = h // kvh
     d_pad = triton.next_power_of_2(d)
-    block_n = block_n or _dot_block(d_pad)
+    block_n = block_n or _dot_block(d_pad, q.dtype)
     if not max_seq_len:
         max_seq_len = block_tables.shape[1] * bs
     if num_splits is None:
@@ -416,8 +418,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     if h % kvh:
         raise ValueError(f"num_heads {h} is not a multiple of num_kv_heads {kvh}")
     d_pad = triton.next_power_of_2(d)
-    block_n = block_n or _dot_block(d_pad)
-    block_m = block_m or (64 if d_pad <= 128 else 32)
+    block_n = block_n or _dot_block(d_pad, q.dtype)
+    block_m = block_m or _dot_block(d_pad, q.dtype)
     grid = (p, triton.cdiv(max_query_len, block_m), h)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start, seq_lens, out,
