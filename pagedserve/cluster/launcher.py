@@ -127,12 +127,13 @@ def describe_exit(rc: int) -> str:
 
 
 class Replica:
-    def __init__(self, index: int, port: int, argv: list[str], plan: dict):
+    def __init__(self, index: int, port: int, argv: list[str], plan: dict, command=None):
         self.index = index
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.cmd = [sys.executable, "-m", "pagedserve.cluster.replica", str(os.getpid()), *argv,
-                    "--host", "127.0.0.1", "--port", str(port)]
+        self.cmd = (command(index, port) if command is not None else
+                    [sys.executable, "-m", "pagedserve.cluster.replica", str(os.getpid()), *argv,
+                     "--host", "127.0.0.1", "--port", str(port)])
         self.plan = plan
         self.proc: subprocess.Popen | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=15)
@@ -177,7 +178,8 @@ class Replica:
 class Cluster:
     def __init__(self, n: int, host: str, port: int, argv: list[str], *, policy: str = DEFAULT_POLICY,
                  base_port: int | None = None, load_timeout: float = 600.0, device: str = "auto",
-                 grace_s: float = 15.0):
+                 grace_s: float = 15.0, command=None, router_config=None):
+        """`command(index, port) -> argv` replaces the replica command line (tests, other servers)."""
         from pagedserve.cluster.router import Router, RouterConfig
 
         self.host, self.port = host, port
@@ -185,10 +187,10 @@ class Cluster:
         gpus = [] if device == "cpu" else detect_gpus()
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         plans = plan_placement(n, gpus, cores)
-        self.replicas = [Replica(i, base + i, argv, plans[i]) for i in range(n)]
+        self.replicas = [Replica(i, base + i, argv, plans[i], command) for i in range(n)]
         self.load_timeout = load_timeout
         self.grace_s = grace_s
-        self.router = Router([], RouterConfig(policy=policy))
+        self.router = Router([], router_config or RouterConfig(policy=policy))
         for r in self.replicas:
             self.router.add_backend(r.url, healthy=False, gpu_index=r.plan["gpu_index"])
         self.stopping = asyncio.Event()

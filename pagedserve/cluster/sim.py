@@ -374,15 +374,17 @@ async def _send(send, status: int, body: bytes, ctype: bytes = b"application/jso
     await send({"type": "http.response.body", "body": body})
 
 
-async def serve_sims(num: int, config: SimConfig, host: str = "127.0.0.1", log_level: str = "warning"):
-    """Start `num` simulated backends in this loop; returns [(backend, server, task, url)]."""
+async def serve_sims(num: int, config: SimConfig, host: str = "127.0.0.1", log_level: str = "warning",
+                     port: int = 0):
+    """Start `num` simulated backends in this loop (on port, port+1, ... or free ports when port
+    is 0); returns [(backend, server, task, url)]."""
     from pagedserve.cluster.serving import start_server
 
     out = []
     for i in range(num):
         sim = SimBackend(config, name=f"sim{i}")
-        server, task, port = await start_server(sim, host, 0, log_level=log_level)
-        out.append((sim, server, task, f"http://{host}:{port}"))
+        server, task, port_i = await start_server(sim, host, port + i if port else 0, log_level=log_level)
+        out.append((sim, server, task, f"http://{host}:{port_i}"))
     return out
 
 
@@ -390,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pagedserve.cluster.sim", description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=4)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="first port (default: free ports)")
     p.add_argument("--config", default="{}", help="SimConfig fields as JSON")
     args = p.parse_args(argv)
     cfg = SimConfig(**json.loads(args.config))
 
     async def run():
-        sims = await serve_sims(args.num, cfg, args.host)
+        sims = await serve_sims(args.num, cfg, args.host, port=args.port)
         print(json.dumps({"urls": [s[3] for s in sims], "config": asdict(cfg)}), flush=True)
         await asyncio.gather(*(s[2] for s in sims))
 

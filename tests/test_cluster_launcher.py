@@ -1,0 +1,114 @@
+"""The launcher's supervisor with fast stand-in replicas (simulated backends as processes):
+restart after a crash with the reason logged, rejoin, load timeout, clean stop."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import httpx
+
+from pagedserve.cluster.launcher import Cluster
+from pagedserve.cluster.router import RouterConfig
+
+
+def consecutive_free_ports(n: int) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port range")
+
+
+def sim_replica(index: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "pagedserve.cluster.sim", "--num", "1", "--port", str(port),
+            "--config", json.dumps({"token_time": 0.0005, "chunk_tokens": 4})]
+
+
+async def wait_for(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_supervisor_restarts_a_killed_replica_which_rejoins(caplog):
+    caplog.set_level(logging.INFO, logger="pagedserve")
+    base = consecutive_free_ports(3)
+    cluster = Cluster(2, "127.0.0.1", base, [], command=sim_replica, load_timeout=30,
+                      router_config=RouterConfig(health_interval=0.1))
+    run = asyncio.create_task(cluster.run())
+    pool = cluster.router.pool
+    try:
+        await wait_for(lambda: len(pool.healthy) == 2, 30)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{base}", timeout=10, trust_env=False) as client:
+            seen = {(await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3}))
+                    .headers["x-pagedserve-backend"] for _ in range(6)}
+            assert seen == {f"http://127.0.0.1:{base + 1}", f"http://127.0.0.1:{base + 2}"}
+            victim = cluster.replicas[0]
+            old_pid = victim.proc.pid
+            os.kill(old_pid, signal.SIGKILL)
+            await wait_for(lambda: victim.restarts == 1, 10)
+            assert "replica 0 (pid %d) killed by SIGKILL" % old_pid in caplog.text
+            # Meanwhile the other replica serves everything.
+            for _ in range(3):
+                r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
+                assert r.status_code == 200
+            await wait_for(lambda: len(pool.healthy) == 2 and victim.proc.pid != old_pid, 30)
+            listed = (await client.get("/admin/backends")).json()["backends"]
+            assert listed[0]["pid"] == victim.proc.pid and listed[0]["restarts"] == 1
+    finally:
+        pids = [r.proc.pid for r in cluster.replicas]
+        cluster.request_stop(signal.SIGTERM)
+        assert await asyncio.wait_for(run, 30) == 0
+    assert all(gone(pid) for pid in pids)
+
+
+async def test_replica_load_timeout_kills_and_retries(caplog):
+    caplog.set_level(logging.INFO, logger="pagedserve")
+    base = consecutive_free_ports(2)
+    never_ready = lambda i, port: [sys.executable, "-c", "import time; print('loading forever', flush=True); time.sleep(60)"]  # noqa: E731
+    cluster = Cluster(1, "127.0.0.1", base, [], command=never_ready, load_timeout=1.0,
+                      router_config=RouterConfig(health_interval=0.2))
+    run = asyncio.create_task(cluster.run())
+    try:
+        await wait_for(lambda: cluster.replicas[0].restarts >= 1, 15)
+        assert "not ready within 1s (--replica-load-timeout)" in caplog.text
+        assert "loading forever" in caplog.text  # its last output is in the log
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{base}", timeout=10, trust_env=False) as client:
+            r = await client.post("/v1/completions", json={"model": "m", "prompt": "p"})
+            assert r.status_code == 503 and "no healthy backend" in r.json()["error"]["message"]
+            assert (await client.get("/health")).status_code == 503
+    finally:
+        pid = cluster.replicas[0].proc.pid
+        cluster.request_stop(signal.SIGINT)
+        await asyncio.wait_for(run, 30)
+    assert gone(pid)
