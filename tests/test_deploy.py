@@ -824,3 +824,27 @@ def test_deploy_doc_covers_the_files():
         assert f"`{p.name}`" in doc, f"docs/deploy.md does not describe deploy/k8s/{p.name}"
     for var in sorted(set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", COMPOSE.read_text()))):
         assert f"`{var}`" in doc, f"docs/deploy.md does not document ${{{var}}} used in docker-compose.yml"
+
+
+# Messages that docs/troubleshooting.md quotes, as they appear in the code (placeholders cut out).
+QUOTED_MESSAGES = [
+    "the model weights need", "but the GPU budget is", "of memory is available",
+    "is incomplete: config.json is missing", "weight shard(s)",
+    "cannot load a tokenizer from", "the model directory needs tokenizer.json or tokenizer.model + tokenizer_config.json",
+    "device 'cuda' was requested but CUDA is not available",
+    "check the NVIDIA driver and that torch is a CUDA build, or use --device cpu",
+    "has no bfloat16 support; using float16",
+    "max concurrency at max_model_len=",
+    "no healthy backend: 0 of", "the response is incomplete",
+]
+
+
+def test_troubleshooting_quotes_real_messages():
+    """The troubleshooting table quotes what pagedserve prints: each quoted message is still in the code."""
+    doc = (ROOT / "docs" / "troubleshooting.md").read_text()
+    src = "".join(p.read_text() for p in (ROOT / "pagedserve").rglob("*.py"))
+    # Join string literals split over lines ("... the GPU "\n    f"budget is ...") and drop placeholders.
+    src = re.sub(r"\"\s*\n\s*f?\"", "", src)
+    for msg in QUOTED_MESSAGES:
+        assert msg in doc, f"docs/troubleshooting.md no longer quotes {msg!r}"
+        assert msg in src, f"pagedserve no longer prints {msg!r}: update docs/troubleshooting.md"
