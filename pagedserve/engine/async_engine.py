@@ -1,0 +1,576 @@
+"""The engine core in its own process; per-request asyncio output streams in the server process.
+
+    server process                                   engine process (spawned)
+    ───────────────                                  ────────────────────────
+    AsyncEngine.add_request ─▶ writer thread ─pipe─▶ drain inputs ─▶ LLMEngine.step()
+    RequestStream (asyncio)  ◀─ event loop ◀─ reader thread ◀─pipe─ compact deltas + stats
+
+The engine loop never runs on the HTTP event loop: it has its own process (and
+GIL), as in vLLM v1. Messages are pickled tuples, batched per step in both
+directions. The server keeps nothing about blocks; it sees deltas (new text,
+new token ids, new logprobs, finish reason) and a small stats tuple per step.
+
+If the engine process dies, its end of the output pipe closes: the reader
+thread sees EOF, every open stream fails with `EngineDeadError` (HTTP 503)
+and `state` becomes "dead". If the server process dies, the engine sees EOF
+on its input pipe and exits, so no orphan keeps the accelerator.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, NamedTuple
+
+from pagedserve import errors
+from pagedserve.config import EngineConfig
+from pagedserve.errors import NotReadyError, PagedServeError
+from pagedserve.sampling_params import SamplingParams
+
+log = logging.getLogger("pagedserve.async_engine")
+
+
+class EngineDeadError(NotReadyError):
+    """The engine process exited; in-flight and new requests fail with 503."""
+
+
+# -- wire format (engine -> server) -------------------------------------------------
+
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+    rank: int | None
+    token: str  # decoded
+
+
+class SeqDelta(NamedTuple):
+    """What one output sequence gained in one step."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    # Per new token: (the sampled token's logprob, the top-k alternatives ranked best first).
+    logprobs: list[tuple[TokenLogprob, list[TokenLogprob]]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class EngineOutput(NamedTuple):
+    request_id: str
+    seqs: list[SeqDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    # On the last output: (arrival, first_scheduled, first_token, finished) engine timestamps.
+    times: tuple[float | None, ...] | None
+
+
+class EngineStats(NamedTuple):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative, tokens
+    prefix_cache_hits: int = 0  # cumulative, tokens
+
+
+# -- the engine process ---------------------------------------------------------------
+
+def _pack_logprobs(entries: list[dict], token_ids: list[int], k: int) -> list:
+    """Engine entries hold the top-k (ranks 1..k) plus the sampled token; split them."""
+    packed = []
+    for entry, tok in zip(entries, token_ids):
+        sampled, top = None, []
+        for tid, lp in entry.items():
+            t = TokenLogprob(tid, lp.logprob, lp.rank, lp.decoded_token or "")
+            if tid == tok:
+                sampled = t
+            if lp.rank is not None and lp.rank <= k:
+                top.append(t)
+        top.sort(key=lambda t: t.rank)
+        packed.append((sampled, top))
+    return packed
+
+
+class _EngineCore:
+    """Loop: drain inputs, step, send compact deltas and stats."""
+
+    def __init__(self, engine, in_conn, out_conn):
+        self.engine = engine
+        self.in_conn = in_conn
+        self.out_conn = out_conn
+        self.finish_sent: dict[str, set[int]] = {}  # finished output indices already reported (n > 1)
+        self.last_stats: EngineStats | None = None
+        self.num_logprobs: dict[str, int] = {}  # requests that asked for logprobs: top-k size
+
+    def stats(self) -> EngineStats:
+        s = self.engine.stats()
+        return EngineStats(s["num_running"], s["num_waiting"], round(s["kv_cache_usage"], 6), s["num_preemptions"],
+                           s["prefix_cache_queries"], s["prefix_cache_hits"])
+
+    def handle(self, msg: tuple) -> bool:
+        kind = msg[0]
+        if kind == "add":
+            _, rid, ids, params, arrival = msg
+            try:
+                self.engine.add_request(rid, None, params, prompt_token_ids=ids, arrival_time=arrival)
+                if params.logprobs is not None:
+                    self.num_logprobs[rid] = params.logprobs
+            except PagedServeError as e:
+                self.out_conn.send(("err", rid, type(e).__name__, e.message, e.param))
+            except Exception as e:  # noqa: BLE001 - a bad request must not kill the engine
+                log.exception("request %s rejected by the engine", rid)
+                self.out_conn.send(("err", rid, "InvalidRequestError", f"{type(e).__name__}: {e}", None))
+        elif kind == "abort":
+            for rid in msg[1]:
+                self.engine.abort_request(rid)
+                self.finish_sent.pop(rid, None)
+                self.num_logprobs.pop(rid, None)
+        elif kind == "shutdown":
+            return False
+        return True
+
+    def pack(self, ro) -> EngineOutput:
+        sent = self.finish_sent.setdefault(ro.request_id, set())
+        seqs = []
+        for co, (dtext, dids) in zip(ro.outputs, ro.deltas):
+            if co.finish_reason is not None:
+                if co.index in sent:
+                    continue
+                sent.add(co.index)
+            elif not dtext and not dids:
+                continue
+            lps = None
+            if co.logprobs is not None and dids:
+                lps = _pack_logprobs(co.logprobs[len(co.token_ids) - len(dids):], dids,
+                                     self.num_logprobs.get(ro.request_id, 0))
+            seqs.append(SeqDelta(co.index, dtext, list(dids), lps, co.finish_reason, co.stop_reason))
+        times = None
+        if ro.finished:
+            self.finish_sent.pop(ro.request_id, None)
+            self.num_logprobs.pop(ro.request_id, None)
+            m = ro.metrics
+            times = (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
+        return EngineOutput(ro.request_id, seqs, ro.finished, len(ro.prompt_token_ids), ro.num_cached_tokens, times)
+
+    def run(self) -> None:
+        engine, conn = self.engine, self.in_conn
+        while True:
+            if not engine.has_unfinished_requests():
+                self.send_stats_if_changed()
+                batches = [conn.recv()]  # idle: block until work arrives
+            else:
+                batches = []
+            while conn.poll():
+                batches.append(conn.recv())
+            for batch in batches:
+                for msg in batch:
+                    if not self.handle(msg):
+                        return
+            if engine.has_unfinished_requests():
+                outs = engine.step()
+                stats = self.stats()
+                self.last_stats = stats
+                self.out_conn.send(("out", [self.pack(o) for o in outs], stats))
+
+    def send_stats_if_changed(self) -> None:
+        stats = self.stats()
+        if stats != self.last_stats:
+            self.last_stats = stats
+            self.out_conn.send(("stats", stats))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the server process dies, even mid-step."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except Exception:  # noqa: BLE001 - other platforms: the EOF on the input pipe still stops us
+        pass
+
+
+def _engine_main(config: EngineConfig, in_conn, out_conn, log_level: int) -> None:
+    import signal
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the server drains its requests, then
+    # stops us with a message (or SIGKILL). If the server dies, our input pipe reads EOF and we exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    delay = float(os.environ.get("PAGEDSERVE_ENGINE_LOAD_DELAY", "0") or 0)  # tests: observe the loading state
+    if delay > 0:
+        time.sleep(delay)
+    try:
+        from pagedserve.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(config)
+    except BaseException as e:  # noqa: BLE001 - report any load failure as one line
+        msg = str(e) if isinstance(e, PagedServeError) else f"{type(e).__name__}: {e}"
+        log.debug("engine load failed:\n%s", traceback.format_exc())
+        try:
+            out_conn.send(("fatal", msg))
+        except OSError:
+            pass
+        return
+    info = {
+        "pid": os.getpid(),
+        "served_model_name": engine.served_model_name,
+        "model_dir": str(engine.model_dir),
+        "max_model_len": engine.max_model_len,
+        "vocab_size": engine.args.vocab_size,
+        "num_kv_blocks": engine.num_kv_blocks,
+        "block_size": config.block_size,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "eos_token_ids": sorted(engine.eos_token_ids),
+        "load_seconds": engine.load_seconds,
+    }
+    out_conn.send(("ready", info))
+    try:
+        _EngineCore(engine, in_conn, out_conn).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server went away
+    except BaseException as e:  # noqa: BLE001 - tell the server why, then die
+        log.error("engine loop crashed:\n%s", traceback.format_exc())
+        try:
+            out_conn.send(("fatal", f"engine loop crashed: {type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        os._exit(1)
+
+
+# -- the server side ----------------------------------------------------------------------
+
+class RequestStream:
+    """Outputs of one or more engine requests (one HTTP request), consumed by one handler.
+
+    Iterating yields lists of `EngineOutput`: everything that arrived since the
+    last iteration, so a slow consumer catches up in one chunk instead of lagging.
+    """
+
+    __slots__ = ("pending", "_items", "_waiter", "_error", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.pending: set[str] = set()  # engine request ids not finished yet
+        self._items: list[EngineOutput] = []
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._loop = loop
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def put(self, out: EngineOutput) -> None:
+        self._items.append(out)
+        self._wake()
+
+    def fail(self, err: BaseException) -> None:
+        if self._error is None:
+            self._error = err
+        self._wake()
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> list[EngineOutput]:
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            if not self.pending:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
+class _ReqState:
+    __slots__ = ("stream", "arrival", "first", "last", "num_prompt", "num_generated", "pending_first")
+
+    def __init__(self, stream: RequestStream, arrival: float, num_prompt: int):
+        self.stream = stream
+        self.arrival = arrival
+        self.first: float | None = None
+        self.last: float | None = None
+        self.num_prompt = num_prompt
+        self.num_generated = 0
+        self.pending_first = True
+
+
+class EngineObserver:
+    """Hooks the server's metrics implement; all are called on the event loop."""
+
+    def on_stats(self, stats: EngineStats) -> None: ...
+
+    def on_output(self, st: _ReqState, num_new_tokens: int, now: float, first: bool, prev: float | None) -> None:
+        """`prev`: when this request's previous tokens arrived (None before the first)."""
+
+    def on_seq_finished(self, reason: str) -> None: ...
+
+    def on_request_finished(self, request_id: str, st: _ReqState, now: float, reason: str,
+                            times: tuple | None) -> None: ...
+
+
+class AsyncEngine:
+    """Server-side handle of the engine process. All public methods run on the event loop."""
+
+    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None,
+                 log_level: int = logging.INFO):
+        self.config = config
+        self.observer = observer or EngineObserver()
+        self.log_level = log_level
+        self.state = "created"  # created | loading | ready | dead | stopped
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+        self.stats = EngineStats()
+        self._requests: dict[str, _ReqState] = {}
+        self.num_pending_first = 0  # accepted requests that have produced no output yet (waiting or prefill)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc = None
+        self._in = None
+        self._out = None
+        self._sendq: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready = None  # asyncio.Future: set when ready, exception when the load failed
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the engine process; returns at once (loading continues in the background)."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        ctx = mp.get_context("spawn")
+        in_r, in_w = ctx.Pipe(duplex=False)
+        out_r, out_w = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_engine_main, args=(self.config, in_r, out_w, self.log_level),
+                                 name="pagedserve-engine", daemon=True)
+        self._proc.start()
+        # Close our copies of the child's ends: the child's death then reads as EOF.
+        in_r.close()
+        out_w.close()
+        self._in, self._out = in_w, out_r
+        self.state = "loading"
+        threading.Thread(target=self._reader, name="engine-reader", daemon=True).start()
+        threading.Thread(target=self._writer, name="engine-writer", daemon=True).start()
+
+    async def wait_ready(self) -> dict:
+        await asyncio.shield(self._ready)
+        return self.info
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == "ready"
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the engine to exit; terminate it if it does not."""
+        if self._proc is None or self.state == "stopped":
+            return
+        self._stopping = True
+        for st in list(self._requests.values()):
+            st.stream.fail(NotReadyError("the server is shutting down"))
+        self._requests.clear()
+        self._sendq.put(("shutdown",))
+        proc = self._proc
+        deadline = time.monotonic() + timeout
+        while proc.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if proc.is_alive():
+            log.warning("engine process did not exit in %.0fs; killing it", timeout)
+            proc.kill()
+        await asyncio.to_thread(proc.join, 5)
+        self.state = "stopped"
+        self._sendq.put(None)  # stops the writer thread
+
+    # -- requests ------------------------------------------------------------------
+    def new_stream(self) -> RequestStream:
+        return RequestStream(self._loop)
+
+    def check_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "dead":
+            raise EngineDeadError(f"the engine process died: {self.error}", hint="restart the server")
+        if self.state in ("created", "loading"):
+            raise NotReadyError("the model is still loading; retry shortly")
+        raise NotReadyError("the server is shutting down")
+
+    def add_request(self, stream: RequestStream, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
+        self.check_ready()
+        if request_id in self._requests:
+            raise errors.InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        arrival = arrival_time or time.time()
+        self._requests[request_id] = _ReqState(stream, arrival, len(prompt_token_ids))
+        self.num_pending_first += 1
+        stream.pending.add(request_id)
+        self._sendq.put(("add", request_id, prompt_token_ids, params, arrival))
+
+    def abort(self, request_ids) -> None:
+        """Abort unfinished requests (client gone); their blocks are freed at the engine's next iteration."""
+        gone = []
+        now = time.time()
+        for rid in request_ids:
+            st = self._requests.pop(rid, None)
+            if st is None:
+                continue
+            if st.pending_first:
+                self.num_pending_first -= 1
+            st.stream.pending.discard(rid)
+            gone.append(rid)
+            self.observer.on_request_finished(rid, st, now, "abort", None)
+        if gone and self.state == "ready":
+            self._sendq.put(("abort", gone))
+
+    def abort_stream(self, stream: RequestStream) -> None:
+        if stream.pending:
+            self.abort(list(stream.pending))
+
+    # -- threads ---------------------------------------------------------------------
+    def _writer(self) -> None:
+        q, conn = self._sendq, self._in
+        while True:
+            msg = q.get()
+            if msg is None:
+                return
+            batch = [msg]
+            while True:
+                try:
+                    m = q.get_nowait()
+                except queue.Empty:
+                    break
+                if m is None:
+                    q.put(None)
+                    break
+                batch.append(m)
+            try:
+                conn.send(batch)
+            except (OSError, ValueError):
+                return  # the engine is gone; the reader reports it
+
+    def _reader(self) -> None:
+        conn, loop = self._out, self._loop
+        try:
+            while True:
+                msg = conn.recv()
+                loop.call_soon_threadsafe(self._on_message, msg)
+                if msg[0] == "fatal":
+                    break
+        except (EOFError, OSError):
+            pass
+        except Exception as e:  # noqa: BLE001 - unpickling trouble: treat as death, say why
+            log.exception("engine output pipe failed")
+            loop.call_soon_threadsafe(self._on_dead, f"output pipe failed: {e}")
+            return
+        code = None
+        if self._proc is not None:
+            self._proc.join(2)
+            code = self._proc.exitcode
+        try:
+            loop.call_soon_threadsafe(self._on_dead, f"engine process exited (exit code {code})")
+        except RuntimeError:
+            pass  # loop closed: the server is gone
+
+    # -- event-loop side ---------------------------------------------------------------
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "out":
+            self._on_outputs(msg[1])
+            self._set_stats(msg[2])
+        elif kind == "stats":
+            self._set_stats(msg[1])
+        elif kind == "err":
+            _, rid, cls_name, message, param = msg
+            st = self._requests.pop(rid, None)
+            if st is not None:
+                if st.pending_first:
+                    self.num_pending_first -= 1
+                st.stream.pending.discard(rid)
+                cls = getattr(errors, cls_name, None)
+                if not (isinstance(cls, type) and issubclass(cls, PagedServeError)):
+                    cls = errors.InvalidRequestError
+                st.stream.fail(cls(message, param=param))
+        elif kind == "ready":
+            self.info = msg[1]
+            self.state = "ready"
+            if not self._ready.done():
+                self._ready.set_result(self.info)
+        elif kind == "fatal":
+            self._on_dead(msg[1])
+
+    def _set_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+        self.observer.on_stats(stats)
+
+    def _on_outputs(self, outs: list[EngineOutput]) -> None:
+        now = time.time()
+        obs = self.observer
+        for o in outs:
+            st = self._requests.get(o.request_id)
+            if st is None:
+                continue  # aborted meanwhile
+            first = st.pending_first
+            if first:
+                st.pending_first = False
+                self.num_pending_first -= 1
+            ntok = 0
+            for sd in o.seqs:
+                ntok += len(sd.token_ids)
+                if sd.finish_reason is not None:
+                    obs.on_seq_finished(sd.finish_reason)
+            prev = st.last
+            if ntok:
+                if st.first is None:
+                    st.first = now
+                st.last = now
+                st.num_generated += ntok
+            obs.on_output(st, ntok, now, first, prev)
+            st.stream.put(o)
+            if o.finished:
+                del self._requests[o.request_id]
+                st.stream.pending.discard(o.request_id)
+                reason = next((sd.finish_reason for sd in o.seqs if sd.finish_reason), "stop")
+                obs.on_request_finished(o.request_id, st, now, reason, o.times)
+                if not st.stream.pending:
+                    st.stream._wake()
+
+    def _on_dead(self, why: str) -> None:
+        if self.state in ("dead", "stopped"):
+            return
+        if self._stopping:
+            self.state = "stopped"
+            return
+        was_loading = self.state == "loading"
+        self.state = "dead"
+        self.error = why
+        log.error("engine %s: %s", "failed to load" if was_loading else "died", why)
+        err = EngineDeadError(f"the engine process died: {why}", hint="restart the server")
+        for st in self._requests.values():
+            st.stream.fail(err)
+        self._requests.clear()
+        self.num_pending_first = 0
+        self.stats = EngineStats()
+        self.observer.on_stats(self.stats)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(EngineDeadError(why))
