@@ -1,0 +1,248 @@
+"""The FastAPI app: OpenAI routes, /health, /metrics, /tokenize, /detokenize, /version.
+
+Every error leaves as OpenAI error JSON `{"error": {"message", "type", "param",
+"code"}}` with the status its exception class names (see errors.py); schema
+errors are 400, unknown routes 404, anything unexpected 500 with the
+traceback in the log only. The HTTP side starts at once; /health answers 503
+until the engine process and the tokenizer are loaded.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pagedserve import __version__
+from pagedserve.config import EngineConfig
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.errors import InvalidRequestError, NotReadyError, PagedServeError
+from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pagedserve.server.serving import OpenAIServing, error_response, json_response
+
+log = logging.getLogger("pagedserve.server")
+
+MAX_BODY_BYTES = 16 << 20
+
+
+class AuthenticationError(PagedServeError):
+    status = 401
+    type = "authentication_error"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status = 413
+
+
+class HTTPError(PagedServeError):
+    """Routing errors from Starlette (404 unknown path, 405 wrong method), in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.type = "not_found_error" if status == 404 else "invalid_request_error"
+
+
+@dataclass
+class ServerOptions:
+    served_model_names: list[str]
+    api_key: str | None = None
+    max_queue_len: int | None = None
+    log_requests: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+async def read_body(request: Request) -> bytes:
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > MAX_BODY_BYTES:
+        raise RequestTooLargeError(f"the request body has {int(cl)} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestTooLargeError(f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastAPI:
+    """The app owns its AsyncEngine: started on lifespan start-up, stopped (drained first by uvicorn) on shutdown."""
+    metrics = ServerMetrics(opts.served_model_names[0])
+    engine = AsyncEngine(config, observer=metrics, log_level=logging.getLogger().getEffectiveLevel())
+    serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests)
+    api_key = opts.api_key
+
+    async def load() -> None:
+        from pagedserve.model.loader import load_tokenizer
+
+        t0 = time.time()
+        try:
+            tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model, config.tokenizer))
+            info = await engine.wait_ready()
+            serving.tokenizer = await tok_task
+        except Exception as e:  # noqa: BLE001 - a server that cannot load its model exits non-zero
+            log.error("start-up failed: %s", e)
+            if on_fatal is not None:
+                on_fatal(e)
+            return
+        metrics.kv_blocks.set(info["num_kv_blocks"])
+        metrics.engine_up.set(1)
+        log.info("ready in %.1fs: model %s (%s) on %s, dtype %s, max_model_len %d, KV cache %d blocks x %d tokens "
+                 "= %d tokens, max_num_seqs %d, max_num_batched_tokens %d, engine pid %d; listening on http://%s:%d",
+                 time.time() - t0, opts.served_model_names[0], info["model_dir"], info["device"], info["dtype"],
+                 info["max_model_len"], info["num_kv_blocks"], info["block_size"],
+                 info["num_kv_blocks"] * info["block_size"], info["max_num_seqs"], info["max_num_batched_tokens"],
+                 info["pid"], opts.host, opts.port)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        metrics.engine_up.set(0)
+        await engine.shutdown()
+        log.info("engine stopped")
+
+    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.serving = serving
+    app.state.metrics = metrics
+
+    # -- errors ------------------------------------------------------------------------
+    @app.exception_handler(PagedServeError)
+    async def _paged_error(request: Request, e: PagedServeError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return error_response(InvalidRequestError(f"invalid request: {e.errors()[:1]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        msg = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on "
+               f"{request.url.path}"}.get(e.status_code, str(e.detail))
+        return error_response(HTTPError(e.status_code, msg))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        err = PagedServeError(f"internal server error ({type(e).__name__}); see the server log")
+        return error_response(err)
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            metrics.rejected("unauthorized")
+            raise AuthenticationError("invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+    # -- OpenAI routes --------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        return await serving.completions(await read_body(request), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        return await serving.chat(await read_body(request), request)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        info = engine.info
+        data = [{"id": name, "object": "model", "created": serving.created, "owned_by": "pagedserve",
+                 "root": info.get("model_dir", config.model), "parent": None,
+                 "max_model_len": info.get("max_model_len", config.max_model_len)}
+                for name in opts.served_model_names]
+        return json_response({"object": "list", "data": data})
+
+    # -- operations -------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if serving.ready:
+            return json_response({"status": "ok", "model": serving.model_name, "engine_pid": engine.pid})
+        if engine.state == "dead":
+            return error_response(NotReadyError(f"the engine process died: {engine.error}"))
+        return error_response(NotReadyError("the model is still loading" if engine.state in ("created", "loading")
+                                            else "the server is shutting down"))
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        metrics.engine_up.set(1 if serving.ready else 0)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version():
+        return json_response({"version": __version__})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await serving.tokenize(await read_body(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await serving.detokenize(await read_body(request))
+
+    return app
+
+
+def default_served_name(model: str | None) -> str:
+    from pagedserve.model.default_model import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if model in (None, "default") else str(model).rstrip("/")
+
+
+def serve(engine_kwargs: dict, opts: ServerOptions, *, shutdown_timeout: float = 30.0,
+          access_log: bool = False) -> int:
+    """Resolve the model, build the app and run uvicorn until SIGTERM/SIGINT; returns the exit code."""
+    import signal
+
+    import uvicorn
+
+    from pagedserve.model.loader import resolve_model_dir
+
+    model = engine_kwargs.get("model")
+    model_dir = resolve_model_dir(model)  # a bad path fails here, as one line, before anything starts
+    config = EngineConfig.from_kwargs(**{**engine_kwargs, "model": str(model_dir),
+                                         "served_model_name": opts.served_model_names[0]})
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(e: BaseException) -> None:
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(config, opts, on_fatal)
+    uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_config=None, access_log=access_log,
+                               timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
+                               timeout_keep_alive=30)
+    server = uvicorn.Server(uv_config)
+    # uvicorn re-raises the signal that stopped it once it is done; a no-op handler makes a drained
+    # SIGTERM/SIGINT shutdown exit 0 instead of dying from the re-raised signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    log.info("pagedserve %s (pid %d) starting: %s", __version__, os.getpid(), model_dir)
+    server.run()
+    if failed:
+        from pagedserve.errors import ConfigError
+
+        e = failed[0]
+        raise e if isinstance(e, PagedServeError) else ConfigError(str(e))
+    if not server.started:
+        return 1
+    return 0

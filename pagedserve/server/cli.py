@@ -1,0 +1,59 @@
+"""`pagedserve serve [MODEL]`: the OpenAI-compatible server (flags mirror vLLM's)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(sub) -> None:
+    from pagedserve.entrypoints.generate_cli import add_engine_args
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve MODEL (an HF directory, a .gguf file or a Hub id in the local cache; "
+                                   "default: the embedded SmolLM2-135M-Instruct) on an OpenAI-compatible API.")
+    p.add_argument("model", nargs="?", default=None, help="the model (same as --model)")
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in `model`; the first is reported (default: the model path)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDSERVE_API_KEY, else none)")
+    g.add_argument("--max-queue-len", type=int, default=None,
+                   help="answer 429 when more than this many requests wait for the engine (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests to finish")
+    g.add_argument("--enable-access-log", action="store_true", help="log every HTTP request (off by default)")
+    g.add_argument("--disable-log-requests", action="store_true", help="no per-request completion log lines")
+    try:  # data parallel: `serve --replicas N` runs N of these servers behind the router
+        from pagedserve.cluster.launcher import add_cluster_args
+    except ImportError:
+        pass
+    else:
+        add_cluster_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.generate_cli import engine_kwargs
+    from pagedserve.errors import ConfigError
+    from pagedserve.server.api import ServerOptions, default_served_name, serve
+
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise ConfigError(f"two different models given: {args.model!r} and --model {args.model_opt!r}")
+    model = args.model or args.model_opt
+    if getattr(args, "replicas", 1) > 1:
+        from pagedserve.cluster.launcher import run_cluster
+
+        return run_cluster(args)
+    if args.max_queue_len is not None and args.max_queue_len < 0:
+        raise ConfigError("--max-queue-len must be >= 0", param="max_queue_len")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}", param="port")
+    api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    opts = ServerOptions(served_model_names=args.served_model_name or [default_served_name(model)],
+                         api_key=api_key, max_queue_len=args.max_queue_len,
+                         log_requests=not args.disable_log_requests, host=args.host, port=args.port)
+    return serve(engine_kwargs(args, model), opts, shutdown_timeout=args.shutdown_timeout,
+                 access_log=args.enable_access_log)

@@ -1,0 +1,137 @@
+"""Pydantic models of the OpenAI request schema (plus vLLM's extra sampling fields).
+
+Requests are parsed strictly (no "5" -> 5, no true -> 1) straight from the raw
+body bytes, so malformed JSON, invalid UTF-8 and wrong types all become one
+`ValidationError`, which the API turns into a 400 OpenAI error. Unknown fields
+are ignored, as OpenAI-compatible servers do. Ranges are checked once, by
+`SamplingParams`, so the messages are the same offline and online.
+
+Responses are built as plain dicts (see serving.py): that is several times
+faster than pydantic serialization on the streaming path.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pagedserve.errors import InvalidRequestError
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+
+
+class _SamplingFields(_Base):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Base):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(_Base):
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Base):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Base):
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse(cls: type[_Base], body: bytes) -> Any:
+    """Validate a raw JSON body; any problem becomes an InvalidRequestError naming the field."""
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def validation_error(e: ValidationError) -> InvalidRequestError:
+    errs = e.errors(include_url=False, include_input=False)
+    if errs and errs[0]["type"] == "json_invalid":
+        return InvalidRequestError(f"the request body is not valid JSON: {errs[0]['msg']}", param=None)
+    parts, first_param = [], None
+    seen = set()
+    for err in errs:
+        # Union members each report an error; the first one per field is enough.
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x in _UNION_TAGS))]
+        field = ".".join(loc) or "body"
+        if field in seen:
+            continue
+        seen.add(field)
+        first_param = first_param or field
+        parts.append(f"{field}: {err['msg']}")
+        if len(parts) == 3:
+            break
+    return InvalidRequestError("; ".join(parts) or "invalid request", param=first_param)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "ContentPart", "StreamOptions"}
