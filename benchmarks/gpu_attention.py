@@ -62,6 +62,8 @@ def parse_args():
     ap.add_argument("--splits", default="1,2,4,8,16,32,64", help="split counts swept per point ('' to skip)")
     ap.add_argument("--no-ref-timing", action="store_true", help="skip timing the torch reference")
     ap.add_argument("--rep-ms", type=float, default=40.0, help="timing budget per measurement")
+    ap.add_argument("--tune", action="store_true", help="also sweep tile sizes / warps / stages")
+    ap.add_argument("--skip-main", action="store_true", help="with --tune: only the sweep")
     ap.add_argument("--out", default=None, help="output folder (default $OUT or ./out)")
     a = ap.parse_args()
     if a.smoke:
@@ -131,6 +133,18 @@ def bench_graph_ms(fn, rep_ms: float, cuda: bool) -> float | None:
         if len(times) > 200:
             break
     return statistics.median(times)
+
+
+def host_us(fn, n: int = 100) -> float:
+    """Microseconds of host time per call when calls are only enqueued (no sync between them)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
 
 
 def measure_copy_bandwidth(device: torch.device, cuda: bool, rep_ms: float) -> float:
@@ -231,6 +245,8 @@ def run_decode(a, pool, dtype, device, cuda, bw, failures):
                     failures.append(f"decode b={b} ctx={ctx}: max error {row['max_err']:.3g} > {TOL[dtype]}")
                 del ref
 
+                if cuda:  # host time to enqueue one call (Python + launch), GPU kept busy by the queue
+                    row["host_us"] = host_us(lambda: tri())
                 t_tri = bench_ms(lambda: tri(), a.rep_ms, cuda)
                 row["triton_us"] = t_tri * 1e3
                 try:
@@ -245,8 +261,8 @@ def run_decode(a, pool, dtype, device, cuda, bw, failures):
                     row["ref_us"] = t_ref * 1e3
                     row["speedup"] = t_ref / t_tri
                 best = None
-                for ns in splits_sweep:
-                    t = bench_ms(lambda: tri(ns), a.rep_ms, cuda)
+                for ns in splits_sweep:  # from a CUDA graph: the kernels' time, not Python's launch cost
+                    t = bench_graph_ms(lambda: tri(ns), a.rep_ms, cuda) if cuda else bench_ms(lambda: tri(ns), a.rep_ms, cuda)
                     row[f"s{ns}_us"] = t * 1e3
                     if best is None or t < best[1]:
                         best = (ns, t)
@@ -375,12 +391,107 @@ def run_mixed(a, dtype, device, cuda, failures):
         failures.append("mixed forward: KV cache differs from the reference write")
     be = TA.TritonAttentionBackend()
     row["triton_us"] = bench_ms(lambda: be.forward(q, k, v, kc_t, vc_t, meta, d ** -0.5), a.rep_ms, cuda) * 1e3
+    if cuda:
+        row["host_us"] = host_us(lambda: be.forward(q, k, v, kc_t, vc_t, meta, d ** -0.5))
     if not a.no_ref_timing:
         rb = TorchAttentionBackend()
         row["ref_us"] = bench_ms(lambda: rb.forward(q, k, v, pool.k, pool.v, meta, d ** -0.5), a.rep_ms, cuda) * 1e3
         row["speedup"] = row["ref_us"] / row["triton_us"]
     print("  mixed: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
     return row
+
+
+def run_tune(a, pool, dtype, device, cuda):
+    """Decode: split count, then tile/warps/stages per shape (CUDA graph timing). Prefill: tiles."""
+    h, kvh, d = a.heads, a.kv_heads, a.head_dim
+    scale = d ** -0.5
+    timer = (lambda fn: bench_graph_ms(fn, a.rep_ms, cuda)) if cuda else (lambda fn: bench_ms(fn, a.rep_ms, cuda))
+    if a.smoke:
+        shapes, cfgs = [(1, 40)], [(16, 4, 1), (32, 4, 2)]
+        split_opts = [1, 2]
+    else:
+        shapes = [(1, 1024), (1, 4096), (8, 2048), (32, 1024), (64, 2048), (128, 512), (256, 1024), (256, 4096)]
+        cfgs = [(bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)]
+        split_opts = [1, 2, 4, 8, 16, 32, 64]
+    out = {"decode": [], "prefill": []}
+    for b, ctx in shapes:
+        rec = {"batch": b, "ctx": ctx}
+        try:
+            lens_l = [ctx] * b
+            lens = torch.tensor(lens_l, dtype=torch.int32, device=device)
+            bt = pool.tables(lens_l, seed=b + ctx)
+            q = torch.randn(b, h, d, device=device).to(dtype)
+
+            def call(ns, bn=None, w=4, st=2):
+                return TA.paged_decode_attention_triton(q, pool.k, pool.v, bt, lens, scale, ctx, num_splits=ns,
+                                                        block_n=bn, num_warps=w, num_stages=st)
+
+            splits_t = {ns: timer(lambda: call(ns)) * 1e3 for ns in split_opts}
+            best_ns = min(splits_t, key=splits_t.get)
+            rec.update(heuristic_splits=TA.choose_num_splits(b, kvh, ctx, device),
+                       splits_us=splits_t, best_splits=best_ns)
+            cfg_t = {}
+            for bn, w, st in cfgs:
+                try:
+                    cfg_t[f"n{bn}_w{w}_s{st}"] = timer(lambda: call(best_ns, bn, w, st)) * 1e3
+                except Exception as e:  # e.g. out of shared memory
+                    cfg_t[f"n{bn}_w{w}_s{st}"] = None
+                    print(f"    cfg n{bn} w{w} s{st}: {type(e).__name__}: {str(e)[:120]}")
+            ok = {k: v for k, v in cfg_t.items() if v is not None}
+            rec.update(cfg_us=cfg_t, best_cfg=min(ok, key=ok.get), best_cfg_us=min(ok.values()),
+                       default_us=splits_t[best_ns])
+            kv_bytes = sum(lens_l) * kvh * d * pool.k.element_size() * 2
+            rec["kv_MB"] = kv_bytes / 1e6
+        except Exception as e:
+            traceback.print_exc()
+            rec["error"] = repr(e)
+        out["decode"].append(rec)
+        print(f"  tune decode b={b} ctx={ctx}: best_splits={rec.get('best_splits')} "
+              f"({_fmt(rec.get('splits_us', {}).get(rec.get('best_splits')))} us; heuristic "
+              f"{rec.get('heuristic_splits')}: {_fmt(rec.get('splits_us', {}).get(rec.get('heuristic_splits')))} us) "
+              f"best_cfg={rec.get('best_cfg')} {_fmt(rec.get('best_cfg_us'))} us", flush=True)
+
+    if a.smoke:
+        pcases = [("prompts", [(0, 20), (0, 7)])]
+        pcfgs = [(16, 16, 4, 1)]
+    else:
+        pcases = [("1x2048 prompt", [(0, 2048)]), ("4x1024 prompts", [(0, 1024)] * 4),
+                  ("64x128 prompts", [(0, 128)] * 64), ("chunk 512 after 3584", [(3584, 512)])]
+        pcfgs = [(bm, bn, w, st) for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (128, 32))
+                 for w in (4, 8) for st in (2, 3)]
+    for name, spec in pcases:
+        rec = {"case": name}
+        try:
+            ctx = [p_ + c for p_, c in spec]
+            qs = [0]
+            for _, c in spec:
+                qs.append(qs[-1] + c)
+            bt = pool.tables(ctx, seed=len(spec) + ctx[0])
+            q = torch.randn(qs[-1], h, d, device=device).to(dtype)
+            qs_t = torch.tensor(qs, dtype=torch.int32, device=device)
+            ctx_t = torch.tensor(ctx, dtype=torch.int32, device=device)
+            max_q = max(c for _, c in spec)
+            flops = sum(4 * h * d * (c * p_ + c * (c + 1) / 2) for p_, c in spec)
+            res = {}
+            for bm, bn, w, st in pcfgs:
+                key = f"m{bm}_n{bn}_w{w}_s{st}"
+                try:
+                    t = bench_ms(lambda: TA.paged_prefill_attention_triton(
+                        q, pool.k, pool.v, bt, qs_t, ctx_t, max_q, scale, block_m=bm, block_n=bn,
+                        num_warps=w, num_stages=st), a.rep_ms, cuda)
+                    res[key] = flops / (t / 1e3) / 1e12
+                except Exception as e:
+                    res[key] = None
+                    print(f"    cfg {key}: {type(e).__name__}: {str(e)[:120]}")
+            ok = {k: v for k, v in res.items() if v is not None}
+            rec.update(tflops=res, best_cfg=max(ok, key=ok.get), best_tflops=max(ok.values()))
+        except Exception as e:
+            traceback.print_exc()
+            rec["error"] = repr(e)
+        out["prefill"].append(rec)
+        print(f"  tune prefill {name}: best={rec.get('best_cfg')} {_fmt(rec.get('best_tflops'))} TFLOP/s "
+              f"(m64_n64_w4_s2: {_fmt(rec.get('tflops', {}).get('m64_n64_w4_s2'))})", flush=True)
+    return out
 
 
 def main():
@@ -423,6 +534,13 @@ def main():
     pool = Pool(nb, bs, a.kv_heads, a.head_dim, dtype, device)
     print(f"KV pool: {nb} blocks, {2 * pool.k.numel() * pool.k.element_size() / 1e9:.2f} GB")
 
+    if a.tune:
+        print("\n== tune ==", flush=True)
+        result["tune"] = run_tune(a, pool, dtype, device, cuda)
+        save()
+        if a.skip_main:
+            print(f"\nJSON: {path}")
+            return 0
     print("\n== decode ==", flush=True)
     result["decode"] = run_decode(a, pool, dtype, device, cuda, bw, failures)
     save()
@@ -442,14 +560,14 @@ def main():
 
     print("\nDecode attention, one layer (us; bound = KV bytes / copy bandwidth; % = bound / time)")
     print(fmt_table(result["decode"], ["batch", "ctx", "kv_MB", "splits", "max_err", "triton_us", "graph_us",
-                                       "ref_us", "speedup", "bound_us", "pct_bound", "pct_bound_graph", "GBps",
+                                       "host_us", "ref_us", "speedup", "bound_us", "pct_bound", "pct_bound_graph", "GBps",
                                        "best_splits", "best_us"]))
     print("\nPrefill attention, one layer")
     print(fmt_table(result["prefill"], ["case", "tokens", "max_err", "triton_us", "ref_us", "speedup", "TFLOPs"]))
     if "mixed" in result:
         print("\nMixed batch, backend forward (KV write + decode + prefill)")
         print(fmt_table([result["mixed"]], ["tokens", "decodes", "prefills", "max_err", "kv_equal", "triton_us",
-                                            "ref_us", "speedup"]))
+                                            "host_us", "ref_us", "speedup"]))
     print(f"\nJSON: {path}")
     if failures:
         print("\nFAILED CHECKS:\n  " + "\n  ".join(failures))

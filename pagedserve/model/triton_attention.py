@@ -321,11 +321,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                      min_tokens_per_split: int = 256, max_splits: int = 64) -> int:
-    """Split the context when (sequences x kv heads) alone would leave the GPU's SMs idle."""
+                      min_tokens_per_split: int = 64, max_splits: int = 64) -> int:
+    """Split the context when (sequences x kv heads) alone would leave the GPU's SMs idle.
+
+    Aims at about 3 programs per SM, each with at least one 64-token tile. On an
+    H100 (132 SMs, 4 KV heads) this gave within a few % of the best split count
+    found by sweeping 1..64 (benchmarks/gpu_attention.py --tune): batch 1: 16-64
+    splits, batch 8: 8-16, batch 32: 4, batch 64: 2, batch >= 128: 1.
+    """
     ctas = batch * num_kv_heads
-    target = 2 * _sm_count(device)
-    if ctas >= target // 2:
+    target = 3 * _sm_count(device)
+    if ctas >= target:
         return 1
     by_len = max(1, max_seq_len // min_tokens_per_split)
     return max(1, min(triton.cdiv(target, ctas), by_len, max_splits))
@@ -341,7 +347,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   max_seq_len: int | None = None, num_splits: int | None = None,
                                   block_n: int | None = None, out: torch.Tensor | None = None,
-                                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """q [B, H, D] (one query per sequence) -> out [B, H, D]; see `paged_decode_attention_ref`.
 
     num_splits: None picks one from the batch size and max_seq_len (a host int;
@@ -368,9 +374,9 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     num_splits = max(1, int(num_splits))
     split = num_splits > 1
     if split:
-        part_acc = torch.empty((b, h, num_splits, d), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
-        part_l = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
+        n = b * h * num_splits
+        part = torch.empty(n * (d + 2), dtype=torch.float32, device=q.device)  # one allocation
+        part_acc, part_m, part_l = part[:n * d], part[n * d:n * (d + 1)], part[n * (d + 1):]
     else:
         part_acc = part_m = part_l = out  # unused
     _decode_kernel[(b, kvh, num_splits)](
