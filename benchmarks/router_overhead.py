@@ -126,14 +126,24 @@ async def latency(direct: str, routed: str, n: int, block: int = 25) -> dict:
 
 
 # ---------------------------------------------------------------------- throughput
-async def hammer(port: int, conc: int, duration: float) -> dict:
-    """Closed loop over `conc` keep-alive connections with a minimal HTTP/1.1 client."""
-    body = json.dumps(REQUEST).encode()
+async def hammer(port: int, conc: int, duration: float, stream: bool = False) -> dict:
+    """Closed loop over `conc` keep-alive connections with a minimal HTTP/1.1 client
+    (httptools parses the answers, chunked or not)."""
+    import httptools
+
+    body = json.dumps(dict(REQUEST, stream=True) if stream else REQUEST).encode()
     req = (b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
            b"content-length: %d\r\n\r\n" % len(body)) + body
     done = errors = 0
     lat: list[float] = []
     stop = time.perf_counter() + duration
+
+    class Answer:
+        def __init__(self):
+            self.complete = False
+
+        def on_message_complete(self):
+            self.complete = True
 
     async def worker():
         nonlocal done, errors
@@ -142,10 +152,14 @@ async def hammer(port: int, conc: int, duration: float) -> dict:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 writer.write(req)
-                head = await reader.readuntil(b"\r\n\r\n")
-                i = head.lower().find(b"content-length:")
-                await reader.readexactly(int(head[i + 15:head.index(b"\r\n", i)]))
-                if head.startswith(b"HTTP/1.1 200"):
+                answer = Answer()
+                parser = httptools.HttpResponseParser(answer)
+                while not answer.complete:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise ConnectionError("closed")
+                    parser.feed_data(data)
+                if parser.get_status_code() == 200:
                     done += 1
                     lat.append(time.perf_counter() - t0)
                 else:
@@ -160,12 +174,12 @@ async def hammer(port: int, conc: int, duration: float) -> dict:
             "p99_ms": 1e3 * pct(lat, 0.99)}
 
 
-def run_hammer(port: int, conc: int, duration: float) -> dict:
+def run_hammer(port: int, conc: int, duration: float, stream: bool = False) -> dict:
     from pagedserve.cluster.serving import new_event_loop
 
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(hammer(port, conc, duration))
+        return loop.run_until_complete(hammer(port, conc, duration, stream))
     finally:
         loop.close()
 
@@ -195,17 +209,20 @@ def main() -> int:
         out["latency"] = loop.run_until_complete(latency(backend.url, router.url, args.n))
         loop.close()
         out["throughput"] = []
-        for conc in args.concurrency:
-            d = run_hammer(backend.port, conc, args.duration)
-            c0 = cpu_seconds(router.proc.pid)
-            r = run_hammer(router.port, conc, args.duration)
-            r_cpu = cpu_seconds(router.proc.pid) - c0
-            row = {"concurrency": conc, "direct_rps": d["rps"], "routed_rps": r["rps"], "direct_p50_ms": d["p50_ms"],
-                   "routed_p50_ms": r["p50_ms"], "routed_p99_ms": r["p99_ms"], "errors": d["errors"] + r["errors"],
-                   "router_cpu_ms_per_req": 1e3 * r_cpu / max(1, r["rps"] * args.duration)}
-            out["throughput"].append(row)
-            print(f"  concurrency {conc:4d}: direct {d['rps']:7.0f} req/s, routed {r['rps']:7.0f} req/s "
-                  f"(p50 {r['p50_ms']:.1f} ms), router CPU {row['router_cpu_ms_per_req']:.3f} ms/req", flush=True)
+        for stream in (False, True):
+            for conc in args.concurrency:
+                d = run_hammer(backend.port, conc, args.duration, stream)
+                c0 = cpu_seconds(router.proc.pid)
+                r = run_hammer(router.port, conc, args.duration, stream)
+                r_cpu = cpu_seconds(router.proc.pid) - c0
+                row = {"stream": stream, "concurrency": conc, "direct_rps": d["rps"], "routed_rps": r["rps"],
+                       "direct_p50_ms": d["p50_ms"], "routed_p50_ms": r["p50_ms"], "routed_p99_ms": r["p99_ms"],
+                       "errors": d["errors"] + r["errors"],
+                       "router_cpu_ms_per_req": 1e3 * r_cpu / max(1, r["rps"] * args.duration)}
+                out["throughput"].append(row)
+                print(f"  {'stream' if stream else 'json  '} concurrency {conc:4d}: direct {d['rps']:7.0f} req/s, "
+                      f"routed {r['rps']:7.0f} req/s (p50 {r['p50_ms']:.1f} ms), router CPU "
+                      f"{row['router_cpu_ms_per_req']:.3f} ms/req", flush=True)
     finally:
         router.close()
         backend.close()
@@ -219,15 +236,18 @@ def main() -> int:
         x = lat[kind]
         print(f"| {label} | {x['direct_p50_ms']:.2f} ms | {x['routed_p50_ms']:.2f} ms | {x['added_p50_ms']:+.2f} ms | "
               f"{x['direct_p99_ms']:.2f} ms | {x['routed_p99_ms']:.2f} ms | {x['added_p99_ms']:+.2f} ms |")
-    print("\n| connections | direct req/s | routed req/s | routed P50 | routed P99 | router CPU/req | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| request | connections | direct req/s | routed req/s | routed P50 | routed P99 | router CPU/req | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in out["throughput"]:
-        print(f"| {row['concurrency']} | {row['direct_rps']:.0f} | {row['routed_rps']:.0f} | {row['routed_p50_ms']:.1f} ms | "
-              f"{row['routed_p99_ms']:.1f} ms | {row['router_cpu_ms_per_req']:.3f} ms | {row['errors']} |")
-    best = max(out["throughput"], key=lambda r: r["routed_rps"])
-    out["max_routed_rps"] = best["routed_rps"]
-    print(f"\nmax sustained through the router: {best['routed_rps']:.0f} req/s at {best['concurrency']} connections "
-          f"(router alone: ~{1000 / best['router_cpu_ms_per_req']:.0f} req/s per core of CPU it gets)")
+        print(f"| {'stream (4 events)' if row['stream'] else 'JSON'} | {row['concurrency']} | {row['direct_rps']:.0f} | "
+              f"{row['routed_rps']:.0f} | {row['routed_p50_ms']:.1f} ms | {row['routed_p99_ms']:.1f} ms | "
+              f"{row['router_cpu_ms_per_req']:.3f} ms | {row['errors']} |")
+    for stream in (False, True):
+        best = max((r for r in out["throughput"] if r["stream"] == stream), key=lambda r: r["routed_rps"])
+        out["max_routed_rps_stream" if stream else "max_routed_rps"] = best["routed_rps"]
+        print(f"max through the router ({'streamed' if stream else 'JSON'}): {best['routed_rps']:.0f} req/s at "
+              f"{best['concurrency']} connections; router CPU {best['router_cpu_ms_per_req']:.3f} ms/req "
+              f"(~{1000 / best['router_cpu_ms_per_req']:.0f} req/s per core it gets)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -257,3 +257,36 @@ async def wait_for(cond, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+async def test_router_command_line(cluster, tmp_path):
+    """`pagedserve router` as a process: flags, /health, a routed request, clean exit on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    from pagedserve.cluster.serving import free_port
+
+    await cluster.add_sim()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend", cluster.urls[0], "--policy", "round_robin", "--health-check-interval", "0.2",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+            assert (await client.get("/admin/backends")).json()["policy"] == "round_robin"
+            status, events = await stream_completion(client)
+            assert status == 200 and events[-1] == "[DONE]"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 0, out
