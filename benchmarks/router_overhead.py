@@ -94,12 +94,14 @@ class Backend:
 # ---------------------------------------------------------------------- latency
 async def latency(direct: str, routed: str, n: int, block: int = 25) -> dict:
     res = {k: [] for k in ("direct_json", "routed_json", "direct_ttfb", "routed_ttfb", "direct_stream", "routed_stream")}
+    block_diffs = {"json": [], "ttfb": [], "stream": []}  # per block: median routed - median direct
     stream_body = dict(REQUEST, stream=True)
     async with httpx.AsyncClient(timeout=10, trust_env=False) as c:
         for url in (direct, routed):  # warm up both connections
             for _ in range(20):
                 await c.post(url + "/v1/completions", json=REQUEST)
         for i in range(0, n, block):
+            marks = {k: len(v) for k, v in res.items()}
             for name, url in (("direct", direct), ("routed", routed)):
                 for _ in range(block):
                     t0 = time.perf_counter()
@@ -115,13 +117,18 @@ async def latency(direct: str, routed: str, n: int, block: int = 25) -> dict:
                                 first = time.perf_counter() - t0
                     res[f"{name}_ttfb"].append(first)
                     res[f"{name}_stream"].append(time.perf_counter() - t0)
+            for kind in block_diffs:
+                d, r = res[f"direct_{kind}"][marks[f"direct_{kind}"]:], res[f"routed_{kind}"][marks[f"routed_{kind}"]:]
+                block_diffs[kind].append(pct(r, 0.5) - pct(d, 0.5))
     out = {}
     for kind in ("json", "ttfb", "stream"):
         d, r = res[f"direct_{kind}"], res[f"routed_{kind}"]
         out[kind] = {"direct_p50_ms": 1e3 * pct(d, 0.5), "routed_p50_ms": 1e3 * pct(r, 0.5),
                      "added_p50_ms": 1e3 * (pct(r, 0.5) - pct(d, 0.5)),
                      "direct_p99_ms": 1e3 * pct(d, 0.99), "routed_p99_ms": 1e3 * pct(r, 0.99),
-                     "added_p99_ms": 1e3 * (pct(r, 0.99) - pct(d, 0.99)), "n": len(d)}
+                     "added_p99_ms": 1e3 * (pct(r, 0.99) - pct(d, 0.99)), "n": len(d),
+                     # robust to load changing during the run: the median over blocks of paired medians
+                     "added_p50_blockwise_ms": 1e3 * pct(block_diffs[kind], 0.5)}
     return out
 
 
@@ -230,11 +237,12 @@ def main() -> int:
     lat = out["latency"]
     print(f"\n## Router overhead (policy {out['policy']}; {os.cpu_count()} cores shared by backend, router and client; "
           f"load average {out['loadavg_start']:.1f} -> {out['loadavg_end']:.1f})")
-    print("| request | direct P50 | routed P50 | added P50 | direct P99 | routed P99 | added P99 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| request | direct P50 | routed P50 | added P50 | added P50 (paired blocks) | direct P99 | routed P99 | added P99 |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, label in (("json", "completion (JSON)"), ("ttfb", "stream, first byte"), ("stream", "stream, to [DONE]")):
         x = lat[kind]
         print(f"| {label} | {x['direct_p50_ms']:.2f} ms | {x['routed_p50_ms']:.2f} ms | {x['added_p50_ms']:+.2f} ms | "
+              f"{x['added_p50_blockwise_ms']:+.2f} ms | "
               f"{x['direct_p99_ms']:.2f} ms | {x['routed_p99_ms']:.2f} ms | {x['added_p99_ms']:+.2f} ms |")
     print("\n| request | connections | direct req/s | routed req/s | routed P50 | routed P99 | router CPU/req | errors |")
     print("|---|---|---|---|---|---|---|---|")
