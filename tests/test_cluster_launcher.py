@@ -53,11 +53,16 @@ async def wait_for(cond, timeout: float) -> None:
 
 
 def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for a parent that does not reap counts as exited)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 async def test_supervisor_restarts_a_killed_replica_which_rejoins(caplog):
@@ -112,3 +117,41 @@ async def test_replica_load_timeout_kills_and_retries(caplog):
         cluster.request_stop(signal.SIGINT)
         await asyncio.wait_for(run, 30)
     assert gone(pid)
+
+
+def test_replica_dies_with_a_killed_launcher(tmp_path):
+    """A replica started through pagedserve.cluster.replica gets SIGTERM when its parent dies,
+    even by SIGKILL (no orphans). The light `router` command stands in for `serve`."""
+    import subprocess
+
+    from pagedserve.cluster.serving import free_port
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-m", "pagedserve.cluster.replica", str(os.getpid()), "router",
+                          "--host", "127.0.0.1", "--port", "{free_port()}", "--log-level", "error"])
+open({str(pid_file)!r}, "w").write(str(child.pid))
+time.sleep(60)
+"""])
+    try:
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        time.sleep(1.0)  # let it get going
+        assert not gone(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while not gone(child):
+            # reparented to init (or a subreaper) after the parent died: reap if we can
+            assert time.monotonic() < deadline, "replica outlived its launcher"
+            try:
+                os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+    finally:
+        parent.kill()

@@ -290,3 +290,31 @@ async def test_router_command_line(cluster, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=20)[0].decode()
     assert proc.returncode == 0, out
+
+
+async def test_gpu_util_reads_local_gpus_through_nvidia_smi(cluster, tmp_path, monkeypatch):
+    """gpu_util on local replicas: utilization per GPU index from nvidia-smi (a stand-in script)."""
+    import os
+
+    from pagedserve.cluster.launcher import detect_gpus
+    from pagedserve.cluster.policies import RequestInfo
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\nif [ "$1" = "-L" ]; then echo "GPU 0: H100 (UUID: GPU-a)"; echo "GPU 1: H100 (UUID: GPU-b)";'
+                   ' exit 0; fi\necho "0, 97"\necho "1, 12"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert detect_gpus() == ["0", "1"]
+    await cluster.add_sim()
+    await cluster.add_sim()
+    router = Router([], RouterConfig(policy="gpu_util"))
+    b0 = router.add_backend(cluster.urls[0], healthy=True, gpu_index=0)
+    b1 = router.add_backend(cluster.urls[1], healthy=True, gpu_index=1)
+    await router.start()
+    try:
+        await router.scrape_all()
+        assert (b0.gpu_util, b1.gpu_util) == (97.0, 12.0)
+        assert router.policy.choose(RequestInfo(), router.pool.healthy) is b1
+    finally:
+        await router.stop()

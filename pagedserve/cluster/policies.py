@@ -75,9 +75,10 @@ class _RotatingTieBreak:
 
 
 class LeastOutstanding(Policy, _RotatingTieBreak):
-    """Fewest requests in flight through this router; ties (and near-ties) by estimated tokens
-    in flight (prompt + max_tokens), so a replica holding a few very long generations is
-    avoided. Exact and instantaneous, but blind to traffic from other routers."""
+    """Least work in flight through this router: requests + estimated tokens / 1024 (prompt +
+    max_tokens), so among replicas with as many requests the one holding fewer or shorter
+    generations wins, and a few very long generations count like one more request. Exact and
+    instantaneous, but blind to traffic from other routers (see engine_load)."""
 
     name = "least_outstanding"
 

@@ -43,7 +43,7 @@ for _name in ("httpx", "httpcore"):  # one INFO line per proxied request otherwi
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 _REQ_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding",
-                       b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection"})
+                       b"te", b"trailer", b"upgrade", b"proxy-authorization", b"proxy-connection", b"expect"})
 _RESP_DROP = frozenset({b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
                         b"server", b"trailer", b"upgrade"})
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
