@@ -42,18 +42,29 @@ def test_bench_serve_sweep_writes_every_report(tmp_path, capsys):
     for name in ("throughput_vs_load.png", "ttft_vs_load.png", "latency_cdf.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
+    # `bench report` re-judges the saved run: the same numbers, another SLO.
+    capsys.readouterr()
+    assert main(["bench", "report", str(tmp_path / "r.json"), "--slo", "ttft=1ms",
+                 "--save-csv", str(tmp_path / "again.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "SLO: ttft≤1ms" in out and "No tested load is production-safe" in out
+    again = list(csv.DictReader((tmp_path / "again.csv").open()))
+    assert [r["output_throughput"] for r in again] == [r["output_throughput"] for r in rows]
+    assert all(float(r["goodput"]) == 0 for r in again)
+
 
 def test_bench_serve_rate_mode_and_knee(tmp_path, capsys):
     data = tmp_path / "p.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"q {i}"}) for i in range(4)))
     with mock_server("--ttft", "0.02", "--itl", "0.005") as url:
         rc = main(["bench", "serve", "--url", url + "/v1", "--endpoint", "chat", "--dataset", f"jsonl:{data}",
-                   "--output-len", "4", "--request-rate", "20,inf", "--num-prompts", "10", "--burstiness", "2",
+                   "--output-len", "4", "--request-rate", "20,inf", "--num-prompts", "10,6", "--burstiness", "2",
                    "--save-json", str(tmp_path / "r.json"), "--no-progress", "--warmup", "0"])
     assert rc == 0
     doc = json.loads((tmp_path / "r.json").read_text())
     assert [lv["load"] for lv in doc["levels"]] == [20.0, "inf"]
     assert all(lv["summary"]["success_rate"] == 1.0 for lv in doc["levels"])
+    assert [len(lv["requests"]) for lv in doc["levels"]] == [10, 6]  # one count per level
     assert doc["knee"]["reason"] in ("plateau", "still_rising")
     assert "Rate" in capsys.readouterr().out
 
@@ -74,6 +85,7 @@ def test_bench_serve_unreachable_server_is_one_clear_error(capsys):
     (["--concurrency", "1,x"], "not a number"),
     (["--concurrency", "0"], "must be > 0"),
     (["--slo", "ttft=fast"], "bad duration"),
+    (["--concurrency", "1,2", "--num-prompts", "1,2,3"], "3 counts for 2 load levels"),
 ])
 def test_bench_serve_bad_flags(argv, message, capsys):
     assert main(["bench", "serve", "--url", "http://127.0.0.1:9", *argv]) == 1

@@ -83,7 +83,9 @@ def test_slo_goodput_excludes_slow_requests():
         ([1, 2, 4, 8, 16, 32], [10, 19, 36, 60, 62, 61], [True] * 6, 8, "plateau"),  # 16 adds 3%
         ([1, 2, 4, 8], [10, 20, 40, 80], [True] * 4, 8, "still_rising"),
         ([1, 2, 4, 8, 16], [10, 20, 40, 80, 150], [True, True, True, False, False], 4, "slo"),
-        ([1, 10, 50], [10, 10.4, 30], [True] * 3, 1, "plateau"),  # a later rise does not undo a stall
+        ([1, 2, 4, 8], [1.3, 1.0, 1.4, 2.6], [True] * 4, 8, "still_rising"),  # a noisy dip is not the knee
+        ([1, 2, 4, 8, 16], [10, 30, 29, 31, 31.2], [True] * 5, 2, "plateau"),  # nothing above 2 adds 5%
+        ([1, 2, 4, 8], [10, 20, 40, 80], [True, False, True, True], 1, "slo"),  # levels past a break don't count
         ([16, 1, 4, 8], [62, 10, 36, 60], [True] * 4, 8, "plateau"),  # unsorted input
         ([1, 2], [10, 20], [False, False], None, "none_ok"),
         ([5], [10], [True], 5, "still_rising"),

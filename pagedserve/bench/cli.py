@@ -16,6 +16,10 @@ def add_parser(sub) -> None:
     serve.add_arguments(p)
     p.set_defaults(func=serve.run)
 
+    p = bsub.add_parser("report", help="re-analyse a saved `bench serve` JSON (another SLO, plots, CSV)")
+    serve.add_report_arguments(p)
+    p.set_defaults(func=serve.report_run)
+
     p = bsub.add_parser("throughput", help="offline engine throughput (optionally against Hugging Face generate)")
     try:  # owned by the offline benchmark; its heavy imports happen inside its run()
         from pagedserve.bench import offline

@@ -161,31 +161,38 @@ def level_ok(summary: dict, slo: SLO | None, slo_target: float = 0.99, min_succe
 
 def find_knee(loads: list[float], throughputs: list[float], ok: list[bool], reasons: list[str] | None = None,
               min_gain: float = 0.05) -> dict:
-    """The highest load worth running at, walking up the sweep in load order.
+    """The highest load worth running at: where more load stops adding `min_gain` (5%) throughput.
 
-    The walk stops at the first level that breaks the SLO / error budget or adds
-    less than `min_gain` (5%) throughput over the best level below it; the knee is
-    the level before. Returns {"index", "load", "reason"} where reason is
-    'plateau', 'slo', 'errors', 'still_rising' (no stop: test higher loads) or
-    'none_ok' (even the lightest load fails; index and load are None). `index`
-    refers to the lists as given (they need not be sorted).
+    Levels are taken in load order up to the first one that breaks the SLO or the
+    error budget (`ok` False). Among those, the knee is the lightest level that no
+    heavier level beats by `min_gain` or more — so one noisy dip does not end the
+    search while throughput still grows further up. Returns {"index", "load",
+    "reason", "next_index"}; reason is 'plateau', 'slo' / 'errors' (the next level
+    breaks it), 'still_rising' (the heaviest level tested is the knee: test higher
+    loads) or 'none_ok' (even the lightest level fails; index and load are None).
+    `index` refers to the lists as given (they need not be sorted).
     """
     reasons = reasons or ["slo"] * len(loads)
     order = sorted(range(len(loads)), key=lambda i: loads[i])
-    prev = None
-    best = -math.inf
+    good: list[int] = []
+    broken = None
     for i in order:
         if not ok[i]:
-            return _knee(prev, loads, reasons[i] or "slo", i)
-        if prev is not None and throughputs[i] < best * (1 + min_gain):
-            return _knee(prev, loads, "plateau", i)
-        best = max(best, throughputs[i])
-        prev = i
-    return _knee(prev, loads, "still_rising", None)
+            broken = i
+            break
+        good.append(i)
+    if not good:
+        return {"index": None, "load": None, "reason": "none_ok", "next_index": broken,
+                "break_reason": reasons[broken] or "slo"}
+    for pos, i in enumerate(good):
+        if all(throughputs[j] < throughputs[i] * (1 + min_gain) for j in good[pos + 1:]):
+            break
+    if pos + 1 < len(good):
+        return _knee(i, loads, "plateau", good[pos + 1])
+    if broken is not None:
+        return _knee(i, loads, reasons[broken] or "slo", broken)
+    return _knee(i, loads, "still_rising", None)
 
 
-def _knee(index: int | None, loads: list[float], reason: str, next_index: int | None) -> dict:
-    if index is None:
-        return {"index": None, "load": None, "reason": "none_ok", "next_index": next_index,
-                "break_reason": reason}
+def _knee(index: int, loads: list[float], reason: str, next_index: int | None) -> dict:
     return {"index": index, "load": loads[index], "reason": reason, "next_index": next_index}

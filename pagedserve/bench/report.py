@@ -129,6 +129,9 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
                   f"TPOT = (E2E − TTFT) / (output tokens − 1); ◀ knee, ✗ fails the error budget or SLO")
     if summaries and summaries[0]["slo"]:
         console.print(f"SLO: {summaries[0]['slo']}; goodput = requests/s that met all of it")
+    if not clients:
+        console.print(f"[bold]Recommendation:[/bold] {analysis['recommendation']}")
+        return
     cpu = max((c.get("cpu_peak_fraction") or c["cpu_fraction"] for c in clients), default=0.0)
     lag = max((c["loop_lag_p99_ms"] or 0.0 for c in clients), default=0.0)
     sd = max((c.get("send_delay_p99_ms") or 0.0 for c in clients), default=0.0)

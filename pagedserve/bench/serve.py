@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--request-rate", default=None, help="open-loop sweep: comma list of requests/s ('inf' = all at once)")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals: 1 = Poisson, <1 burstier")
     g.add_argument("--max-concurrency", type=int, default=None, help="cap on in-flight requests in rate mode")
-    g.add_argument("--num-prompts", type=int, default=None,
-                   help="requests per level (default: 4 × concurrency, ≥ 16; rate mode 200; unlimited with --duration)")
+    g.add_argument("--num-prompts", default=None,
+                   help="requests per level, or a comma list with one count per level "
+                        "(default: 4 × concurrency, ≥ 16; rate mode 200; unlimited with --duration)")
     g.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending new requests after it")
     g.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the sweep (default 1)")
 
@@ -118,6 +119,10 @@ async def main(args: argparse.Namespace) -> int:
         mode, loads = "rate", parse_list(args.request_rate, "request-rate")
     else:
         mode, loads = "concurrency", parse_list(args.concurrency or DEFAULT_CONCURRENCY, "concurrency", int)
+    counts = parse_list(str(args.num_prompts), "num-prompts", int) if args.num_prompts is not None else None
+    if counts is not None and len(counts) not in (1, len(loads)):
+        raise InvalidRequestError(f"--num-prompts has {len(counts)} counts for {len(loads)} load levels",
+                                  param="num_prompts", hint="give one count, or one per level")
     if args.burstiness <= 0:
         raise InvalidRequestError("--burstiness must be > 0", param="burstiness")
     url = endpoint_url(args.url, args.endpoint)
@@ -129,9 +134,10 @@ async def main(args: argparse.Namespace) -> int:
                                temperature=args.temperature, timeout=args.timeout)
     tokenizer = getattr(dataset, "tok", None)
 
+
     def level_prompts(i: int, load: float) -> int | None:
-        if args.num_prompts is not None:
-            return args.num_prompts
+        if counts is not None:
+            return counts[i] if len(counts) > 1 else counts[0]
         if args.duration:
             return None
         return max(16, 4 * int(load)) if mode == "concurrency" else 200
@@ -221,6 +227,54 @@ def _count_missing_tokens(records, tokenizer, tokenizer_name) -> None:
         if r.prompt_tokens is None and r.expected_prompt_len >= 0:
             r.prompt_tokens = r.expected_prompt_len
         r.token_source = "tokenizer"
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("json", help="a file written by `bench serve --save-json`")
+    p.add_argument("--slo", default=None, help="SLO to judge by (default: the run's own)")
+    p.add_argument("--slo-target", type=float, default=None, help="default: the run's own (0.99)")
+    p.add_argument("--save-csv", default=None, metavar="PATH")
+    p.add_argument("--plot", default=None, metavar="DIR")
+
+
+def report_run(args: argparse.Namespace) -> int:
+    """`bench report FILE`: re-analyse a saved run (another SLO, new plots) without re-running it."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from pagedserve.bench import report
+    from pagedserve.bench.client import RequestRecord
+    from pagedserve.bench.metrics import parse_slo, summarize
+    from pagedserve.bench.runner import LevelResult, LevelSpec
+
+    try:
+        doc = json.loads(Path(args.json).read_text())
+        mode, cfg = doc["mode"], doc.get("config", {})
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot read a bench serve result from {args.json}: {e}") from e
+    slo = parse_slo(args.slo if args.slo is not None else cfg.get("slo"))
+    target = args.slo_target if args.slo_target is not None else cfg.get("slo_target", 0.99)
+    fields = {f.name for f in dataclasses.fields(RequestRecord)}
+    results, summaries, loads = [], [], []
+    for lv in doc["levels"]:
+        load = math.inf if lv["load"] == "inf" else float(lv["load"])
+        records = [RequestRecord(**{k: v for k, v in r.items() if k in fields}) for r in lv["requests"]]
+        res = LevelResult(LevelSpec(mode, load, len(records)), records, lv["summary"]["duration_s"],
+                          lv.get("started_at", 0.0), lv.get("client", {}))
+        results.append(res)
+        summaries.append(summarize(records, res.duration, slo))
+        loads.append(load)
+    analysis = report.analyze(mode, loads, summaries, slo, target)
+    out = Console() if sys.stdout.isatty() else Console(width=160)
+    report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results if r.client])
+    if args.save_csv:
+        out.print("wrote " + ", ".join(report.to_csv(args.save_csv, mode, results, summaries)))
+    if args.plot:
+        out.print("wrote " + ", ".join(report.plot(args.plot, mode, loads, summaries, results, analysis)))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
