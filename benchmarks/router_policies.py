@@ -198,12 +198,32 @@ def capacity_rps(cfg: SimConfig, mean_out: float, mean_prompt: float, n: int) ->
 
 
 # ---------------------------------------------------------------------- virtual time
+class Oracle:
+    """Reference only (virtual time): sees every backend's true state and sends the request
+    where a batch slot frees first (free slot now, else the (waiting+1)-th shortest remaining
+    generation). Not a deployable policy: it bounds what any router could gain."""
+
+    def __init__(self, sims):
+        self.sims = sims
+
+    def choose(self, req, candidates):
+        def wait_score(i):
+            s = self.sims[i]
+            if len(s.running) < s.cfg.max_num_seqs and not s.waiting:
+                return len(s.running) / 100 - 1
+            rem = sorted([r.max_tokens - r.generated for r in s.running] + [r.max_tokens for r in s.waiting])
+            return rem[min(len(s.waiting), len(rem) - 1)] + len(s.running) / 100
+        return candidates[min(range(len(candidates)), key=wait_score)]
+
+
 def run_virtual(policy_name: str, cfg: SimConfig, reqs: list[dict], rate: float, seed: int, n_backends: int = 4,
-                scrape_interval: float = 0.25) -> dict:
+                scrape_interval: float = 0.25, routers: int = 1) -> dict:
     """The same backends and policies in a discrete-event simulation (virtual time, no HTTP):
     SimBackend's batching/queue/prefix-cache model steps exactly, the real policy classes
     route, and engine metrics / GPU utilization are 'scraped' every `scrape_interval`. Free of
-    the CPU noise of a shared machine, so loads and seeds can be compared exactly."""
+    the CPU noise of a shared machine, so loads and seeds can be compared exactly. With
+    routers > 1, requests alternate between independent routers (each sees only its own
+    in-flight requests; scraped metrics are the same for all)."""
     import heapq
 
     from pagedserve.cluster.backends import Backend
@@ -211,13 +231,14 @@ def run_virtual(policy_name: str, cfg: SimConfig, reqs: list[dict], rate: float,
     from pagedserve.cluster.sim import SimBackend, _Req
 
     name, _, kw = policy_name.partition(":")  # "least_outstanding:token_weight=0" for tuning
-    policy = make_policy(name, **{k: float(v) for k, v in (a.split("=") for a in kw.split(",") if a)})
     sims = [SimBackend(cfg, name=f"v{i}") for i in range(n_backends)]
-    bks = [Backend(f"http://v{i}:1") for i in range(n_backends)]
+    kwargs = {k: float(v) for k, v in (a.split("=") for a in kw.split(",") if a)}
+    views = [[Backend(f"http://v{i}:1") for i in range(n_backends)] for _ in range(routers)]
+    pols = [Oracle(sims) if name == "oracle" else make_policy(name, **kwargs) for _ in range(routers)]
     busy_since: list[float | None] = [None] * n_backends
     busy_log: list[list] = [[] for _ in range(n_backends)]
     stepping = [False] * n_backends
-    meta: dict[int, list] = {}  # req id -> [arrival, backend index, est tokens, first-token time]
+    meta: dict[int, list] = {}  # req id -> [arrival, backend, est tokens, first-token time, router]
     ttft, e2e = [], []
     counts = [0] * n_backends
     rng = random.Random(seed)
@@ -263,13 +284,15 @@ def run_virtual(policy_name: str, cfg: SimConfig, reqs: list[dict], rate: float,
             req = reqs[x]
             words_ = req["prompt"].split()
             info = RequestInfo(prompt_tokens=len(words_), max_tokens=req["max_tokens"], affinity_key=req["prompt"][:256])
-            b = policy.choose(info, bks)
+            k = x % routers
+            bks = views[k]
+            b = pols[k].choose(info, bks)
             i = bks.index(b)
             counts[i] += 1
             b.inflight += 1
             b.inflight_tokens += info.est_tokens
             r = _Req(words_, req["max_tokens"])
-            meta[r.id] = [now, i, info.est_tokens, None]
+            meta[r.id] = [now, i, info.est_tokens, None, k]
             sims[i].waiting.append(r)
             if not stepping[i]:
                 start_step(i, now)
@@ -284,17 +307,20 @@ def run_virtual(policy_name: str, cfg: SimConfig, reqs: list[dict], rate: float,
                     ttft.append(now - m[0])
                 if r.generated >= r.max_tokens:
                     e2e.append(now - m[0])
-                    b = bks[m[1]]
+                    b = views[m[4]][m[1]]
                     b.inflight -= 1
                     b.inflight_tokens -= m[2]
                     del meta[r.id]
             start_step(x, now)
         else:  # metrics scrape
-            for i, (sim, b) in enumerate(zip(sims, bks)):
-                b.running, b.waiting = float(len(sim.running)), float(len(sim.waiting))
-                b.kv_usage = sim.kv_used / cfg.kv_capacity_tokens
-                b.gpu_util = util(i, now)
-                b.inflight_at_scrape = b.inflight
+            for i, sim in enumerate(sims):
+                u = util(i, now)
+                for bks in views:
+                    b = bks[i]
+                    b.running, b.waiting = float(len(sim.running)), float(len(sim.waiting))
+                    b.kv_usage = sim.kv_used / cfg.kv_capacity_tokens
+                    b.gpu_util = u
+                    b.inflight_at_scrape = b.inflight
             if now < last_arrival or meta:
                 seq += 1
                 heapq.heappush(heap, (now + scrape_interval, seq, 2, 0))
@@ -334,12 +360,30 @@ def virtual_long_tail(args) -> dict:
     for li, frac in enumerate(args.virtual_loads):
         rate = frac * cap
         reqs = long_tail(random.Random(7 + li), int(rate * args.virtual_duration))
-        for policy in args.policies:
+        for policy in args.policies + ["oracle"]:
             res = run_virtual(policy, cfg, reqs, rate, seed=11 + li, n_backends=args.backends)
             res.update(policy=policy, load=frac)
             rows.append(res)
             print(f"  {policy:18s} load {frac:4.0%} ({rate:5.1f} req/s, n={len(reqs)}): {fmt(res)}", flush=True)
     return {"sim": cfg.__dict__, "capacity_rps": cap, "virtual_seconds": args.virtual_duration, "rows": rows}
+
+
+def virtual_multi_router(args) -> dict:
+    """Several independent routers (each sees only its own in-flight requests) in front of
+    the same backends: does a policy that scrapes the backends' own counts do better?"""
+    cfg = sim_config(args)
+    cap = long_tail_capacity(cfg, args.backends)
+    rows = []
+    for routers in (2, 4):
+        for li, frac in ((2, 0.8), (3, 0.9)):
+            rate = frac * cap
+            reqs = long_tail(random.Random(7 + li), int(rate * args.virtual_duration))
+            for policy in ("round_robin", "least_outstanding", "engine_load"):
+                res = run_virtual(policy, cfg, reqs, rate, seed=11 + li, n_backends=args.backends, routers=routers)
+                res.update(policy=f"{policy} x{routers} routers", load=frac)
+                rows.append(res)
+                print(f"  {res['policy']:30s} load {frac:4.0%}: {fmt(res)}", flush=True)
+    return {"rows": rows}
 
 
 def virtual_prefix(args) -> dict:
@@ -363,8 +407,8 @@ def http_long_tail(args) -> dict:
     try:
         for policy in args.policies:
             name, _, kw = policy.partition(":")
-            if kw:
-                continue  # tuning variants run in virtual time only
+            if kw or name == "oracle":
+                continue  # tuning variants and the oracle run in virtual time only
             router = RouterProc(sims.urls, name)
             try:
                 for li, frac in enumerate(args.http_loads):
@@ -454,6 +498,10 @@ def print_tables(out: dict) -> None:
               f"capacity ~{v['capacity_rps']:.0f} req/s; ms at 1 ms per simulated token)")
         table(v["rows"], "load", load)
         print("\n".join(compare(v["rows"])))
+        print("  (oracle: sees every sequence's remaining tokens; a bound, not a policy)")
+    if "virtual_multi_router" in out:
+        print("\n## Several independent routers, same workload and backends, virtual time")
+        table(out["virtual_multi_router"]["rows"], "load", load)
     if "virtual_prefix" in out:
         print(f"\n## Shared-prefix workload, virtual time ({PREFIX_GROUPS} system prompts of {PREFIX_TOKENS} tokens; "
               f"each backend's prefix cache holds {PREFIX_CACHED})")
@@ -495,6 +543,8 @@ def main() -> int:
     if args.mode in ("all", "virtual"):
         print("long-tail workload, virtual time")
         out["virtual_long_tail"] = virtual_long_tail(args)
+        print("several routers, virtual time")
+        out["virtual_multi_router"] = virtual_multi_router(args)
         print("shared-prefix workload, virtual time")
         out["virtual_prefix"] = virtual_prefix(args)
     if args.mode in ("all", "http"):
