@@ -78,7 +78,8 @@ class LeastOutstanding(Policy, _RotatingTieBreak):
     """Least work in flight through this router: requests + estimated tokens / 1024 (prompt +
     max_tokens), so among replicas with as many requests the one holding fewer or shorter
     generations wins, and a few very long generations count like one more request. Exact and
-    instantaneous, but blind to traffic from other routers (see engine_load)."""
+    instantaneous; it counts only this router's requests, yet with several routers it still
+    beat engine_load in the study (each router keeps its own share balanced)."""
 
     name = "least_outstanding"
 
@@ -95,7 +96,9 @@ class EngineLoad(Policy, _RotatingTieBreak):
     """Least engine load from the backends' /metrics (vLLM names: vllm:num_requests_running,
     vllm:num_requests_waiting, vllm:kv_cache_usage_perc). Scrapes are an interval old, so the
     count is corrected by what this router sent or saw finish since; waiting requests weigh
-    more (they mean the batch is full) and a nearly full KV cache is avoided."""
+    more (they mean the batch is full) and a nearly full KV cache is avoided. It sees load
+    that does not pass through this router, but the scrape is stale: several routers reading
+    the same scrape pile onto the same replica until the next one."""
 
     name = "engine_load"
     needs_metrics = True
