@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -100,7 +99,7 @@ async def latency(direct: str, routed: str, n: int, block: int = 25) -> dict:
         for url in (direct, routed):  # warm up both connections
             for _ in range(20):
                 await c.post(url + "/v1/completions", json=REQUEST)
-        for i in range(0, n, block):
+        for _ in range(0, n, block):
             marks = {k: len(v) for k, v in res.items()}
             for name, url in (("direct", direct), ("routed", routed)):
                 for _ in range(block):

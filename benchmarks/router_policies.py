@@ -244,7 +244,7 @@ def run_virtual(policy_name: str, cfg: SimConfig, reqs: list[dict], rate: float,
     rng = random.Random(seed)
     heap, seq = [], 0
     t = 0.0
-    for i, req in enumerate(reqs):
+    for i in range(len(reqs)):
         t += rng.expovariate(rate)
         heap.append((t, seq, 0, i))
         seq += 1

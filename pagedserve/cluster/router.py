@@ -185,7 +185,6 @@ class Router:
         self._file_urls: set[str] = set()
         self._file_mtime: float | None = None
         self._gpu = None
-        self._models_cache: tuple[float, bytes] | None = None
         self.started = False
 
         self.registry = CollectorRegistry(auto_describe=True)
