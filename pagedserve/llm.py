@@ -60,14 +60,21 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=len(order), desc="Generating", unit="req", dynamic_ncols=True)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished and out.request_id in order:
-                    results[order[out.request_id]] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            # A failed step (or Ctrl-C) must not leave half-run requests behind to wedge later calls.
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return results  # type: ignore[return-value]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -95,6 +95,8 @@ class LLMEngine:
         a = self.args
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers, a.num_kv_heads,
                                   a.head_dim, self.dtype, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
@@ -199,6 +201,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
         params = params or SamplingParams()
+        params.validate()  # again: fields may have been changed since construction
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         text = prompt if isinstance(prompt, str) else None
@@ -217,6 +220,8 @@ class LLMEngine:
         vocab = self.args.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt: token ids must be integers in [0, {vocab})", param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids: token ids must be in [0, {vocab})", param="stop_token_ids")
         n = len(ids)
         if n >= self.max_model_len:
             raise PromptTooLongError(
@@ -228,7 +233,7 @@ class LLMEngine:
         elif n + max_tokens > self.max_model_len:
             raise PromptTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but {n + max_tokens} were "
-                f"requested ({n} in the prompt, {max_tokens} for the completion)", param="max_tokens")
+                f"requested ({n} in the prompt, max_tokens={max_tokens} for the completion)", param="max_tokens")
         req = Request(request_id, text, list(ids), params, max_tokens,
                       [self._new_seq(0, ids, params)], arrival_time or time.time())
         bs = self.config.block_size

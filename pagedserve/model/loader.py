@@ -35,12 +35,13 @@ def resolve_model_dir(model: str | None) -> Path:
             if ggufs:
                 return gguf_to_hf_dir(ggufs[0])
             raise ConfigError(
-                f"model directory {p} is incomplete: config.json is missing",
+                f"model directory {p} is incomplete: config.json is missing", param="model",
                 hint="point at a Hugging Face model directory (config.json + *.safetensors + tokenizer files)",
             )
         return p
     if p.exists() or "/" not in model or model.startswith((".", "/", "~")):
-        raise ConfigError(f"model path {model!r} does not exist", hint="give a model directory, a .gguf file or a Hub id")
+        raise ConfigError(f"model path {model!r} does not exist", param="model",
+                          hint="give a model directory, a .gguf file or a Hub id")
     # A Hub id: use the local HF cache only; `pagedserve download` fetches.
     try:
         from huggingface_hub import snapshot_download
@@ -48,7 +49,7 @@ def resolve_model_dir(model: str | None) -> Path:
         return Path(snapshot_download(model, local_files_only=True))
     except Exception as e:
         raise ConfigError(
-            f"model {model!r} is neither a local path nor in the Hugging Face cache",
+            f"model {model!r} is neither a local path nor in the Hugging Face cache", param="model",
             hint=f"run `pagedserve download {model}` first, or pass a local directory",
         ) from e
 
