@@ -10,6 +10,7 @@ counts the generated text with a tokenizer. Chunks are never counted as tokens
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -110,7 +111,7 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, record: 
             record.send_delay = time.perf_counter() - t0
 
     try:
-        async with asyncio.timeout(timeout):
+        async with _deadline(timeout):
             async with client.stream("POST", url, json=body, headers=headers, extensions={"trace": trace}) as resp:
                 record.status = resp.status_code
                 if resp.status_code != 200:
@@ -163,7 +164,7 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, record: 
             record.error_kind, record.error = "broken_stream", "usage reports tokens but no text arrived"
         else:
             record.success = True
-    except (TimeoutError, httpx.TimeoutException) as e:
+    except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException) as e:
         record.error_kind, record.error = "timeout", f"no complete answer within {timeout:g}s ({type(e).__name__})"
     except _StreamError as e:
         record.error_kind, record.error = "stream_error", str(e)[:300]
@@ -188,6 +189,29 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, record: 
 
 class _StreamError(Exception):
     pass
+
+
+@contextlib.asynccontextmanager
+async def _fallback_deadline(seconds: float):
+    """asyncio.timeout for Python 3.10: cancel the task when the deadline passes, raise TimeoutError."""
+    task, fired = asyncio.current_task(), []
+
+    def expire() -> None:
+        fired.append(True)
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not fired:  # cancelled by someone else
+            raise
+        raise TimeoutError from None
+    finally:
+        handle.cancel()
+
+
+_deadline = getattr(asyncio, "timeout", _fallback_deadline)  # asyncio.timeout is Python 3.11+
 
 
 class ClientPool:

@@ -6,6 +6,7 @@ would hand later levels prefix-cache hits).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -16,8 +17,9 @@ from pagedserve.bench.client import BenchRequest
 from pagedserve.errors import ConfigError, InvalidRequestError
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str | None = None):
-    """AutoTokenizer for `name`, or for the embedded default model when None."""
+    """AutoTokenizer for `name`, or for the embedded default model when None (loaded once)."""
     from transformers import AutoTokenizer
 
     if name is None:

@@ -12,6 +12,9 @@ where n = max_tokens and k = tokens_per_chunk. Each token's text is " the"
 (one token in GPT-2-style tokenizers) so a tokenizer fallback can count it;
 `usage.prompt_tokens` is the number of whitespace-separated words of the prompt.
 
+GET /mock/timings returns, per prompt, when each chunk really left (seconds
+after the request arrived), for tests on a busy machine.
+
 Markers in the prompt (or the last chat message) trigger failures:
 `[[http500]]`, `[[http429]]` answer with that status; `[[hang]]` never answers;
 `[[stall]]` sends one chunk and then hangs; `[[break]]` sends one chunk and
@@ -44,6 +47,9 @@ class MockServer:
         self.active = 0
         self.max_active = 0
         self.requests = 0
+        # What the server really did, per prompt (seconds after the request arrived): the truth
+        # tests compare against, since a starved CPU can make sleeps overshoot the nominal timing.
+        self.timings: dict[str, dict] = {}
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -80,6 +86,8 @@ class MockServer:
     async def _route(self, method: str, path: str, body: bytes, writer) -> bool:
         if method == "GET" and path in ("/health", "/v1/health"):
             self._plain(writer, 200, {"status": "ok"})
+        elif method == "GET" and path == "/mock/timings":
+            self._plain(writer, 200, self.timings)
         elif method == "GET" and path == "/v1/models":
             self._plain(writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
@@ -159,6 +167,10 @@ class MockServer:
                 return True
             writer.write(chunk(" the" * toks, "length" if last else None))
             await writer.drain()
+            sent = time.perf_counter() - t0
+            tm = self.timings.setdefault(prompt, {"first": sent, "chunks": []})
+            tm["chunks"].append(sent)
+            tm["last"] = sent
             if marker == "break":
                 writer.transport.abort()
                 return False

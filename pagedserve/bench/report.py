@@ -243,6 +243,10 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     ax.plot(X, [get(s, ("ttft_ms", "p99")) for s in S], "s-", label="TTFT P99")
     ax.set_ylabel("ms")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title("Time to first token vs load")
     finish(ax, "ttft_vs_load.png")
 
@@ -257,10 +261,14 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
                 v = sorted(x * 1000 for x in vals)
                 ax.step(v, [(k + 1) / len(v) for k in range(len(v))], where="post", color=color,
                         label=load_text(mode, loads[i]))
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     for ax, name in ((axes[0], "TTFT"), (axes[1], "E2E latency")):
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests ≤ x")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{name} CDF")
     axes[1].legend(title=xlabel, fontsize=8, loc="lower right")

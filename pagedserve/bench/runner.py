@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import httpx
+
 from pagedserve.bench.client import BenchRequest, ClientPool, RequestRecord, build_body, send_request
 from pagedserve.bench.metrics import percentile
 
@@ -115,9 +117,29 @@ def gamma_intervals(rate: float, burstiness: float, rng: random.Random) -> Itera
         yield rng.gammavariate(burstiness, theta)
 
 
+async def prewarm(pool: ClientPool, url: str, streams: int) -> None:
+    """Open `streams` keep-alive connections (one per closed-loop worker) before the clock starts.
+
+    Without it the first wave of requests pays TCP set-up and httpx's first-use costs
+    (tens of ms on a busy machine), which is the client's cost, not the server's.
+    Any answer opens a connection, so the GET's status does not matter.
+    """
+    base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
+
+    async def one(i: int) -> None:
+        try:
+            await pool.get(i).get(base + "/v1/models", timeout=10.0)
+        except httpx.HTTPError:
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+
+
 async def run_level(spec: LevelSpec, settings: RequestSettings, requests: Iterator[BenchRequest],
                     pool: ClientPool, on_done: Callable[[RequestRecord, int], None] | None = None) -> LevelResult:
     """Run one level to completion; `on_done(record, in_flight)` is called after every request."""
+    if spec.mode == "concurrency":
+        await prewarm(pool, settings.url, int(spec.load))
     records: list[RequestRecord] = []
     in_flight = 0
     monitor = LoopMonitor()
