@@ -388,6 +388,8 @@ class AsyncEngine:
         if self._proc is None or self.state == "stopped":
             return
         self._stopping = True
+        if self.state == "loading":
+            timeout = 0.0  # nothing to drain: do not wait for the load to finish
         for st in list(self._requests.values()):
             st.stream.fail(NotReadyError("the server is shutting down"))
         self._requests.clear()
