@@ -31,6 +31,7 @@ def _llm(tiny_dir, **kw):
 @dataclass
 class Step:
     chunks: dict[tuple[str, int], tuple[int, int]]  # (request id, seq index) -> (start position, num tokens)
+    total: int  # tokens scheduled this step
     preempted: list[str]
     waiting_after: list[str]
     running_after: list[str]
@@ -44,12 +45,13 @@ class Recorder:
 
         def schedule():
             out = orig()
-            chunks = {}
+            chunks, seq_ids, total = {}, set(), 0
             for e in out.scheduled:
-                key = (e.request.request_id, e.seq.index)
-                assert key not in chunks, f"{key} scheduled twice in one step"
-                chunks[key] = (e.seq.num_computed, e.num_tokens)
-            self.steps.append(Step(chunks, [r.request_id for r in out.preempted],
+                assert e.seq.seq_id not in seq_ids, f"sequence {e.seq.seq_id} scheduled twice in one step"
+                seq_ids.add(e.seq.seq_id)
+                chunks[(e.request.request_id, e.seq.index)] = (e.seq.num_computed, e.num_tokens)  # beams share index 0
+                total += e.num_tokens
+            self.steps.append(Step(chunks, total, [r.request_id for r in out.preempted],
                                    [r.request_id for r in sched.waiting], [r.request_id for r in sched.running]))
             return out
 
@@ -85,7 +87,7 @@ def test_token_budget_and_max_num_seqs_respected_every_step(tiny_dir):
                         SamplingParams(n=n, temperature=1, seed=i, max_tokens=rng.randint(1, 12), ignore_eos=True))
     outs = _run(eng)
     assert len(outs) == 12
-    totals = [sum(n for _, n in s.chunks.values()) for s in rec.steps]
+    totals = [s.total for s in rec.steps]
     assert max(totals) <= budget
     assert budget in totals, "the workload should fill the budget at least once"
     assert max(len(s.chunks) for s in rec.steps) <= max_seqs
@@ -233,3 +235,36 @@ def test_finish_by_stop_token_frees_at_once(tiny_dir):
             assert outs[0].outputs[0].finish_reason == "stop" and outs[0].outputs[0].stop_reason == ref[2]
             assert outs[0].outputs[0].token_ids == ref[:3]
     assert steps == 3
+
+
+def test_beam_width_above_token_budget_is_refused(tiny_dir):
+    """All beams must decode in one step; a budget below beam_width could never schedule them (livelock)."""
+    from pagedserve.errors import InvalidRequestError
+
+    eng = _llm(tiny_dir, max_num_batched_tokens=3).engine
+    with pytest.raises(InvalidRequestError) as ei:
+        eng.add_request("b", [5, 6, 7], SamplingParams(n=4, use_beam_search=True, beam_width=4, temperature=0))
+    assert ei.value.param == "beam_width"
+    assert not eng.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("blocks, budget", [(18, 16), (16, 64), (22, 5)])
+def test_beams_and_samples_exact_under_preemption_and_small_budgets(tiny_dir, blocks, budget):
+    """Beam search, seeded n>1 and greedy requests give the same outputs on a starved engine as on a roomy one."""
+    rng = random.Random(8)
+    prompts = [_prompt(rng, 10), _prompt(rng, 20), _prompt(rng, 10), _prompt(rng, 10)]
+    params = [SamplingParams(max_tokens=40, **GREEDY),
+              SamplingParams(n=4, use_beam_search=True, beam_width=4, temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(n=3, temperature=1, seed=5, max_tokens=30, ignore_eos=True),
+              SamplingParams(max_tokens=40, **GREEDY)]
+    ref = _llm(tiny_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    eng = _llm(tiny_dir, max_model_len=64, num_kv_blocks=blocks, max_num_batched_tokens=budget).engine
+    rec = Recorder(eng)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    outs = _run(eng)
+    for i in range(4):
+        assert [c.token_ids for c in outs[str(i)].outputs] == [c.token_ids for c in ref[i].outputs]
+    assert max(s.total for s in rec.steps) <= budget
+    if blocks < 20:
+        assert eng.scheduler.num_preemptions > 0

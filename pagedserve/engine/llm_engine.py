@@ -161,14 +161,19 @@ class LLMEngine:
         dev = self.device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        tmp = ModelRunner(self.model, 1 + -(-self.max_num_batched_tokens // self.config.block_size),
-                          self.config.block_size, self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
-                          self.dtype, dev)
-        n = self.max_num_batched_tokens
-        seq = Sequence(-1, 0, [0] * n)
-        seq.block_table = list(range(1, 1 + -(-n // self.config.block_size)))
-        fake = Request("profile", None, seq.token_ids, SamplingParams(max_tokens=1), 1, [seq])
-        tmp.execute([ScheduledSeq(seq, fake, n)])
+        # A full token budget of prompts, each at most max_model_len long (positions must stay in range).
+        bs, left, next_block, batch = self.config.block_size, self.max_num_batched_tokens, 0, []
+        while left > 0:
+            m = min(left, self.max_model_len)
+            seq = Sequence(-1, 0, [0] * m)
+            seq.block_table = list(range(next_block, next_block + -(-m // bs)))
+            next_block += len(seq.block_table)
+            batch.append(ScheduledSeq(seq, Request("profile", None, seq.token_ids, SamplingParams(max_tokens=1),
+                                                   1, [seq]), m))
+            left -= m
+        tmp = ModelRunner(self.model, next_block, bs, self.args.num_layers, self.args.num_kv_heads,
+                          self.args.head_dim, self.dtype, dev)
+        tmp.execute(batch)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
         del tmp
@@ -241,6 +246,10 @@ class LLMEngine:
         if req.num_slots > self.config.max_num_seqs:
             raise InvalidRequestError(f"n/beam_width={req.num_slots} exceeds max_num_seqs={self.config.max_num_seqs}",
                                       param="n")
+        if params.use_beam_search and req.num_slots > self.max_num_batched_tokens:
+            # All beams decode in the same step; a smaller budget could never schedule them together.
+            raise InvalidRequestError(f"beam_width={req.num_slots} exceeds max_num_batched_tokens="
+                                      f"{self.max_num_batched_tokens}", param="beam_width")
         if need > self.num_kv_blocks:
             raise InvalidRequestError(
                 f"this request may need {need} KV blocks ({req.num_slots} x {n + max_tokens} tokens) but the "

@@ -111,6 +111,8 @@ class Scheduler:
                 is_decode = all(s.num_tokens - s.num_computed == 1 and s.block_table for s in req.live_seqs)
                 if is_decode != decode_pass:
                     continue
+                if is_decode and req.params.use_beam_search and budget < len(req.live_seqs):
+                    continue  # beams advance together or not at all (a partial step is thrown away)
                 entries: list[ScheduledSeq] = []
                 for seq in req.live_seqs:
                     while True:
