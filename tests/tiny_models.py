@@ -39,9 +39,12 @@ def configs():
 
     return {
         "qwen2": lambda: Qwen2Config(**common(rope_theta=1e6)),  # q/k/v bias
-        "qwen3": lambda: Qwen3Config(**common(rope_theta=1e6)),  # per-head q/k RMSNorm
-        "mistral": lambda: MistralConfig(**common(sliding_window=None)),
+        # Per-head q/k RMSNorm; head_dim 32 != hidden / heads, as in real Qwen3 checkpoints.
+        "qwen3": lambda: Qwen3Config(**common(rope_theta=1e6, head_dim=32)),
+        "mistral": lambda: MistralConfig(**common(sliding_window=None, num_key_value_heads=1)),  # MQA
         "llama": lambda: LlamaConfig(**common(rope_theta=5e5)),
+        "llama_bias_linear_rope": lambda: LlamaConfig(**common(  # attention_bias (q/k/v/o), mlp_bias, linear RoPE
+            attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
         # Llama 3.1-style RoPE scaling (original context shorter than the prompt) and tied embeddings.
         "llama3_rope_tied": lambda: LlamaConfig(**common(
             rope_theta=5e5, tie_word_embeddings=True,

@@ -179,3 +179,5 @@ class BlockManager:
             assert (b.ref_count == 0) == (b.block_id in self.free), f"block {b.block_id} free-list mismatch"
         for h, bid in self.cached.items():
             assert self.blocks[bid].hash == h
+        for b in self.blocks:
+            assert b.hash is None or self.cached.get(b.hash) == b.block_id, f"block {b.block_id} hash not indexed"
