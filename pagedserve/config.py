@@ -29,6 +29,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
+    enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:

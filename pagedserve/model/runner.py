@@ -24,6 +24,13 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
+        self.graphs = None  # DecodeGraphs once captured (CUDA only)
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        from pagedserve.model.cuda_graph import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
+                                   self.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks src -> dst in every layer."""
@@ -87,7 +94,11 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows."""
         input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if (self.graphs is not None and meta.num_prefill == 0
+                and self.graphs.can_run(meta.num_decode, meta.decode_block_tables.shape[1])):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sampled:
             return torch.empty(0), sampled
         return self.model.compute_logits(hidden[logit_rows]), sampled
