@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 import signal
 import socket
 import time
@@ -74,6 +75,13 @@ def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, **kw)
 
 
+def parallel(*calls):
+    """Run independent requests at once: the engine batches them, so tests stay fast on few cores."""
+    with ThreadPoolExecutor(len(calls)) as ex:
+        futures = [ex.submit(call) for call in calls]
+        return [f.result() for f in futures]
+
+
 # -- start-up and discovery -------------------------------------------------------------------
 
 def test_health_503_while_loading(server):
@@ -98,7 +106,9 @@ def test_models_version_health(http):
 def test_completions_greedy_match_offline(client, llm, tok):
     prompts = PROMPTS[:4]
     refs = llm.generate(prompts, greedy(MAX_TOKENS), use_tqdm=False)
-    resp = client.completions.create(model=MODEL, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0)
+    resp, one = parallel(
+        lambda: client.completions.create(model=MODEL, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0),
+        lambda: client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=MAX_TOKENS, temperature=0))
     assert resp.model == MODEL and resp.object == "text_completion"
     assert [c.index for c in resp.choices] == list(range(len(prompts)))
     for c, ref in zip(resp.choices, refs):
@@ -107,7 +117,6 @@ def test_completions_greedy_match_offline(client, llm, tok):
     assert resp.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
     assert resp.usage.completion_tokens == sum(len(r.outputs[0].token_ids) for r in refs)
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
-    one = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=MAX_TOKENS, temperature=0)
     assert one.choices[0].text == refs[0].outputs[0].text
     assert one.usage.prompt_tokens == len(tok.encode(prompts[0]))
 
@@ -144,17 +153,21 @@ async def test_async_completion_stream(server, llm, tok):
     prompt = PROMPTS[5]
     ref = llm.generate(prompt, greedy(16), use_tqdm=False)[0].outputs[0]
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=300, max_retries=0) as ac:
-        stream = await ac.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
-                                             stream_options={"include_usage": True})
-        text, finish, usage = "", None, None
-        async for ch in stream:
-            if ch.choices:
-                text += ch.choices[0].text
-                finish = ch.choices[0].finish_reason or finish
-            if ch.usage:
-                usage = ch.usage
-        chat = await ac.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
-                                                max_tokens=8)
+        async def streamed():
+            stream = await ac.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True})
+            text, finish, usage = "", None, None
+            async for ch in stream:
+                if ch.choices:
+                    text += ch.choices[0].text
+                    finish = ch.choices[0].finish_reason or finish
+                if ch.usage:
+                    usage = ch.usage
+            return text, finish, usage
+
+        (text, finish, usage), chat = await asyncio.gather(
+            streamed(), ac.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
+                                                   max_tokens=8))
     assert text == ref.text and finish == ref.finish_reason
     assert usage.prompt_tokens == len(tok.encode(prompt)) and usage.completion_tokens == len(ref.token_ids)
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens <= 8
@@ -162,39 +175,44 @@ async def test_async_completion_stream(server, llm, tok):
 
 def test_token_id_prompts_and_n(client, tok):
     a, b = tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2])
-    one = client.completions.create(model=MODEL, prompt=a, max_tokens=8, temperature=0)
-    by_text = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    one, by_text, two, just_b = parallel(
+        lambda: client.completions.create(model=MODEL, prompt=a, max_tokens=8, temperature=0),
+        lambda: client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0),
+        lambda: client.completions.create(model=MODEL, prompt=[a, b], max_tokens=8, temperature=0, n=2),
+        lambda: client.completions.create(model=MODEL, prompt=b, max_tokens=8, temperature=0))
     assert one.choices[0].text == by_text.choices[0].text
-    two = client.completions.create(model=MODEL, prompt=[a, b], max_tokens=8, temperature=0, n=2)
     assert [c.index for c in two.choices] == [0, 1, 2, 3]
     assert two.choices[0].text == two.choices[1].text == one.choices[0].text  # greedy: the n samples agree
+    assert two.choices[2].text == two.choices[3].text == just_b.choices[0].text
     assert two.usage.prompt_tokens == len(a) + len(b)
-    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens + 2 * (
-        client.completions.create(model=MODEL, prompt=b, max_tokens=8, temperature=0).usage.completion_tokens)
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens + 2 * just_b.usage.completion_tokens
 
 
 def test_sampling_fields(client, tok):
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9, seed=1234,
               presence_penalty=0.5, frequency_penalty=0.5, user="tester",
               extra_body={"top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1})
-    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    a, b, stop, ign, echo, lp, chat = parallel(
+        lambda: client.completions.create(**kw),
+        lambda: client.completions.create(**kw),
+        lambda: client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
+                                          stop=[","]),
+        lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0,
+                                          extra_body={"ignore_eos": True}),
+        lambda: client.completions.create(model=MODEL, prompt=PROMPTS[0], echo=True, max_tokens=4, temperature=0),
+        lambda: client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3),
+        lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to five."}],
+                                               max_tokens=5, temperature=0, logprobs=True, top_logprobs=2))
     assert a.choices[0].text == b.choices[0].text  # the seed makes sampling reproducible
-    stop = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[","])
     assert "," not in stop.choices[0].text and stop.choices[0].finish_reason == "stop"
     assert stop.choices[0].model_extra["stop_reason"] == ","
-    ign = client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0,
-                                    extra_body={"ignore_eos": True})
     assert ign.usage.completion_tokens == 5 and ign.choices[0].finish_reason == "length"
-    echo = client.completions.create(model=MODEL, prompt=PROMPTS[0], echo=True, max_tokens=4, temperature=0)
     assert echo.choices[0].text.startswith(PROMPTS[0]) and len(echo.choices[0].text) > len(PROMPTS[0])
-    lp = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)
     logprobs = lp.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == lp.usage.completion_tokens == 6
     assert "".join(logprobs.tokens) == lp.choices[0].text
     for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
         assert len(top) == 3 and chosen == pytest.approx(max(top.values()))  # greedy picks the best
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to five."}],
-                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     for c in content:
