@@ -11,6 +11,7 @@ from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.model.sampler import SampleRow, apply_penalties, sample
 
 PROMPT = "A short story about a robot who learns to paint:"
+PROSE = "I like cats. I like dogs. I like"  # greedy drifts into repeating itself
 CHAT_HI = [{"role": "user", "content": "Say hi."}]  # the model answers briefly and ends with EOS
 
 
@@ -20,6 +21,17 @@ def _gen(llm, prompt, **kw):
 
 def _greedy(llm, prompt, max_tokens=16, **kw):
     return _gen(llm, prompt, temperature=0, max_tokens=max_tokens, **kw).outputs[0]
+
+
+@pytest.fixture(scope="module")
+def ref30(llm):
+    """Greedy continuation of PROMPT, 30 tokens, EOS ignored: shorter greedy runs are its prefixes."""
+    return _greedy(llm, PROMPT, 30, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prose_base(llm):
+    return _greedy(llm, PROSE, 16, ignore_eos=True).token_ids
 
 
 def _assert_clean(llm):
@@ -56,8 +68,8 @@ def test_different_seeds_differ(llm):
     dict(temperature=1e-6),
     dict(temperature=0.8, min_p=1.0),
 ])
-def test_degenerate_sampling_equals_greedy(llm, kw):
-    ref = _greedy(llm, PROMPT, 12, ignore_eos=True).token_ids
+def test_degenerate_sampling_equals_greedy(llm, ref30, kw):
+    ref = ref30.token_ids[:12]
     got = _gen(llm, PROMPT, max_tokens=12, ignore_eos=True, seed=7, **kw).outputs[0].token_ids
     assert got == ref
 
@@ -80,12 +92,16 @@ def test_top_k_restricts_to_k_most_likely():
 
 
 def test_max_tokens_finishes_with_length(llm):
-    out = _greedy(llm, PROMPT, 7, ignore_eos=True)
-    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    res = _gen(llm, PROMPT, temperature=0, max_tokens=7, ignore_eos=True)
+    out = res.outputs[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length" and res.finished
+    m = res.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert 0 <= m.ttft <= m.latency
 
 
-def test_stop_string_excluded_or_included(llm):
-    ref = _greedy(llm, PROMPT, 30, ignore_eos=True)
+def test_stop_string_excluded_or_included(llm, ref30):
+    ref = ref30
     text = ref.text
     # A stop string taken from the middle of the greedy text (spanning a token boundary is fine).
     start = len(text) // 3
@@ -100,10 +116,10 @@ def test_stop_string_excluded_or_included(llm):
     assert inc.text == text[:cut + len(stop)]
 
 
-def test_stop_string_never_streamed(llm):
+def test_stop_string_never_streamed(llm, ref30):
     """Streaming deltas hold back a possible stop-string prefix: the stop text never reaches the client."""
     eng = llm.engine
-    ref = _greedy(llm, PROMPT, 30, ignore_eos=True).text
+    ref = ref30.text
     stop = ref[len(ref) // 2:len(ref) // 2 + 6]
     eng.add_request("stream-stop", PROMPT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop))
     streamed, final = "", None
@@ -115,8 +131,8 @@ def test_stop_string_never_streamed(llm):
     assert final.finished and streamed == final.outputs[0].text == ref[:ref.index(stop)]
 
 
-def test_stop_token_ids(llm):
-    ref = _greedy(llm, PROMPT, 20, ignore_eos=True).token_ids
+def test_stop_token_ids(llm, ref30):
+    ref = ref30.token_ids[:20]
     i = 4
     stop_tok = ref[i]
     first = ref.index(stop_tok)
@@ -126,8 +142,8 @@ def test_stop_token_ids(llm):
     assert out.text == llm.tokenizer.decode(ref[:first], skip_special_tokens=True)
 
 
-def test_min_tokens_blocks_stops(llm):
-    ref = _greedy(llm, PROMPT, 20, ignore_eos=True).token_ids
+def test_min_tokens_blocks_stops(llm, ref30):
+    ref = ref30.token_ids[:20]
     stop_tok = ref[1]
     out = _greedy(llm, PROMPT, 20, ignore_eos=True, stop_token_ids=[stop_tok], min_tokens=6)
     assert len(out.token_ids) >= 7
@@ -255,8 +271,8 @@ def test_beam_search_returns_distinct_ranked_beams(llm, hf_model):
     _assert_clean(llm)
 
 
-def test_beam_width_one_equals_greedy(llm):
-    ref = _greedy(llm, PROMPT, 10, ignore_eos=True).token_ids
+def test_beam_width_one_equals_greedy(llm, ref30):
+    ref = ref30.token_ids[:10]
     out = llm.beam_search([PROMPT], beam_width=1, max_tokens=10, ignore_eos=True)[0]
     assert len(out.outputs) == 1 and out.outputs[0].token_ids == ref
 
@@ -296,15 +312,12 @@ def test_repetition_penalty_prevents_repeats(llm):
     assert not prompt_ids & set(out)
 
 
-PROSE = "I like cats. I like dogs. I like"  # greedy drifts into repeating itself
-
-
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=1.3), dict(frequency_penalty=1.0),
                                 dict(presence_penalty=1.5), dict(presence_penalty=-1.5),
                                 dict(frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.1)])
-def test_penalties_steer_greedy_as_specified(llm, hf_model, kw):
+def test_penalties_steer_greedy_as_specified(llm, hf_model, prose_base, kw):
     """Each greedy token is the argmax of HF's logits after the penalty (HF repetition, OpenAI presence/frequency)."""
-    base = _greedy(llm, PROSE, 16, ignore_eos=True).token_ids
+    base = prose_base
     out = _gen(llm, PROSE, temperature=0, max_tokens=16, ignore_eos=True, **kw)
     ids = out.outputs[0].token_ids
     assert ids != base, "the penalty should change this continuation"

@@ -268,3 +268,14 @@ def test_beams_and_samples_exact_under_preemption_and_small_budgets(tiny_dir, bl
     assert max(s.total for s in rec.steps) <= budget
     if blocks < 20:
         assert eng.scheduler.num_preemptions > 0
+
+
+def test_generation_stops_at_max_model_len(tiny_dir):
+    llm = _llm(tiny_dir, max_model_len=40)
+    prompt = _prompt(random.Random(9), 33)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 40 - 33 and out.finish_reason == "length"
+    last = llm.generate([_prompt(random.Random(9), 39)], SamplingParams(temperature=0, max_tokens=None,
+                                                                        ignore_eos=True), use_tqdm=False)[0]
+    assert len(last.outputs[0].token_ids) == 1
