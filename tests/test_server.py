@@ -437,6 +437,11 @@ def test_disconnect_frees_blocks(server, http):
     gen = m["vllm:generation_tokens_total"]
     time.sleep(1.0)
     assert metrics(http)["vllm:generation_tokens_total"] == gen  # nothing generates for the dead stream
+    # A non-streaming request whose client gives up is aborted too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + C, json={**body, "stream": False}, headers=AUTH, timeout=3)
+    _wait_metrics(http, lambda m: m["vllm:request_success_total{finished_reason=abort}"] == before + 2
+                  and m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0)
 
 
 def test_metrics_names(http):

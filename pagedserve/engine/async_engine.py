@@ -176,8 +176,9 @@ class _EngineCore:
             if engine.has_unfinished_requests():
                 outs = engine.step()
                 stats = self.stats()
-                self.last_stats = stats
-                self.out_conn.send(("out", [self.pack(o) for o in outs], stats))
+                if outs or stats != self.last_stats:  # a prefill chunk alone has nothing to report
+                    self.last_stats = stats
+                    self.out_conn.send(("out", [self.pack(o) for o in outs], stats))
 
     def send_stats_if_changed(self) -> None:
         stats = self.stats()
@@ -481,6 +482,8 @@ class AsyncEngine:
                     break
         except (EOFError, OSError):
             pass
+        except RuntimeError:
+            return  # the event loop closed: the server is exiting
         except Exception as e:  # noqa: BLE001 - unpickling trouble: treat as death, say why
             log.exception("engine output pipe failed")
             loop.call_soon_threadsafe(self._on_dead, f"output pipe failed: {e}")
