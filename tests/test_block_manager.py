@@ -7,7 +7,6 @@ after every step, including a randomized stress run with a tiny KV pool.
 from __future__ import annotations
 
 import random
-from collections import Counter
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.sequence import Sequence
-from tests.tiny_models import LogitTap, build_hf, save
+from tests.tiny_models import LogitTap, build_hf, check_engine, save
+from tests.tiny_models import check_blocks as _check
 
 BS = 4
 
@@ -31,19 +31,6 @@ def _compute(bm: BlockManager, seq: Sequence, n: int | None = None, prefix=()) -
     assert bm.allocate(seq, n, list(prefix))
     seq.num_computed += n
     bm.commit(seq)
-
-
-def _check(bm: BlockManager, seqs) -> None:
-    """Refcount of every block == number of block tables holding it; free list == blocks with refcount 0."""
-    bm.check_invariants()
-    refs = Counter(b for s in seqs for b in s.block_table)
-    for s in seqs:
-        assert len(set(s.block_table)) == len(s.block_table), "a block appears twice in one table"
-    for b in bm.blocks:
-        assert b.ref_count == refs[b.block_id], f"block {b.block_id}: refcount {b.ref_count} != {refs[b.block_id]}"
-    assert bm.num_free_blocks == bm.num_blocks - len(refs)
-    for bid in bm.cached.values():  # a cached block holds a full, hashed block
-        assert bm.blocks[bid].hash is not None
 
 
 # -- unit tests on BlockManager ---------------------------------------------------------------------------
@@ -306,18 +293,6 @@ def _tiny_llm(tiny_dir, **kw):
     opts = dict(block_size=8, max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=64)
     opts.update(kw)
     return LLM(model=str(tiny_dir), **opts)
-
-
-def check_engine(engine) -> None:
-    """Every block's refcount equals the block tables holding it; waiting requests hold nothing."""
-    s = engine.scheduler
-    seqs = [q for r in s.running + list(s.waiting) for q in r.seqs if not q.finished]
-    _check(engine.block_manager, seqs)
-    for r in s.waiting:
-        assert all(not q.block_table for q in r.seqs), "a waiting request holds blocks"
-    for r in s.running + list(s.waiting):
-        assert engine.requests.get(r.request_id) is r
-    assert len(engine.requests) == len(s.running) + len(s.waiting)
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:

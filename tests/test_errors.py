@@ -7,8 +7,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ConfigError, InvalidRequestError, PagedServeError, PromptTooLongError
-from tests.test_block_manager import check_engine
-from tests.tiny_models import VOCAB, build_hf, save
+from tests.tiny_models import VOCAB, build_hf, check_engine, save
 
 MAX_LEN = 64
 

@@ -1,8 +1,6 @@
 """Sampling semantics on the default model: seeds, greedy equivalences, stops, n, logprobs, beams, penalties, detokenization."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

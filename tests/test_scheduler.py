@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from pagedserve import LLM, SamplingParams
-from tests.test_block_manager import check_engine
-from tests.tiny_models import build_hf, save
+from tests.tiny_models import build_hf, check_engine, save
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 

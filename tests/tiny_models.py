@@ -6,6 +6,7 @@ byte-level BPE tokenizer trained on the spot (no network) into `path`.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import torch
 
@@ -99,3 +100,28 @@ class LogitTap:
             return logits, sampled
 
         runner.execute = execute
+
+
+def check_blocks(bm, seqs) -> None:
+    """Refcount of every block == number of block tables holding it; free list == blocks with refcount 0."""
+    bm.check_invariants()
+    refs = Counter(b for s in seqs for b in s.block_table)
+    for s in seqs:
+        assert len(set(s.block_table)) == len(s.block_table), "a block appears twice in one table"
+    for b in bm.blocks:
+        assert b.ref_count == refs[b.block_id], f"block {b.block_id}: refcount {b.ref_count} != {refs[b.block_id]}"
+    assert bm.num_free_blocks == bm.num_blocks - len(refs)
+    for bid in bm.cached.values():  # a cached block holds a full, hashed block
+        assert bm.blocks[bid].hash is not None
+
+
+def check_engine(engine) -> None:
+    """Every block's refcount equals the block tables holding it; waiting requests hold nothing."""
+    s = engine.scheduler
+    seqs = [q for r in s.running + list(s.waiting) for q in r.seqs if not q.finished]
+    check_blocks(engine.block_manager, seqs)
+    for r in s.waiting:
+        assert all(not q.block_table for q in r.seqs), "a waiting request holds blocks"
+    for r in s.running + list(s.waiting):
+        assert engine.requests.get(r.request_id) is r
+    assert len(engine.requests) == len(s.running) + len(s.waiting)
