@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 import traceback
-from collections import deque
 from typing import Any, NamedTuple
 
 from pagedserve import errors

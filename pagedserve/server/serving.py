@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -41,7 +40,7 @@ def dumps(obj: Any) -> str:
 
 
 def _lp(v: float) -> float:
-    return v if v > _LP_FLOOR else _LP_FLOOR if not math.isnan(v) else _LP_FLOOR
+    return v if v > _LP_FLOOR else _LP_FLOOR  # -inf and NaN compare False: both become the floor
 
 
 def error_body(e: PagedServeError) -> dict:
