@@ -43,9 +43,10 @@ class LLM:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = str(next(self._ids))
                 if isinstance(prompt, dict):
-                    self.engine.add_request(rid, prompt.get("prompt"), p, prompt_token_ids=prompt.get("prompt_token_ids"))
+                    self.engine.add_request(rid, prompt.get("prompt"), p, prompt_token_ids=prompt.get("prompt_token_ids"),
+                                            final_only=True)
                 else:
-                    self.engine.add_request(rid, prompt, p)
+                    self.engine.add_request(rid, prompt, p, final_only=True)
                 order[rid] = i
         except Exception:
             for rid in order:

@@ -92,6 +92,9 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> bool:
         """Make room for the next `num_new_tokens` of `seq`; all or nothing."""
+        if (not prefix_blocks and seq.num_computed + num_new_tokens <= len(seq.block_table) * self.block_size
+                and not self._needs_cow(seq)):
+            return True  # the common decode step: the tokens fit the blocks the sequence holds
         if not self.can_allocate(seq, num_new_tokens, prefix_blocks):
             return False
         if self.enable_prefix_caching and not seq.block_table and seq.num_computed == 0:

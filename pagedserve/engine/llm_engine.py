@@ -204,7 +204,8 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    final_only: bool = False) -> Request:
         params = params or SamplingParams()
         params.validate()  # again: fields may have been changed since construction
         if request_id in self.requests:
@@ -241,6 +242,7 @@ class LLMEngine:
                 f"requested ({n} in the prompt, max_tokens={max_tokens} for the completion)", param="max_tokens")
         req = Request(request_id, text, list(ids), params, max_tokens,
                       [self._new_seq(0, ids, params)], arrival_time or time.time())
+        req.final_only = final_only
         bs = self.config.block_size
         need = -(-(n + max_tokens) // bs) * req.num_slots
         if req.num_slots > self.config.max_num_seqs:
@@ -353,7 +355,8 @@ class LLMEngine:
                 continue  # beams are reported once, ranked, when the search ends
             if not req.live_seqs and not req.finished:
                 self._finish_request(req, now)
-            outputs.append(self._make_output(req))
+            if req.finished or not req.final_only:
+                outputs.append(self._make_output(req))
         return outputs
 
     def _fork(self, req: Request, parent: Sequence, count: int) -> list[Sequence]:

@@ -108,13 +108,14 @@ class Scheduler:
                     break
                 if req.request_id in done or req.status != Status.RUNNING:
                     continue
-                is_decode = all(s.num_tokens - s.num_computed == 1 and s.block_table for s in req.live_seqs)
+                live = req.live_seqs
+                is_decode = all(s.num_tokens - s.num_computed == 1 and s.block_table for s in live)
                 if is_decode != decode_pass:
                     continue
-                if is_decode and req.params.use_beam_search and budget < len(req.live_seqs):
+                if is_decode and req.params.use_beam_search and budget < len(live):
                     continue  # beams advance together or not at all (a partial step is thrown away)
                 entries: list[ScheduledSeq] = []
-                for seq in req.live_seqs:
+                for seq in live:
                     while True:
                         n, ok = self._try_seq(seq, budget)
                         if ok:
@@ -143,9 +144,10 @@ class Scheduler:
         return max(candidates, key=lambda r: self._order[r.request_id])
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        num_seqs = self.num_running_seqs()  # kept up to date below: recounting per admission is O(n^2)
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            if self.num_running_seqs() + self._slots(req) > self.max_num_seqs:
+            if num_seqs + self._slots(req) > self.max_num_seqs:
                 break
             entries: list[ScheduledSeq] = []
             ok = True
@@ -164,5 +166,6 @@ class Scheduler:
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
+            num_seqs += self._slots(req)
             out.scheduled.extend(entries)
             budget -= sum(e.num_tokens for e in entries)

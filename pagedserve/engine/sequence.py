@@ -96,6 +96,7 @@ class Request:
     status: Status = Status.WAITING
     metrics: RequestMetrics | None = None
     forked: bool = False  # n>1 / beam: children created after the prompt's prefill
+    final_only: bool = False  # report only the finished output (offline use: no per-step outputs to build)
     beam_done: list[BeamHypothesis] = field(default_factory=list)
     lora: None = None
 

@@ -6,6 +6,7 @@ their sequence need logits, so the LM head runs on those rows alone.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagedserve.engine.scheduler import ScheduledSeq
@@ -65,10 +66,14 @@ class ModelRunner:
                 logit_rows.append(len(input_ids) - 1)
                 sampled.append(e)
 
-        def tables(entries):
-            width = max((len(e.seq.block_table) for e in entries), default=0)
-            return self._tensor([e.seq.block_table + [0] * (width - len(e.seq.block_table)) for e in entries]
-                                or [[0]])
+        def tables(entries):  # padded [n, width] block tables; numpy fills rows far faster than nested lists
+            if not entries:
+                return self._tensor([[0]])
+            arr = np.zeros((len(entries), max(len(e.seq.block_table) for e in entries)), dtype=np.int32)
+            for i, e in enumerate(entries):
+                bt = e.seq.block_table
+                arr[i, :len(bt)] = bt
+            return torch.from_numpy(arr).to(self.device, non_blocking=True)
 
         d_lens = [e.seq.num_computed + 1 for e in decodes]
         p_lens = [e.seq.num_computed + e.num_tokens for e in prefills]
