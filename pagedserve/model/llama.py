@@ -104,6 +104,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op; the same arithmetic as below in fp32
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
@@ -119,9 +121,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.at(positions, q.dtype)(positions, q, k)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> "BoundRope":
+        """cos/sin gathered once for a step's positions, then shared by every layer."""
+        return BoundRope(self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
+
+
+class BoundRope:
+    """RoPE at fixed positions: call it as the module is called (positions are ignored)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # [T, 1, D]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] -> rotated, any number of heads (q and k together in one pass)."""
+        return x * self.cos + _rotate_half(x) * self.sin
+
+    def __call__(self, positions, q: torch.Tensor, k: torch.Tensor):
+        return self.rotate(q), self.rotate(k)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -146,13 +164,19 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.nh, self.hd)
-        k = k.view(t, self.nkv, self.hd)
-        v = v.view(t, self.nkv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, self.nkv, self.hd)
+        if self.q_norm is None and isinstance(rope, BoundRope):
+            # q and k are adjacent in the fused projection: rotate them as one [T, H + KVH, D] tensor
+            qk = rope.rotate(qkv[:, :self.q_size + self.kv_size].view(t, self.nh + self.nkv, self.hd))
+            q, k = qk[:, :self.nh], qk[:, self.nh:]
+        else:
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(t, self.nh, self.hd)
+            k = k.view(t, self.nkv, self.hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rope(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -166,7 +190,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -195,8 +219,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
         """input_ids/positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.at(positions, x.dtype)  # the same for every layer
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, cache, meta)
+            x = layer(x, positions, rope, cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
