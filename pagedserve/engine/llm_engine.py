@@ -185,8 +185,10 @@ class LLMEngine:
             raise OutOfMemoryError(
                 f"no GPU memory left for the KV cache: {total / _GiB:.1f} GiB x "
                 f"{self.config.gpu_memory_utilization} = {total * self.config.gpu_memory_utilization / _GiB:.1f} GiB "
-                f"budget, weights+activations peak {peak / _GiB:.1f} GiB",
-                hint="raise --gpu-memory-utilization, lower --max-num-batched-tokens, quantize, or use a bigger GPU")
+                f"budget, weights+activations peak {peak / _GiB:.1f} GiB, memory held by other processes or "
+                f"outside torch {max(non_torch, 0) / _GiB:.1f} GiB",
+                hint="another engine on this GPU? give each a share with --gpu-memory-utilization, or set "
+                     "--kv-cache-memory GiB; else lower --max-num-batched-tokens, quantize, or use a bigger GPU")
         return int(budget // per_block)
 
     def _log_startup(self) -> None:
