@@ -16,7 +16,7 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ConfigError, PagedServeError, UnsupportedModelError
-from tests.tiny_models import VOCAB, LogitTap, build_hf, configs, save
+from tests.tiny_models import VOCAB, LogitTap, build_hf, configs, save, write_gguf
 
 BLOCK = 8
 PROMPT_LEN = 45  # 5+ blocks of 8, not a multiple of the block size
@@ -146,3 +146,35 @@ def test_checkpoint_missing_tensor_named(tiny_dirs, tmp_path):
     with pytest.raises(UnsupportedModelError, match="missing") as ei:
         LLM(model=str(dst), max_model_len=128, num_kv_blocks=32)
     assert "layers.1.self_attn.qkv_proj.bias" in str(ei.value) or "k_proj" in str(ei.value)
+
+
+# -- GGUF files (llama.cpp layout: permuted Q/K for Llama, rope_freqs for Llama 3 scaling) -------------------------
+
+GGUF_CASES = [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("llama3_rope_tied", "llama"),
+              ("llama_bias_linear_rope", "llama")]
+
+
+@pytest.mark.parametrize("name, arch", GGUF_CASES, ids=[n for n, _ in GGUF_CASES])
+def test_gguf_file_matches_hf(tiny_dirs, tmp_path, monkeypatch, name, arch):
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path / "cache"))  # the GGUF -> HF dir conversion lands here
+    model, _ = tiny_dirs[name]
+    path = tmp_path / f"{name}.gguf"
+    write_gguf(model, path, arch)
+    prompt = _prompt(3)
+    ref_tokens, ref_logits = _hf_reference(model, prompt, NEW_TOKENS)
+    llm = LLM(model=str(path), block_size=BLOCK, max_model_len=128, num_kv_blocks=64)
+    tap = LogitTap(llm.engine)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref_tokens
+    torch.testing.assert_close(torch.stack([r[3] for r in tap.rows]), ref_logits.float(), atol=2e-3, rtol=1e-3)
+    assert llm.tokenizer.decode(llm.tokenizer.encode("the quick fox")) == "the quick fox"
+
+
+def test_gguf_unsupported_rope_scaling_is_refused(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path / "cache"))
+    model, _ = tiny_dirs["llama"]
+    path = tmp_path / "yarn.gguf"
+    write_gguf(model, path, "llama", extra_kv={"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        LLM(model=str(path), block_size=BLOCK, max_model_len=128, num_kv_blocks=64)

@@ -6,8 +6,11 @@ byte-level BPE tokenizer trained on the spot (no network) into `path`.
 from __future__ import annotations
 
 import functools
+import json
+import math
 from collections import Counter
 
+import numpy as np
 import torch
 
 VOCAB = 384
@@ -125,3 +128,102 @@ def check_engine(engine) -> None:
     for r in s.running + list(s.waiting):
         assert engine.requests.get(r.request_id) is r
     assert len(engine.requests) == len(s.running) + len(s.waiting)
+
+
+# -- GGUF (llama.cpp layout) ---------------------------------------------------------------------------------
+
+
+def _permute(w, n_head):
+    """llama.cpp's convert_hf_to_gguf Q/K row permutation (Llama architecture)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_factors(cfg):
+    """The rope_freqs tensor llama.cpp writes for rope_type llama3."""
+    rp = cfg.rope_parameters
+    base, dim, factor = rp["rope_theta"], cfg.head_dim, rp["factor"]
+    low, high = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = rp["original_max_position_embeddings"]
+    lw, hw = old / low, old / high
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for f in freqs.tolist():
+        wl = 2 * math.pi / f
+        if wl < hw:
+            out.append(1.0)
+        elif wl > lw:
+            out.append(factor)
+        else:
+            s = (old / wl - low) / (high - low)
+            out.append(1 / ((1 - s) / factor + s))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(model, path, arch: str, extra_kv=None):
+    """Write an HF model as an F32 GGUF file the way llama.cpp's converter lays it out."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_vocab_size(cfg.vocab_size)
+    rp = cfg.rope_parameters
+    if rp.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rp["factor"])
+    tj = json.loads(tokenizer().backend_tokenizer.to_str())
+    vocab = tj["model"]["vocab"]
+    toks = [None] * len(vocab)
+    for t, i in vocab.items():
+        toks[i] = t
+    specials = {a["id"] for a in tj["added_tokens"]}
+    toks = toks + [f"<pad{i}>" for i in range(cfg.vocab_size - len(toks))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(toks)
+    w.add_token_types([3 if i in specials else 1 for i in range(len(toks))])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(0)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for k, v in sd.items():
+        if k == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif k == "model.norm.weight":
+            name = "output_norm.weight"
+        elif k == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            name = "output.weight"
+        else:
+            parts = k.split(".")
+            layer, mod, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+            name = f"blk.{layer}.{names[mod]}.{kind}"
+            if arch == "llama" and mod == "self_attn.q_proj":
+                v = _permute(v, cfg.num_attention_heads)
+            if arch == "llama" and mod == "self_attn.k_proj":
+                v = _permute(v, cfg.num_key_value_heads)
+        w.add_tensor(name, np.ascontiguousarray(v))
+    if rp.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama3_factors(cfg))
+    for key, val in (extra_kv or {}).items():
+        w.add_string(key, val)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -84,7 +84,11 @@ def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     tensors: dict[str, torch.Tensor] = {}
+    rope_factors = None
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # Llama 3.x RoPE scaling, stored as per-frequency divisors
+            rope_factors = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1).tolist()
+            continue
         name = _hf_name(t.name)
         if name is None:
             continue
@@ -117,6 +121,16 @@ def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
-    if model_type == "qwen2":
+    if model_type == "qwen2" or "model.layers.0.self_attn.q_proj.bias" in tensors:
         config["attention_bias"] = True
+    if "model.layers.0.mlp.down_proj.bias" in tensors:
+        config["mlp_bias"] = True
+    if rope_factors is not None:
+        config["rope_freq_factors"] = rope_factors
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    elif scaling not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF rope scaling {scaling!r} is not supported (supported: linear, "
+                                    "llama3 rope_freqs)")
     return config, tensors

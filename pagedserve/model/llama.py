@@ -35,6 +35,7 @@ class ModelArgs:
     mlp_bias: bool = False
     qk_norm: bool = False
     rope_scaling: dict | None = None
+    rope_freq_factors: list[float] | None = None  # llama.cpp's rope_freqs (GGUF): inv_freq is divided by these
 
     @classmethod
     def from_hf(cls, cfg) -> "ModelArgs":
@@ -67,6 +68,7 @@ class ModelArgs:
             mlp_bias=bool(g("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             rope_scaling=rope_scaling,
+            rope_freq_factors=g("rope_freq_factors"),
         )
 
 
@@ -74,6 +76,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies, with the RoPE scaling schemes Llama/Qwen checkpoints use."""
     d = args.head_dim
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if args.rope_freq_factors is not None:
+        if len(args.rope_freq_factors) != d // 2:
+            raise UnsupportedModelError(
+                f"rope_freq_factors has {len(args.rope_freq_factors)} entries, expected {d // 2}")
+        inv = inv / torch.tensor(args.rope_freq_factors, dtype=torch.float32)
     sc = args.rope_scaling
     if not sc:
         return inv
