@@ -485,15 +485,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_quick(args) -> None:
-    args.input_len, args.output_len = 16, 8
+    """Tiny workloads, one thread (a smoke test that stays fast on a busy machine), one run each."""
+    args.input_len, args.output_len = 16, 4
     args.batch_sizes = [1, 4]
-    args.num_prompts, args.min_prompts = None, 2
-    args.longtail_num_prompts, args.longtail_batch_size = 8, 4
-    args.longtail_input_len, args.longtail_output_len = (8, 24), (4, 24)
-    args.prefix_len, args.prefix_num_prompts, args.prefix_batch_size = 64, 6, 4
-    args.prefix_question_len, args.prefix_output_len = (4, 8), 4
+    args.num_prompts, args.min_prompts = None, 1
+    args.longtail_num_prompts, args.longtail_batch_size = 6, 3
+    args.longtail_input_len, args.longtail_output_len = (8, 16), (2, 8)
+    args.prefix_len, args.prefix_num_prompts, args.prefix_batch_size = 48, 4, 2
+    args.prefix_question_len, args.prefix_output_len = (4, 8), 2
     if args.kv_cache_memory is None:
-        args.kv_cache_memory = 0.1
+        args.kv_cache_memory = 0.05
+    if args.threads is None:
+        args.threads = 1
     args.repeat = 1
 
 
@@ -519,6 +522,7 @@ def run(args) -> int:
         "machine": platform.machine(), "cpus": os.cpu_count(), "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": bool(args.quick), "repeat": args.repeat,
         "kv_cache_memory_gib": args.kv_cache_memory, "block_size": args.block_size, "longest_request": longest,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     try:
         import transformers
