@@ -836,6 +836,7 @@ QUOTED_MESSAGES = [
     "has no bfloat16 support; using float16",
     "max concurrency at max_model_len=",
     "no healthy backend: 0 of", "the response is incomplete",
+    "is not supported by the installed torch build", "is not free", "it is held by", "Loading weights",
 ]
 
 

@@ -312,20 +312,6 @@ class Cluster:
         return False
 
 
-def _check_free(host: str, port: int, what: str) -> None:
-    import socket
-
-    from pagedserve.errors import ConfigError
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"{what} {host}:{port} is not free ({e.strerror})",
-                              hint="pick another --port / --replica-base-port") from None
-
-
 def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: list[str] | None = None) -> int:
     """Run `serve` as N replicas + router until SIGINT/SIGTERM. `argv` is the replicas'
     command line (default: this process's `serve ...` arguments without cluster flags)."""
@@ -335,6 +321,8 @@ def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: lis
     argv = argv if argv is not None else _serve_argv_from_sys()
     host, port = getattr(args, "host", "127.0.0.1") or "127.0.0.1", getattr(args, "port", 8000)
     base = getattr(args, "replica_base_port", None)
+    from pagedserve.ports import check_port_free as _check_free
+
     _check_free(host, port, "router address")
     for i in range(n):
         _check_free("127.0.0.1", (base if base is not None else port + 1) + i, f"replica {i} address")

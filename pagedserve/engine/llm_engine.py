@@ -37,13 +37,28 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but CUDA is not available",
                           hint="check the NVIDIA driver and that torch is a CUDA build, or use --device cpu")
+    if dev.type == "cuda":
+        _probe_gpu(dev)
     return dev
+
+
+def _probe_gpu(dev: torch.device) -> None:
+    """Run one tiny kernel so a torch build without this GPU's architecture fails here, in one clear line."""
+    try:
+        torch.ones(1, device=dev).add_(1)
+        torch.cuda.synchronize(dev)
+    except RuntimeError as e:
+        if "no kernel image" not in str(e):
+            raise
+        cap = "%d.%d" % torch.cuda.get_device_capability(dev)
+        raise ConfigError(
+            f"this GPU ({torch.cuda.get_device_name(dev)}, compute capability {cap}) is not supported by the "
+            f"installed torch build, which has kernels for {', '.join(torch.cuda.get_arch_list()) or 'no GPU'}",
+            hint=f"install a torch build that includes sm_{cap.replace('.', '')} for your driver's CUDA version") from None
 
 
 def select_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtype:
@@ -75,6 +90,7 @@ class LLMEngine:
         self.dtype = select_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        self._check_memory()  # before allocating anything: refuse with numbers, not an OOM later
         self.tokenizer = load_tokenizer(self.model_dir, config.tokenizer)
         self.eos_token_ids = self._eos_ids()
         self.served_model_name = config.served_model_name or (
@@ -132,6 +148,17 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    def _check_memory(self) -> None:
+        from pagedserve.plan import ModelShape, check_memory_before_load
+
+        cfg = self.config
+        kv_pool = None
+        if cfg.num_kv_blocks is None and (cfg.kv_cache_memory is not None or self.device.type != "cuda"):
+            kv_pool = int((cfg.kv_cache_memory or 1.0) * _GiB)
+        total = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else None
+        check_memory_before_load(ModelShape.from_config(self.hf_config), self.dtype.itemsize, cfg.quantization,
+                                 self.device.type, kv_pool, total, cfg.gpu_memory_utilization)
 
     def kv_bytes_per_block(self) -> int:
         a = self.args

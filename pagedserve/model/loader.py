@@ -86,17 +86,29 @@ def _safetensor_files(model_dir: Path) -> list[Path]:
 
 
 def iter_weights(model_dir: Path):
-    """Yield (name, tensor) from every weight file, one tensor at a time to bound memory."""
-    for f in _safetensor_files(model_dir):
-        if f.suffix == ".bin":
-            state = torch.load(f, map_location="cpu", weights_only=True)
-            yield from state.items()
-            continue
-        from safetensors import safe_open
+    """Yield (name, tensor) from every weight file, one tensor at a time to bound memory.
 
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
+    Checkpoints over 1 GiB show a progress bar with an ETA: a 7B load takes a while,
+    and silence looks like a hang."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    files = _safetensor_files(model_dir)
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", mininterval=2.0,
+               disable=total < (1 << 30))
+    try:
+        for f in files:
+            if f.suffix == ".bin":
+                tensors = torch.load(f, map_location="cpu", weights_only=True).items()
+            else:
+                sf = safe_open(str(f), framework="pt")
+                tensors = ((name, sf.get_tensor(name)) for name in sf.keys())
+            for name, t in tensors:
+                yield name, t
+                bar.update(t.numel() * t.element_size())
+    finally:
+        bar.close()
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:

@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         return run_cluster(args)
     if args.max_queue_len is not None and args.max_queue_len < 0:
         raise ConfigError("--max-queue-len must be >= 0", param="max_queue_len")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {args.port}", param="port")
+    from pagedserve.ports import check_port_free
+
+    check_port_free(args.host, args.port)  # before minutes of model loading, not after
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     opts = ServerOptions(served_model_names=args.served_model_name or [default_served_name(model)],
                          api_key=api_key, max_queue_len=args.max_queue_len,
