@@ -224,6 +224,11 @@ class LLMEngine:
         log.info("model %s (%s, %d layers) on %s, dtype %s, loaded in %.1fs",
                  self.served_model_name, self.hf_config.get("architectures", ["?"])[0], self.args.num_layers,
                  self.device, str(self.dtype).replace("torch.", ""), self.load_seconds)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("plan: weights %.2f GiB, KV %.1f KiB per token, %.1f MiB per sequence at max_model_len=%d "
+                 "(`pagedserve plan` explains the arithmetic)", weights / _GiB,
+                 self.kv_bytes_per_block() / bs / 1024, self.kv_bytes_per_block() * -(-self.max_model_len // bs)
+                 / (1 << 20), self.max_model_len)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at max_model_len=%d: %.1f",
                  self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
                  self.max_model_len, cap / self.max_model_len)
