@@ -39,7 +39,9 @@ class EngineDeadError(NotReadyError):
     """The engine process exited; in-flight and new requests fail with 503."""
 
 
-# -- wire format (engine -> server) -------------------------------------------------
+# -- what the server sees (engine -> server) ---------------------------------------------
+# On the pipe these travel as plain tuples (pickling named tuples costs ~8x more, and the engine
+# process is the bottleneck); the reader thread rebuilds the named tuples.
 
 class TokenLogprob(NamedTuple):
     token_id: int
@@ -79,6 +81,16 @@ class EngineStats(NamedTuple):
     prefix_cache_hits: int = 0  # cumulative, tokens
 
 
+def _unpack(o: tuple) -> EngineOutput:
+    seqs = []
+    for s in o[1]:
+        lps = s[3]
+        if lps is not None:
+            lps = [(TokenLogprob(*a) if a is not None else None, [TokenLogprob(*t) for t in top]) for a, top in lps]
+        seqs.append(SeqDelta(s[0], s[1], s[2], lps, s[4], s[5]))
+    return EngineOutput(o[0], seqs, o[2], o[3], o[4], o[5])
+
+
 # -- the engine process ---------------------------------------------------------------
 
 def _pack_logprobs(entries: list[dict], token_ids: list[int], k: int) -> list:
@@ -87,12 +99,12 @@ def _pack_logprobs(entries: list[dict], token_ids: list[int], k: int) -> list:
     for entry, tok in zip(entries, token_ids):
         sampled, top = None, []
         for tid, lp in entry.items():
-            t = TokenLogprob(tid, lp.logprob, lp.rank, lp.decoded_token or "")
+            t = (tid, lp.logprob, lp.rank, lp.decoded_token or "")
             if tid == tok:
                 sampled = t
             if lp.rank is not None and lp.rank <= k:
                 top.append(t)
-        top.sort(key=lambda t: t.rank)
+        top.sort(key=lambda t: t[2])
         packed.append((sampled, top))
     return packed
 
@@ -105,13 +117,13 @@ class _EngineCore:
         self.in_conn = in_conn
         self.out_conn = out_conn
         self.finish_sent: dict[str, set[int]] = {}  # finished output indices already reported (n > 1)
-        self.last_stats: EngineStats | None = None
+        self.last_stats: tuple | None = None
         self.num_logprobs: dict[str, int] = {}  # requests that asked for logprobs: top-k size
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> tuple:
         s = self.engine.stats()
-        return EngineStats(s["num_running"], s["num_waiting"], round(s["kv_cache_usage"], 6), s["num_preemptions"],
-                           s["prefix_cache_queries"], s["prefix_cache_hits"])
+        return (s["num_running"], s["num_waiting"], round(s["kv_cache_usage"], 6), s["num_preemptions"],
+                s["prefix_cache_queries"], s["prefix_cache_hits"])
 
     def handle(self, msg: tuple) -> bool:
         kind = msg[0]
@@ -135,7 +147,8 @@ class _EngineCore:
             return False
         return True
 
-    def pack(self, ro) -> EngineOutput:
+    def pack(self, ro) -> tuple:
+        """An EngineOutput as plain tuples."""
         sent = self.finish_sent.setdefault(ro.request_id, set())
         seqs = []
         for co, (dtext, dids) in zip(ro.outputs, ro.deltas):
@@ -149,14 +162,14 @@ class _EngineCore:
             if co.logprobs is not None and dids:
                 lps = _pack_logprobs(co.logprobs[len(co.token_ids) - len(dids):], dids,
                                      self.num_logprobs.get(ro.request_id, 0))
-            seqs.append(SeqDelta(co.index, dtext, list(dids), lps, co.finish_reason, co.stop_reason))
+            seqs.append((co.index, dtext, dids, lps, co.finish_reason, co.stop_reason))
         times = None
         if ro.finished:
             self.finish_sent.pop(ro.request_id, None)
             self.num_logprobs.pop(ro.request_id, None)
             m = ro.metrics
             times = (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time)
-        return EngineOutput(ro.request_id, seqs, ro.finished, len(ro.prompt_token_ids), ro.num_cached_tokens, times)
+        return (ro.request_id, seqs, ro.finished, len(ro.prompt_token_ids), ro.num_cached_tokens, times)
 
     def run(self) -> None:
         engine, conn = self.engine, self.in_conn
@@ -476,6 +489,10 @@ class AsyncEngine:
         try:
             while True:
                 msg = conn.recv()
+                if msg[0] == "out":
+                    msg = ("out", [_unpack(o) for o in msg[1]], EngineStats(*msg[2]))
+                elif msg[0] == "stats":
+                    msg = ("stats", EngineStats(*msg[1]))
                 loop.call_soon_threadsafe(self._on_message, msg)
                 if msg[0] == "fatal":
                     break
