@@ -4,11 +4,16 @@ Same workload on both sides, measured in the same run: N requests of random toke
 (--input-len tokens) generating exactly --output-len tokens (ignore_eos, greedy).
 
 - offline: `LLM(max_num_seqs=C)` with all N requests submitted at once (the engine keeps C running).
+- offline closed loop: the same engine, in this process, fed like the HTTP client feeds the server:
+  C requests in flight, each finished one replaced at once. Comparing http with this isolates the
+  cost of HTTP + the engine process from the cost of requests arriving one by one (which spreads
+  prefills over more steps; on a fast GPU step that matters).
 - http: one `pagedserve serve` process (engine in its own process); a closed-loop client keeps C
   streaming requests in flight (stream=true, usage from the final chunk). The client is a minimal
   asyncio HTTP/1.1 reader, so the measurement is the server's cost, not a heavy client's.
 
-throughput = generated tokens / wall time; ratio = http / offline (target >= 0.9).
+throughput = generated tokens / wall time; ratio = http / offline (target >= 0.9); ratio_cl = http /
+offline closed loop.
 
     .venv/bin/python benchmarks/server_overhead.py                       # C = 32, 64
     .venv/bin/python benchmarks/server_overhead.py --concurrency 8 --num-prompts 16 --output-len 16
@@ -61,6 +66,43 @@ def run_offline(engine_kw: dict, prompts: list[list[int]], output_len: int, conc
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"wall_s": wall, "output_tokens": tokens, "tok_per_s": tokens / wall,
+            "cpu_cores_busy": round((cpu_seconds() - cpu0) / wall, 3)}
+
+
+_ids = iter(range(1 << 62))
+
+
+def run_offline_closed_loop(llm, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
+    from pagedserve import SamplingParams
+
+    eng = llm.engine
+    eng.scheduler.max_num_seqs = concurrency
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+    def run(items):
+        todo = iter(items)
+
+        def add():
+            p = next(todo, None)
+            if p is not None:
+                eng.add_request(f"cl-{next(_ids)}", None, params, prompt_token_ids=p)
+
+        for _ in range(concurrency):
+            add()
+        tokens = 0
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    tokens += len(o.outputs[0].token_ids)
+                    add()
+        return tokens
+
+    run(prompts[:concurrency])  # warm-up
+    cpu0 = cpu_seconds()
+    t0 = time.perf_counter()
+    tokens = run(prompts)
+    wall = time.perf_counter() - t0
     return {"wall_s": wall, "output_tokens": tokens, "tok_per_s": tokens / wall,
             "cpu_cores_busy": round((cpu_seconds() - cpu0) / wall, 3)}
 
@@ -168,6 +210,8 @@ def main() -> int:
     ap.add_argument("--kv-cache-memory", type=float, default=None, help="GiB (CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                    help="per engine on CUDA: the offline engine and the server share the GPU (default 0.4)")
     ap.add_argument("--load-format", default="auto", help="dummy: random weights (same speed, no download)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="alternate offline/http runs; report the medians")
@@ -185,7 +229,8 @@ def main() -> int:
     if len(nums) == 1:
         nums *= len(concs)
     engine_kw = {"model": args.model, "max_model_len": args.max_model_len, "device": args.device,
-                 "dtype": args.dtype, "enable_prefix_caching": False, "load_format": args.load_format}
+                 "dtype": args.dtype, "enable_prefix_caching": False, "load_format": args.load_format,
+                 "gpu_memory_utilization": args.gpu_memory_utilization}
     if args.kv_cache_memory is not None:
         engine_kw["kv_cache_memory"] = args.kv_cache_memory
 
@@ -198,6 +243,7 @@ def main() -> int:
     rows = []
     serve_args = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(max(concs)), "--device",
                   args.device, "--dtype", args.dtype, "--load-format", args.load_format, "--no-enable-prefix-caching",
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization),
                   "--disable-log-requests"]
     if args.kv_cache_memory is not None:
         serve_args += ["--kv-cache-memory", str(args.kv_cache_memory)]
@@ -208,34 +254,44 @@ def main() -> int:
         pids = {"server": srv.proc.pid, "engine": httpx.get(srv.url + "/health").json()["engine_pid"]}
         for c, n in zip(concs, nums):
             prompts = make_prompts(n, args.input_len, vocab, args.seed + c)
-            offs, https = [], []
+            offs, cls, https = [], [], []
             for rep in range(args.repeats):
                 offs.append(run_offline(engine_kw, prompts, args.output_len, c, llm))
+                cls.append(run_offline_closed_loop(llm, prompts, args.output_len, c))
                 https.append(asyncio.run(_http_run(srv.url, name, prompts, args.output_len, c, pids)))
-                off, http = offs[-1], https[-1]
-                assert http["output_tokens"] == off["output_tokens"] == n * args.output_len, (http, off)
+                off, cl, http = offs[-1], cls[-1], https[-1]
+                assert http["output_tokens"] == off["output_tokens"] == cl["output_tokens"] == n * args.output_len
                 print(f"  C={c} #{rep}: offline {off['tok_per_s']:.1f} tok/s ({off['cpu_cores_busy']} cores busy), "
-                      f"http {http['tok_per_s']:.1f} tok/s (cores busy {http['cpu_cores_busy']})", flush=True)
-            off = sorted(offs, key=lambda r: r["tok_per_s"])[len(offs) // 2]
-            http = sorted(https, key=lambda r: r["tok_per_s"])[len(https) // 2]
+                      f"closed loop {cl['tok_per_s']:.1f}, http {http['tok_per_s']:.1f} tok/s "
+                      f"(cores busy {http['cpu_cores_busy']})", flush=True)
+            # Each http run is paired with the offline run just before it; the ratio is the median pair's.
+            pair_ratios = [h["tok_per_s"] / o["tok_per_s"] for o, h in zip(offs, https)]
+            mid = sorted(range(len(offs)), key=lambda i: pair_ratios[i])[(len(offs) - 1) // 2]
+            off, http = offs[mid], https[mid]
             rows.append({"concurrency": c, "num_prompts": n, "input_len": args.input_len,
                          "output_len": args.output_len, "offline": off, "http": http,
-                         "ratio": http["tok_per_s"] / off["tok_per_s"],
-                         "runs": {"offline": [r["tok_per_s"] for r in offs], "http": [r["tok_per_s"] for r in https]}})
+                         "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
+                         "offline_closed_loop": cls[mid],
+                         "ratio_cl": statistics.median(h["tok_per_s"] / o["tok_per_s"] for o, h in zip(cls, https)),
+                         "runs": {"offline": [r["tok_per_s"] for r in offs], "offline_closed_loop": [r["tok_per_s"] for r in cls],
+                                  "http": [r["tok_per_s"] for r in https]}})
 
     print()
     print(f"server overhead: {name} on {device} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}); {args.input_len} in / {args.output_len} out tokens; "
-          f"median of {args.repeats} run(s)")
-    hdr = f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'offline tok/s':>14} {'http tok/s':>11} {'ratio':>6} " \
-          f"{'TTFT p50':>9} {'ITL p50':>8}"
+          f"{args.repeats} paired run(s), median ratio (row: the lower-middle pair)")
+    hdr = f"{'conc':>5} {'reqs':>5} {'tokens':>7} {'offline tok/s':>14} {'closed-loop':>12} {'http tok/s':>11} " \
+          f"{'ratio':>6} {'ratio_cl':>8} {'TTFT p50':>9} {'ITL p50':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         h = r["http"]
         print(f"{r['concurrency']:>5} {r['num_prompts']:>5} {h['output_tokens']:>7} {r['offline']['tok_per_s']:>14.1f} "
-              f"{h['tok_per_s']:>11.1f} {r['ratio']:>6.3f} {h['ttft_p50_s'] * 1e3:>7.0f}ms "
+              f"{r['offline_closed_loop']['tok_per_s']:>12.1f} {h['tok_per_s']:>11.1f} {r['ratio']:>6.3f} "
+              f"{r['ratio_cl']:>8.3f} {h['ttft_p50_s'] * 1e3:>7.0f}ms "
               f"{(h['itl_p50_s'] or 0) * 1e3:>6.1f}ms")
+    for r in rows:
+        print(f"  C={r['concurrency']}: per-pair ratios " + ", ".join(f"{x:.3f}" for x in r["pair_ratios"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": name, "device": device, "cpu_count": os.cpu_count(),
