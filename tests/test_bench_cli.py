@@ -22,7 +22,7 @@ def test_bench_serve_sweep_writes_every_report(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     for text in ("Concurrency", "Success", "TTFT P50", "TTFT P99", "Output", "tok/s", "Recommendation:",
-                 "client overhead", "http_500"):
+                 "client overhead", "http_500", "server's own TTFT"):
         assert text in out, text
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["mode"] == "concurrency" and [lv["load"] for lv in doc["levels"]] == [1, 2, 4]
@@ -34,6 +34,9 @@ def test_bench_serve_sweep_writes_every_report(tmp_path, capsys):
         assert all(r["output_tokens"] == 6 and r["chunks"] == 3 and r["token_source"] == "usage" for r in ok)
         assert {"ttft", "tpot", "itl", "e2e", "send_delay", "error_kind"} <= set(lv["requests"][0])
         assert "cpu_peak_fraction" in lv["client"]
+        # The server's own view (/metrics) covers the level's 7 completed requests; the client adds little.
+        assert lv["server"]["ttft_count"] == 7
+        assert 0 <= lv["summary"]["ttft_ms"]["mean"] - lv["server"]["ttft_mean_ms"] < 30
     # 1 -> 7/8 success is below the 99% error budget: no level is production-safe.
     assert doc["knee"]["reason"] == "none_ok"
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))

@@ -74,6 +74,10 @@ def test_short_sweep_against_real_server(real_server, tmp_path, capsys):
         assert s["success_rate"] == 1.0, s["errors"]
         assert s["token_sources"] == {"usage": 4}  # the server honours stream_options.include_usage
         assert s["output_throughput"] > 0 and s["ttft_ms"]["p50"] > 0 and s["tpot_ms"]["p50"] > 0
+        # The server's own histograms (/metrics, vLLM names) saw the same 4 requests and agree.
+        assert lv["server"]["ttft_count"] == 4 and lv["server"]["e2e_count"] == 4
+        assert s["ttft_ms"]["mean"] == pytest.approx(lv["server"]["ttft_mean_ms"], rel=0.25)
+        assert s["e2e_ms"]["mean"] == pytest.approx(lv["server"]["e2e_mean_ms"], rel=0.1)
         for r in lv["requests"]:
             assert r["output_tokens"] == 8  # ignore_eos: exactly max_tokens
             assert r["prompt_tokens"] == r["expected_prompt_len"] == 24  # token-exact random prompts

@@ -50,6 +50,8 @@ class MockServer:
         # What the server really did, per prompt (seconds after the request arrived): the truth
         # tests compare against, since a starved CPU can make sleeps overshoot the nominal timing.
         self.timings: dict[str, dict] = {}
+        # Cumulative (sum, count) of completed requests, served as vLLM-named histograms on /metrics.
+        self.hist = {"time_to_first_token_seconds": (0.0, 0), "e2e_request_latency_seconds": (0.0, 0)}
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -86,6 +88,8 @@ class MockServer:
     async def _route(self, method: str, path: str, body: bytes, writer) -> bool:
         if method == "GET" and path in ("/health", "/v1/health"):
             self._plain(writer, 200, {"status": "ok"})
+        elif method == "GET" and path == "/metrics":
+            self._metrics(writer)
         elif method == "GET" and path == "/mock/timings":
             self._plain(writer, 200, self.timings)
         elif method == "GET" and path == "/v1/models":
@@ -102,6 +106,15 @@ class MockServer:
             self._plain(writer, 404, {"error": {"message": f"no route {method} {path}"}})
         await writer.drain()
         return True
+
+    def _metrics(self, writer) -> None:
+        """vLLM-named latency histograms (sum and count only), from the real chunk times."""
+        lines = []
+        for name, (total, count) in self.hist.items():
+            lines += [f'vllm:{name}_sum{{model_name="{self.model}"}} {total}',
+                      f'vllm:{name}_count{{model_name="{self.model}"}} {count}']
+        data = ("\n".join(lines) + "\n").encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
 
     async def _generate(self, chat: bool, body: bytes, writer) -> bool:
         t0 = time.perf_counter()
@@ -168,7 +181,8 @@ class MockServer:
             writer.write(chunk(" the" * toks, "length" if last else None))
             await writer.drain()
             sent = time.perf_counter() - t0
-            tm = self.timings.setdefault(prompt, {"first": sent, "chunks": []})
+            if i == 0:
+                tm = self.timings[prompt] = {"first": sent, "chunks": []}
             tm["chunks"].append(sent)
             tm["last"] = sent
             if marker == "break":
@@ -176,6 +190,9 @@ class MockServer:
                 return False
             if marker == "stall":
                 await asyncio.sleep(1e6)
+        for name, v in (("time_to_first_token_seconds", tm["first"]), ("e2e_request_latency_seconds", tm["last"])):
+            total, count = self.hist[name]
+            self.hist[name] = (total + v, count + 1)
         if want_usage:
             writer.write(chunk(None, with_usage=True))
         done = b"data: [DONE]\n\n"

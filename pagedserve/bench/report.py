@@ -99,7 +99,8 @@ def _errs(s: dict) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in s["errors"].items()) or "none"
 
 
-def print_report(console, mode: str, loads, summaries, analysis: dict, clients: list[dict]) -> None:
+def print_report(console, mode: str, loads, summaries, analysis: dict, clients: list[dict],
+                 servers: list[dict | None] | None = None) -> None:
     from rich import box
     from rich.table import Table
 
@@ -137,6 +138,14 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
     sd = max((c.get("send_delay_p99_ms") or 0.0 for c in clients), default=0.0)
     console.print(f"client overhead: CPU {cpu:.0%} of one core in the busiest second, event-loop lag P99 "
                   f"{lag:.1f} ms, send delay P99 {sd:.1f} ms (worst level)")
+    if servers and any(servers):
+        parts = []
+        for load, s, srv in zip(loads, summaries, servers):
+            c_ttft = get(s, ("ttft_ms", "mean"))
+            if srv and "ttft_mean_ms" in srv and c_ttft is not None:
+                parts.append(f"{load_text(mode, load)}: {c_ttft - srv['ttft_mean_ms']:+.1f}")
+        if parts:
+            console.print("client TTFT − server's own TTFT (mean ms, from /metrics): " + ", ".join(parts))
     if analysis["index"] is not None:
         console.print(f"knee: {load_header(mode).lower()} {load_text(mode, loads[analysis['index']])} "
                       f"({analysis['reason'].replace('_', ' ')})")
@@ -147,7 +156,7 @@ def to_json(path: str, config: dict, mode: str, results, summaries, analysis: di
     levels = []
     for res, s in zip(results, summaries):
         levels.append({"mode": mode, "load": _num(res.spec.load), "label": res.spec.label,
-                       "started_at": res.started_at, "summary": s, "client": res.client,
+                       "started_at": res.started_at, "summary": s, "client": res.client, "server": res.server,
                        "requests": [r.to_dict(with_text) for r in res.records]})
     doc = {"config": config, "mode": mode, "levels": levels,
            "knee": {k: _num(v) for k, v in analysis.items() if k != "ok"}}

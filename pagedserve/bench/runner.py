@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -65,6 +66,7 @@ class LevelResult:
     duration: float
     started_at: float  # wall clock (time.time())
     client: dict = field(default_factory=dict)
+    server: dict | None = None  # the server's own latency means over the level (from /metrics)
 
 
 class LoopMonitor:
@@ -140,6 +142,7 @@ async def run_level(spec: LevelSpec, settings: RequestSettings, requests: Iterat
     """Run one level to completion; `on_done(record, in_flight)` is called after every request."""
     if spec.mode == "concurrency":
         await prewarm(pool, settings.url, int(spec.load))
+    metrics_before = await scrape_server_metrics(pool, settings.url)
     records: list[RequestRecord] = []
     in_flight = 0
     monitor = LoopMonitor()
@@ -225,7 +228,49 @@ async def run_level(spec: LevelSpec, settings: RequestSettings, requests: Iterat
         client["dispatch_lag_p99_ms"] = _ms(percentile(lags, 99))
         client["offered_rate"] = len(records) / max(max((r.start for r in records), default=0.0), 1e-9)
     client["warnings"] = client_warnings(client, spec)
-    return LevelResult(spec, records, end, wall0, client)
+    server = server_side(metrics_before, await scrape_server_metrics(pool, settings.url)) if metrics_before else None
+    return LevelResult(spec, records, end, wall0, client, server)
+
+
+_PROM = re.compile(r"^vllm:(time_to_first_token_seconds|e2e_request_latency_seconds|time_per_output_token_seconds)"
+                   r"_(sum|count)(?:\{[^}]*\})?\s+(\S+)", re.M)
+
+
+async def scrape_server_metrics(pool: ClientPool, url: str) -> dict | None:
+    """Sums and counts of the server's vLLM-named latency histograms from GET /metrics, or None.
+
+    Comparing their means over a level with the client's own shows how much of the
+    reported latency the client adds (it assumes nobody else uses the server meanwhile).
+    """
+    base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
+    try:
+        r = await pool.get(0).get(base + "/metrics", timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    out: dict[str, float] = {}
+    for name, kind, value in _PROM.findall(r.text):
+        try:
+            out[f"{name}_{kind}"] = out.get(f"{name}_{kind}", 0.0) + float(value)
+        except ValueError:
+            continue
+    return out or None
+
+
+def server_side(before: dict | None, after: dict | None) -> dict | None:
+    """Per-level means (ms) of the server's own TTFT / E2E / time-per-output-token histograms."""
+    if not before or not after:
+        return None
+    out = {}
+    for name, key in (("time_to_first_token_seconds", "ttft_mean_ms"), ("e2e_request_latency_seconds", "e2e_mean_ms"),
+                      ("time_per_output_token_seconds", "tpot_mean_ms")):
+        n = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+        total = after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)
+        if n > 0:
+            out[key] = total / n * 1000.0
+            out[key.replace("_mean_ms", "_count")] = int(n)
+    return out or None
 
 
 def _ms(x: float | None) -> float | None:

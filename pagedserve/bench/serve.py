@@ -175,7 +175,7 @@ async def main(args: argparse.Namespace) -> int:
         await pool.aclose()
 
     analysis = report.analyze(mode, loads, summaries, slo, args.slo_target)
-    report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results])
+    report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results], [r.server for r in results])
     config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {"url": url, "model": model}
     if args.save_json:
         report.to_json(args.save_json, config, mode, results, summaries, analysis, args.save_text)
@@ -263,13 +263,14 @@ def report_run(args: argparse.Namespace) -> int:
         load = math.inf if lv["load"] == "inf" else float(lv["load"])
         records = [RequestRecord(**{k: v for k, v in r.items() if k in fields}) for r in lv["requests"]]
         res = LevelResult(LevelSpec(mode, load, len(records)), records, lv["summary"]["duration_s"],
-                          lv.get("started_at", 0.0), lv.get("client", {}))
+                          lv.get("started_at", 0.0), lv.get("client", {}), lv.get("server"))
         results.append(res)
         summaries.append(summarize(records, res.duration, slo))
         loads.append(load)
     analysis = report.analyze(mode, loads, summaries, slo, target)
     out = Console() if sys.stdout.isatty() else Console(width=160)
-    report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results if r.client])
+    report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results if r.client],
+                        [r.server for r in results])
     if args.save_csv:
         out.print("wrote " + ", ".join(report.to_csv(args.save_csv, mode, results, summaries)))
     if args.plot:
