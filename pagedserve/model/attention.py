@@ -32,6 +32,7 @@ class AttentionMetadata:
     decode_max_seq_len: int = 0
     prefill_query_start_list: tuple[int, ...] = (0,)
     prefill_seq_lens_list: tuple[int, ...] = ()
+    decode_seq_lens_list: tuple[int, ...] = ()  # host copy of decode_seq_lens (optional: enables grouping)
     # Tensors derived from the fields above once per step (by the first layer that needs them) and
     # reused by every other layer: the block tables and lengths are the same for all of them.
     derived: dict = field(default_factory=dict, repr=False, compare=False)
@@ -72,33 +73,113 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int)
     return gather_blocks(cache, block_table[:nblocks].long())[:ctx_len]
 
 
+# Cost of one more decode group per layer (a few extra op launches), in gathered blocks: a group
+# pays off when it saves more padding than this.
+GROUP_OVERHEAD_BLOCKS = 8
+
+
+def group_by_length(nblocks: list[int], overhead: int = GROUP_OVERHEAD_BLOCKS) -> list[list[int]]:
+    """Split decode rows into groups padded separately, minimising gathered blocks + overhead per group.
+
+    Each group is padded to its longest row, so one long sequence no longer makes every short one
+    gather (and attend over) as many blocks as it has. Optimal over contiguous ranges of the sorted
+    distinct lengths (a small DP on host ints); rows keep their original index.
+    """
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(nblocks):
+        by_len.setdefault(n, []).append(i)
+    vals = sorted(by_len, reverse=True)  # longest first
+    u = len(vals)
+    if u == 1:
+        return [list(range(len(nblocks)))]
+    counts = [len(by_len[v]) for v in vals]
+    best = [0] + [None] * u  # best[j]: cost of grouping the j longest distinct lengths
+    cut = [0] * (u + 1)
+    for j in range(1, u + 1):
+        rows = 0
+        for a in range(j, 0, -1):  # the last group spans distinct lengths a..j, padded to vals[a-1]
+            rows += counts[a - 1]
+            c = best[a - 1] + vals[a - 1] * rows + overhead
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, a - 1
+    groups = []
+    j = u
+    while j > 0:
+        a = cut[j]
+        groups.append([i for v in vals[a:j] for i in by_len[v]])
+        j = a
+    return groups[::-1]
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor | None  # [n] int64 rows of the decode batch, None: all rows in order
+    ids: torch.Tensor  # [n * nb] int64 block ids to gather, nb = blocks of the group's longest sequence
+    mask: torch.Tensor  # [n, 1, 1, nb * block_size] additive: 0 inside a sequence, -inf past its end
+
+
 @dataclass
 class DecodePlan:
     """What every layer's decode attention needs, built once per step (`decode_plan`)."""
 
-    ids: torch.Tensor  # [B * nb] int64 block ids to gather, nb = blocks of the longest sequence
-    mask: torch.Tensor  # [B, 1, 1, nb * block_size] additive: 0 inside a sequence, -inf past its end
-    k_buf: torch.Tensor | None = None  # [B * nb, block_size * KVH * D] gather targets shared by all layers
+    groups: list[DecodeGroup]
+    k_buf: torch.Tensor | None = None  # [max gathered blocks, block_size * KVH * D] reused by all layers
     v_buf: torch.Tensor | None = None
 
 
-def decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int,
-                dtype: torch.dtype, cache: torch.Tensor | None = None) -> DecodePlan:
-    """Flat block ids (shorter rows padded with their table's padding), the padding mask, and, given
-    a layer's cache, reusable gather buffers of its dtype and row size."""
-    b = block_tables.shape[0]
-    nb = (max_seq_len + block_size - 1) // block_size
-    ids = block_tables[:, :nb].reshape(-1).long()
+def _group_tensors(block_tables: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor | None, max_len: int,
+                   block_size: int, dtype: torch.dtype) -> DecodeGroup:
+    nb = (max_len + block_size - 1) // block_size
+    bt = block_tables if rows is None else block_tables.index_select(0, rows)
+    lens = seq_lens if rows is None else seq_lens.index_select(0, rows)
+    ids = bt[:, :nb].reshape(-1).long()
     pos = torch.arange(nb * block_size, device=block_tables.device)
-    past_end = pos[None, :] >= seq_lens[:, None].to(pos.dtype)  # [B, L]
-    mask = torch.zeros(b, 1, 1, nb * block_size, dtype=dtype, device=block_tables.device)
+    past_end = pos[None, :] >= lens[:, None].to(pos.dtype)  # [n, L]
+    mask = torch.zeros(bt.shape[0], 1, 1, nb * block_size, dtype=dtype, device=block_tables.device)
     mask.masked_fill_(past_end[:, None, None, :], float("-inf"))
-    plan = DecodePlan(ids, mask)
+    return DecodeGroup(rows, ids, mask)
+
+
+def decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int,
+                dtype: torch.dtype, cache: torch.Tensor | None = None,
+                seq_lens_list: list[int] | tuple[int, ...] | None = None) -> DecodePlan:
+    """Block ids and padding masks per group of rows (one group unless the host lengths
+    `seq_lens_list` are given and splitting pays), and, given a layer's cache, reusable gather
+    buffers of its dtype and row size."""
+    if seq_lens_list and len(seq_lens_list) > 1:
+        nblocks = [max(1, (n + block_size - 1) // block_size) for n in seq_lens_list]
+        parts = group_by_length(nblocks)
+    else:
+        parts = None
+    if parts is None or len(parts) == 1:
+        groups = [_group_tensors(block_tables, seq_lens, None, max_seq_len, block_size, dtype)]
+    else:
+        groups = [_group_tensors(block_tables, seq_lens, torch.tensor(rows, device=block_tables.device),
+                                 max(1, max(seq_lens_list[i] for i in rows)), block_size, dtype)
+                  for rows in parts]
+    plan = DecodePlan(groups)
     if cache is not None:
         row = cache[0].numel()
-        plan.k_buf = torch.empty(ids.numel(), row, dtype=cache.dtype, device=cache.device)
+        most = max(g.ids.numel() for g in groups)
+        plan.k_buf = torch.empty(most, row, dtype=cache.dtype, device=cache.device)
         plan.v_buf = torch.empty_like(plan.k_buf)
     return plan
+
+
+def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, grp: DecodeGroup, scale: float,
+                  k_buf: torch.Tensor | None, v_buf: torch.Tensor | None) -> torch.Tensor:
+    b, h, d = q.shape
+    kvh = k_cache.shape[2]
+    seq = grp.mask.shape[-1]
+    n = grp.ids.numel()
+    k = gather_blocks(k_cache, grp.ids, None if k_buf is None else k_buf[:n])
+    v = gather_blocks(v_cache, grp.ids, None if v_buf is None else v_buf[:n])
+    k = k.view(b, seq, kvh, d).transpose(1, 2)  # [n, KVH, L, D] (strided view)
+    v = v.view(b, seq, kvh, d).transpose(1, 2)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    out = F.scaled_dot_product_attention(q.reshape(b, kvh, h // kvh, d), k, v, attn_mask=grp.mask, scale=scale)
+    return out.reshape(b, h, d)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -106,24 +187,23 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                max_seq_len: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
     """q [B, H, D] (one query per sequence) -> out [B, H, D].
 
-    Batched over sequences: gathers each sequence's blocks into a padded [B, L, KVH, D] tensor (one
-    index_select per cache) and runs one fused SDPA with an additive padding mask. GQA without
-    repeating K/V: the g query heads that share a KV head become g query rows of that head.
-    `plan` is `decode_plan(...)` for these tables, when the caller already has it.
+    Batched over sequences: gathers the sequences' blocks into a padded [n, L, KVH, D] tensor (one
+    index_select per cache) and runs one fused SDPA with an additive padding mask, per group of
+    similar lengths (see `decode_plan`). GQA without repeating K/V: the g query heads that share a
+    KV head become g query rows of that head. `plan` is `decode_plan(...)` for these tables, when
+    the caller already has it.
     """
-    b, h, d = q.shape
-    bs, kvh = k_cache.shape[1], k_cache.shape[2]
     if plan is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
-        plan = decode_plan(block_tables, seq_lens, max_seq_len, bs, q.dtype)
-    seq = plan.mask.shape[-1]
-    k = gather_blocks(k_cache, plan.ids, plan.k_buf).view(b, seq, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-    v = gather_blocks(v_cache, plan.ids, plan.v_buf).view(b, seq, kvh, d).transpose(1, 2)
-    if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    out = F.scaled_dot_product_attention(q.reshape(b, kvh, h // kvh, d), k, v, attn_mask=plan.mask, scale=scale)
-    return out.reshape(b, h, d)
+        plan = decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], q.dtype)
+    if len(plan.groups) == 1 and plan.groups[0].rows is None:
+        return _decode_group(q, k_cache, v_cache, plan.groups[0], scale, plan.k_buf, plan.v_buf)
+    out = torch.empty_like(q)
+    for grp in plan.groups:
+        o = _decode_group(q.index_select(0, grp.rows), k_cache, v_cache, grp, scale, plan.k_buf, plan.v_buf)
+        out.index_copy_(0, grp.rows, o)
+    return out
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -185,7 +265,8 @@ class TorchAttentionBackend:
             plan = meta.derived.get(key)
             if plan is None:  # the first layer of this step
                 plan = meta.derived[key] = decode_plan(meta.decode_block_tables, meta.decode_seq_lens,
-                                                       meta.decode_max_seq_len, k_cache.shape[1], q.dtype, k_cache)
+                                                       meta.decode_max_seq_len, k_cache.shape[1], q.dtype, k_cache,
+                                                       meta.decode_seq_lens_list)
             decode = paged_decode_attention_ref(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                                 meta.decode_seq_lens, scale, meta.decode_max_seq_len, plan)
             if meta.num_prefill == 0:

@@ -160,6 +160,7 @@ class ModelRunner:
             decode_max_seq_len=max(d_lens, default=0),
             prefill_query_start_list=tuple(q_start),
             prefill_seq_lens_list=tuple(p_lens),
+            decode_seq_lens_list=tuple(d_lens),
         )
         return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
                 self._tensor(logit_rows, torch.int64), sampled)
