@@ -41,6 +41,7 @@ def test_offline_throughput_quick(tmp_path, capsys, monkeypatch):
             for key in ("kv_efficiency", "kv_efficiency_min", "kv_efficiency_static"):
                 assert 0 < r[key] <= 1, (label, key, r[key])
             assert r["kv_efficiency_min"] <= r["kv_efficiency"]
+            assert 0 < r["kv_peak_tokens"] and 0 < r["kv_peak_tokens_static"] and r["cpu_s"] > 0
         assert sc["ratio_vs_hf"]["hf"] == 1.0
         assert all(x > 0 for x in sc["ratio_vs_hf"].values())
 

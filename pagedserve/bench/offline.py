@@ -19,10 +19,16 @@ KV memory efficiency = tokens whose K/V are stored / token capacity of the alloc
 sampled after every engine step and averaged over steps:
 - paged:        stored tokens / (blocks in use x block_size); a block shared by several sequences
                 (prefix cache) is counted once
-- static:       the same schedule if every running sequence had reserved a contiguous slot of the
-                workload's maximum length (prompt + output of its longest request) up front
-- hf:           HF's padded batch KV cache: batch x (longest prompt + steps so far), of which only
+- static:       the same engine's schedule had every running sequence reserved a contiguous slot
+                of the workload's maximum length (prompt + output of its longest request) up front,
+                as static pre-allocation must when output lengths are unknown
+- hf (KV eff.): HF's padded batch KV cache: batch x (longest prompt + steps so far), of which only
                 each request's own prompt and its useful outputs count as stored
+KV peak tokens: the most token slots allocated at once during the run (paged blocks in use; HF's
+padded cache), i.e. the KV memory the workload needed; prefix sharing shows up here.
+
+Wall-clock tok/s is the headline; each result also records the process CPU time (`cpu_s`), which
+moves far less than wall time when other processes share the cores.
 """
 from __future__ import annotations
 
@@ -176,7 +182,10 @@ class RunResult:
     kv_efficiency: float | None = None  # mean over steps
     kv_efficiency_min: float | None = None
     kv_efficiency_static: float | None = None  # static pre-allocation to the workload's max length
+    kv_peak_tokens: int | None = None  # most KV token slots allocated at once (memory actually needed)
+    kv_peak_tokens_static: int | None = None  # the same, had every running sequence reserved max_len
     prefix_cache_hit_rate: float | None = None
+    cpu_s: float | None = None  # CPU time of this process (all threads) during the run
     extra: dict = field(default_factory=dict)
 
     @property
@@ -230,9 +239,11 @@ def run_pagedserve(llm, wl: Workload, label: str) -> RunResult:
     max_len = wl.max_len
     effs: list[float] = []
     static: list[float] = []
+    peak = peak_static = 0
     produced = 0
     steps = 0
-    accounting = 0.0
+    accounting = cpu_accounting = 0.0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for i, (ids, n) in enumerate(zip(wl.prompts, wl.output_lens)):
         eng.add_request(f"bench-{i}", None, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
@@ -241,16 +252,21 @@ def run_pagedserve(llm, wl: Workload, label: str) -> RunResult:
         outs = eng.step()
         steps += 1
         ta = time.perf_counter()
+        ca = time.process_time()
         for o in outs:
             if o.finished:
                 produced += len(o.outputs[0].token_ids)
         stored, cap, s_stored, s_cap = _kv_sample(eng, max_len)
         if cap:
             effs.append(stored / cap)
+            peak = max(peak, cap)
         if s_cap:
             static.append(s_stored / s_cap)
+            peak_static = max(peak_static, s_cap)
         accounting += time.perf_counter() - ta
+        cpu_accounting += time.process_time() - ca
     elapsed = time.perf_counter() - t0 - accounting
+    cpu = time.process_time() - c0 - cpu_accounting
     if produced != wl.output_tokens:
         raise RuntimeError(f"{label}: produced {produced} tokens, the workload asked for {wl.output_tokens}")
     if bm.num_free_blocks != bm.num_blocks:
@@ -261,7 +277,8 @@ def run_pagedserve(llm, wl: Workload, label: str) -> RunResult:
         kv_efficiency=statistics.fmean(effs) if effs else None,
         kv_efficiency_min=min(effs) if effs else None,
         kv_efficiency_static=statistics.fmean(static) if static else None,
-        prefix_cache_hit_rate=(h / q) if (bm.enable_prefix_caching and q) else None,
+        kv_peak_tokens=peak, kv_peak_tokens_static=peak_static,
+        prefix_cache_hit_rate=(h / q) if (bm.enable_prefix_caching and q) else None, cpu_s=cpu,
         extra={"accounting_s": accounting, "preemptions": eng.scheduler.num_preemptions},
     )
 
@@ -274,7 +291,9 @@ def run_hf(model, wl: Workload, pad_id: int) -> RunResult:
     produced = computed = steps = 0
     effs: list[float] = []
     static: list[float] = []
+    peak = peak_static = 0
     max_len = wl.max_len
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for s in range(0, wl.num_requests, wl.batch_size):
         prompts = wl.prompts[s:s + wl.batch_size]
@@ -300,10 +319,14 @@ def run_hf(model, wl: Workload, pad_id: int) -> RunResult:
             stored = sum(p + min(t - 1, o) for p, o in zip(lens, outs))
             effs.append(stored / (b * (plen + t - 1)))
             static.append(stored / (b * max_len))
+        peak = max(peak, b * (plen + new - 1))
+        peak_static = max(peak_static, b * max_len)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     return RunResult("hf", produced, computed, elapsed, steps,
                      kv_efficiency=statistics.fmean(effs), kv_efficiency_min=min(effs),
-                     kv_efficiency_static=statistics.fmean(static))
+                     kv_efficiency_static=statistics.fmean(static), kv_peak_tokens=peak,
+                     kv_peak_tokens_static=peak_static, cpu_s=cpu)
 
 
 # -- engines --------------------------------------------------------------------------
@@ -390,7 +413,8 @@ def print_table(report: dict, file=None) -> None:
                         f"{report['meta']['device']}, {report['meta']['threads']} threads)")
     for col, just in [("scenario", "left"), ("engine", "left"), ("reqs", "right"), ("batch", "right"),
                       ("out tokens", "right"), ("time s", "right"), ("out tok/s", "right"), ("vs HF", "right"),
-                      ("KV eff.", "right"), ("KV static", "right"), ("prefix hit", "right")]:
+                      ("KV eff.", "right"), ("KV static", "right"), ("KV peak tok", "right"),
+                      ("prefix hit", "right")]:
         table.add_column(col, justify=just)
     for sc in report["scenarios"]:
         w = sc["workload"]
@@ -399,7 +423,8 @@ def print_table(report: dict, file=None) -> None:
             table.add_row(w["name"], label, str(w["num_requests"]), str(w["batch_size"]), str(r["output_tokens"]),
                           f"{r['elapsed_s']:.2f}", f"{r['output_tok_s']:.1f}",
                           "-" if ratio is None else f"{ratio:.2f}x", _pct(r["kv_efficiency"]),
-                          _pct(r["kv_efficiency_static"]), _pct(r["prefix_cache_hit_rate"]))
+                          _pct(r["kv_efficiency_static"]), f"{r['kv_peak_tokens']:,}",
+                          _pct(r["prefix_cache_hit_rate"]))
         table.add_section()
     Console(file=file, width=160).print(table)
 
@@ -545,7 +570,8 @@ def run(args) -> int:
                     r = run_hf(model, wl, pad)
                 else:
                     r = run_pagedserve(engines.llm(lab), wl, lab)
-                print(f"[bench]   {r.output_tok_s:.1f} out tok/s ({r.elapsed_s:.2f}s)", file=sys.stderr, flush=True)
+                print(f"[bench]   {r.output_tok_s:.1f} out tok/s ({r.elapsed_s:.2f}s wall, {r.cpu_s:.2f}s cpu)",
+                      file=sys.stderr, flush=True)
                 runs[lab].append(r)
         best = {lab: _best(rs) for lab, rs in runs.items()}
         ratios = {}
