@@ -142,7 +142,7 @@ def build_workloads(args, vocab_size: int, special_ids) -> list[Workload]:
             for b in args.batch_sizes:
                 n = args.num_prompts or max(b, args.min_prompts)
                 wls.append(Workload(
-                    "fixed", f"fixed in={args.input_len} out={args.output_len} batch={b}",
+                    "fixed", f"(a) {args.input_len}+{args.output_len} b={b}",
                     [src.ids(args.input_len) for _ in range(n)], [args.output_len] * n, b,
                     f"{n} prompts of {args.input_len} tokens, {args.output_len} new tokens each"))
         elif scen == "longtail":
@@ -151,7 +151,7 @@ def build_workloads(args, vocab_size: int, special_ids) -> list[Workload]:
             olo, ohi = args.longtail_output_len
             outs = longtail_lengths(n, olo, ohi, rng)
             wls.append(Workload(
-                "longtail", f"longtail out={olo}-{ohi} batch={b}",
+                "longtail", f"(b) longtail {olo}-{ohi} b={b}",
                 [src.ids(rng.randint(plo, phi)) for _ in range(n)], outs, b,
                 f"{n} prompts of {plo}-{phi} tokens, long-tailed outputs {olo}-{ohi} tokens "
                 f"(mean {statistics.fmean(outs):.0f})"))
@@ -160,7 +160,7 @@ def build_workloads(args, vocab_size: int, special_ids) -> list[Workload]:
             qlo, qhi = args.prefix_question_len
             system = src.ids(args.prefix_len)
             wls.append(Workload(
-                "shared-prefix", f"shared prefix={args.prefix_len} batch={b}",
+                "shared-prefix", f"(c) prefix {args.prefix_len} b={b}",
                 [system + src.ids(rng.randint(qlo, qhi)) for _ in range(n)], [args.prefix_output_len] * n, b,
                 f"{n} prompts = one {args.prefix_len}-token system prompt + a {qlo}-{qhi}-token question, "
                 f"{args.prefix_output_len} new tokens each",
@@ -426,7 +426,7 @@ def print_table(report: dict, file=None) -> None:
                           _pct(r["kv_efficiency_static"]), f"{r['kv_peak_tokens']:,}",
                           _pct(r["prefix_cache_hit_rate"]))
         table.add_section()
-    Console(file=file, width=160).print(table)
+    Console(file=file, width=200).print(table)
 
 
 def _git_commit() -> str | None:
