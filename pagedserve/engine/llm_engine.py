@@ -277,6 +277,9 @@ class LLMEngine:
         req = Request(request_id, text, list(ids), params, max_tokens,
                       [self._new_seq(0, ids, params)], arrival_time or time.time())
         req.final_only = final_only
+        req.plain_greedy = (params.greedy and req.num_slots == 1 and not params.use_beam_search
+                            and params.logprobs is None and params.repetition_penalty == 1.0
+                            and not params.presence_penalty and not params.frequency_penalty)
         bs = self.config.block_size
         need = -(-(n + max_tokens) // bs) * req.num_slots
         if req.num_slots > self.config.max_num_seqs:
@@ -356,8 +359,14 @@ class LLMEngine:
         row_seqs: list[tuple[Request, Sequence]] = []
         row_src: list[int] = []
         beams: dict[str, list[tuple[Sequence, int]]] = {}
+        plain_rows: list[int] = []  # greedy rows with nothing else to apply: one argmax for all of them
+        plain_seqs: list[tuple[Request, Sequence]] = []
         for i, e in enumerate(sampled):
             req, seq = e.request, e.seq
+            if req.plain_greedy and seq.num_output_tokens >= req.params.min_tokens:
+                plain_rows.append(i)
+                plain_seqs.append((req, seq))
+                continue
             if req.params.use_beam_search:
                 beams.setdefault(req.request_id, []).append((seq, i))
                 continue
@@ -370,6 +379,11 @@ class LLMEngine:
                 row_src.append(i)
 
         touched: dict[str, Request] = {}
+        if plain_rows:
+            plain = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
+            for (req, seq), tok in zip(plain_seqs, plain.argmax(dim=-1).tolist()):
+                self._append(req, seq, tok, None, None, now)
+                touched[req.request_id] = req
         if rows:
             need_lp = any(r.params.logprobs is not None for r in rows)
             res = sample(logits[row_src], rows, self.generator, need_lp)

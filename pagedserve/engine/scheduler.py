@@ -102,12 +102,24 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         done: set[str] = set()
 
+        bm, bs = self.bm, self.bm.block_size
         for decode_pass in (True, False):
             for req in list(self.running):
                 if budget <= 0:
                     break
                 if req.request_id in done or req.status != Status.RUNNING:
                     continue
+                if decode_pass and len(req.seqs) == 1:
+                    # The common step, without the general path's per-sequence bookkeeping: one sequence,
+                    # one token, and it fits the blocks it holds (no new block, no copy-on-write).
+                    seq = req.seqs[0]
+                    c = seq.num_computed
+                    if (seq.finish_reason is None and len(seq.token_ids) - c == 1
+                            and c < len(seq.block_table) * bs and bm.blocks[seq.block_table[c // bs]].ref_count == 1):
+                        out.scheduled.append(ScheduledSeq(seq, req, 1))
+                        budget -= 1
+                        done.add(req.request_id)
+                        continue
                 live = req.live_seqs
                 is_decode = all(s.num_tokens - s.num_computed == 1 and s.block_table for s in live)
                 if is_decode != decode_pass:

@@ -97,6 +97,7 @@ class Request:
     metrics: RequestMetrics | None = None
     forked: bool = False  # n>1 / beam: children created after the prompt's prefill
     final_only: bool = False  # report only the finished output (offline use: no per-step outputs to build)
+    plain_greedy: bool = False  # argmax with no penalties, logprobs or forks: the sampler's fast path
     beam_done: list[BeamHypothesis] = field(default_factory=list)
     lora: None = None
 

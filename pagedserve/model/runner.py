@@ -119,13 +119,22 @@ class ModelRunner:
         bs = self.block_size
         decodes = [e for e in scheduled if e.num_tokens == 1]
         prefills = [e for e in scheduled if e.num_tokens > 1]
-        ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
         sampled: list[ScheduledSeq] = []
-        for e in ordered:
+        for i, e in enumerate(decodes):  # single-token rows: decodes, or a 1-token prefill chunk
+            seq = e.seq
+            s = seq.num_computed
+            ids = seq.token_ids
+            input_ids.append(ids[s])
+            positions.append(s)
+            slots.append(seq.block_table[s // bs] * bs + s % bs)
+            if s + 1 == len(ids):
+                logit_rows.append(i)
+                sampled.append(e)
+        for e in prefills:
             seq, s, n = e.seq, e.seq.num_computed, e.num_tokens
             input_ids.extend(seq.token_ids[s:s + n])
             positions.extend(range(s, s + n))

@@ -49,9 +49,10 @@ def _top_k_top_p_min_p(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tens
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else v for r in rows], device=probs.device)
     top_p = torch.tensor([r.params.top_p for r in rows], device=probs.device, dtype=probs.dtype)
     min_p = torch.tensor([r.params.min_p for r in rows], device=probs.device, dtype=probs.dtype)
-    if bool((min_p > 0).any()):
+    # Decided from the parameters on the host: a check on the tensors would wait for the GPU.
+    if any(r.params.min_p > 0 for r in rows):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if bool((top_k < v).any()) or bool((top_p < 1).any()):
+    if any(0 < r.params.top_k < v or r.params.top_p < 1 for r in rows):
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         ranks = torch.arange(v, device=probs.device)[None, :]
         keep = ranks < top_k[:, None]
@@ -87,8 +88,11 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generat
         probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
         probs = _top_k_top_p_min_p(probs, sub)
         q = torch.empty_like(probs)
-        for j, r in enumerate(sub):
-            q[j].exponential_(generator=r.generator if r.generator is not None else generator)
+        seeded = [j for j, r in enumerate(sub) if r.generator is not None]
+        if len(seeded) < len(sub):  # one draw for all rows; seeded rows are then redrawn from their own
+            q.exponential_(generator=generator)
+        for j in seeded:
+            q[j].exponential_(generator=sub[j].generator)
         tokens[idx] = (probs / q).argmax(dim=-1)
     token_list = tokens.tolist()
     sampled = None
