@@ -76,6 +76,25 @@ def select_dtype(name: str, device: torch.device, hf_config: dict) -> torch.dtyp
     return _DTYPES[name]
 
 
+def _own_gpu_memory(dev: torch.device) -> int | None:
+    """Bytes this process holds on `dev` (CUDA context included) as NVML reports it, or None when NVML
+    is missing or cannot see this process (e.g. a container whose pids differ from the host's)."""
+    try:
+        import pynvml  # nvidia-ml-py
+        pynvml.nvmlInit()
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            idx = int(visible.split(",")[idx])
+        handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory)
+    except Exception:  # not installed, no driver access, UUIDs in CUDA_VISIBLE_DEVICES, ...
+        return None
+    return None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -206,8 +225,11 @@ class LLMEngine:
         del tmp
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
-        non_torch = (total - free) - torch.cuda.memory_reserved(dev)
+        own = _own_gpu_memory(dev)  # this process only: replicas sharing a GPU must not count each other
+        non_torch = (own if own is not None else total - free) - torch.cuda.memory_reserved(dev)
         budget = total * self.config.gpu_memory_utilization - peak - max(non_torch, 0)
+        # Whatever the share says, the pool must fit in what is free now (graph capture needs a little more).
+        budget = min(budget, free - (peak - torch.cuda.memory_allocated(dev)) - 512 * (1 << 20))
         if budget < per_block:
             raise OutOfMemoryError(
                 f"no GPU memory left for the KV cache: {total / _GiB:.1f} GiB x "
