@@ -58,8 +58,8 @@ def _rms_norm_kernel(
         s = _rnd(x + r, x_ptr, RNE)
         tl.store(new_res_ptr + row * stride_nr + offs, s, mask=mask)
         x = s.to(tl.float32)
-    var = tl.sum(x * x, axis=0) / H
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    var = tl.div_rn(tl.sum(x * x, axis=0), H)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     n = _rnd(x * rstd, x_ptr, RNE).to(tl.float32)  # rounded to x.dtype before the weight
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, _rnd(w * n, y_ptr, RNE), mask=mask)
@@ -127,7 +127,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr, BLOC
     mask = offs < I
     g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _rnd(g / (1.0 + tl.exp(-g)), out_ptr, RNE).to(tl.float32)
+    s = _rnd(tl.div_rn(g, 1.0 + tl.exp(-g)), out_ptr, RNE).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, _rnd(s * u, out_ptr, RNE), mask=mask)
 
 
