@@ -218,7 +218,9 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"wrote {path}")
-    bad = [r for r in rows if r["max_ulp"] is not None and r["max_ulp"] > 2]
+    # bf16/fp16: the documented 1-2 ulp; fp32: a few ulp of reduction order / exp (~1e-6 relative)
+    limit = 2 if dtype != torch.float32 else 64
+    bad = [r for r in rows if r["max_ulp"] is not None and r["max_ulp"] > limit]
     if bad:
         print(f"ACCURACY CHECK FAILED for {[(r['model'], r['op'], r['T']) for r in bad]}", file=sys.stderr)
         return 1
