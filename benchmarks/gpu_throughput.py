@@ -48,6 +48,8 @@ def parse_args():
     ap.add_argument("--longtail", type=int, default=256, help="requests in the long-tail workload (0: skip)")
     ap.add_argument("--hf-max-batch", type=int, default=512, help="skip HF above this batch")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--ab-fused", action="store_true",
+                    help="also run pagedserve with the fused Triton layer ops off (engine 'pagedserve_unfused')")
     ap.add_argument("--hf-cb", action="store_true", help="also try HF's continuous batching (generate_batch)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--out", default=None)
@@ -127,7 +129,7 @@ def workloads(batches: list[int], prompt_len: int, output_len: int, longtail: in
 
 
 # -- runners -------------------------------------------------------------------------------
-def run_pagedserve(model_dir: Path, loads, args) -> list[dict]:
+def run_pagedserve(model_dir: Path, loads, args, label: str = "pagedserve") -> list[dict]:
     from pagedserve import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=1024,
@@ -146,9 +148,9 @@ def run_pagedserve(model_dir: Path, loads, args) -> list[dict]:
         got = sum(len(r.outputs[0].token_ids) for r in res)
         assert got == sum(outs), (got, sum(outs))
         ttft = sorted(r.metrics.ttft for r in res)
-        rows.append({"workload": name, "engine": "pagedserve", "seconds": dt, "output_tokens": got,
+        rows.append({"workload": name, "engine": label, "seconds": dt, "output_tokens": got,
                      "tok_s": got / dt, "ttft_p50_s": ttft[len(ttft) // 2]})
-        print(f"  pagedserve {name}: {got / dt:,.0f} tok/s", flush=True)
+        print(f"  {label} {name}: {got / dt:,.0f} tok/s", flush=True)
     eng = llm.engine
     info = {"num_kv_blocks": eng.num_kv_blocks, "attention_backend": type(eng.model.layers[0].self_attn.backend).__name__}
     del llm, eng
@@ -237,6 +239,15 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             rows.append({"engine": "pagedserve", "error": traceback.format_exc()[-500:]})
+        if args.ab_fused:
+            from pagedserve.model import llama
+            llama.FUSED_OPS = False  # read at CUDA-graph capture: a new engine is needed, and made here
+            try:
+                rows += run_pagedserve(make_model_dir(name), loads, args, "pagedserve_unfused")[0]
+            except Exception:
+                traceback.print_exc()
+            finally:
+                llama.FUSED_OPS = True
         if not args.no_hf:
             try:
                 rows += run_hf(name, loads, args)

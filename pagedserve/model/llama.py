@@ -7,6 +7,7 @@ RoPE scaling. Q, K, V share one matmul and gate/up share another.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.errors import UnsupportedModelError
+from pagedserve.model import fused_ops
 from pagedserve.model.attention import AttentionMetadata
+
+# On CUDA, RMSNorm (+ residual add), RoPE and SiLU-and-mul run as one Triton kernel each
+# (fused_ops), not ~20 small eager kernels per layer. PAGEDSERVE_FUSED_OPS=0 turns it off (A/B runs).
+FUSED_OPS = os.environ.get("PAGEDSERVE_FUSED_OPS", "1") != "0"
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return FUSED_OPS and x.is_cuda
 
 
 @dataclass
@@ -110,12 +120,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(x):
+            return fused_ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         if dtype == torch.float32:  # one fused op; the same arithmetic as below in fp32
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); on CUDA one kernel that writes the sum into `residual`."""
+        if _fused(x):
+            return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self(residual), residual
 
 
 class RotaryEmbedding(nn.Module):
@@ -173,7 +192,13 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.nkv, self.hd)
-        if self.q_norm is None and isinstance(rope, BoundRope):
+        if self.q_norm is None and isinstance(rope, BoundRope) and _fused(qkv):
+            # q and k rotated in place inside the fused projection's output, one kernel
+            fused_ops.rope_(qkv[:, :self.q_size + self.kv_size].view(t, self.nh + self.nkv, self.hd),
+                            rope.cos, rope.sin)
+            q = qkv[:, :self.q_size].view(t, self.nh, self.hd)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.nkv, self.hd)
+        elif self.q_norm is None and isinstance(rope, BoundRope):
             # q and k are adjacent in the fused projection: rotate them as one [T, H + KVH, D] tensor
             qk = rope.rotate(qkv[:, :self.q_size + self.kv_size].view(t, self.nh + self.nkv, self.hd))
             q, k = qk[:, :self.nh], qk[:, self.nh:]
@@ -196,7 +221,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if _fused(gate_up):
+            return self.down_proj(fused_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
@@ -208,9 +236,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, positions, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, kv_cache, meta):
+        """Carries the residual stream apart from the sublayer output, so each add fuses into the next
+        norm: returns (mlp output, residual); the layer's output is their sum."""
+        if residual is None:  # first layer
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, positions, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -227,9 +262,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids/positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.at(positions, x.dtype)  # the same for every layer
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, rope, cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, rope, cache, meta)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:  # a module call, so the runner may swap in a faster linear

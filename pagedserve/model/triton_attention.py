@@ -81,7 +81,10 @@ def _write_kv_kernel(
 # --------------------------------------------------------------------------
 # Decode: one query token per sequence
 # --------------------------------------------------------------------------
-@triton.jit
+# Ints that change from step to step (block-table width, split count) are not specialised on:
+# Triton would compile a variant the first time one is divisible by 16 or equals 1, in the middle
+# of serving (measured: ~1 s stalls on the first large mixed batch).
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -152,7 +155,7 @@ def _decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr,
     stride_ob, stride_oh, num_splits,
@@ -182,7 +185,7 @@ def _decode_reduce_kernel(
 # --------------------------------------------------------------------------
 # Prefill / chunked prefill over the paged cache
 # --------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, q_start_ptr, seq_lens_ptr, out_ptr,
     qk_scale,
@@ -395,7 +398,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if split:
         _decode_reduce_kernel[(b, h)](
             part_acc, part_m, part_l, out, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=h, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            NUM_HEADS=h, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(64, triton.next_power_of_2(num_splits)),  # one variant
             num_warps=4,
         )
     return out
