@@ -475,6 +475,20 @@ def test_router_cli_startup_errors(extra, message):
     assert message in p.stderr and p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr, p.stderr
 
 
+def test_serve_cli_checks_before_loading_the_model():
+    p = _cli("serve", "--port", str(free_port()), "--answer-cache", "redis")
+    assert p.returncode == 1 and "needs --answer-cache-redis-url" in p.stderr.strip().splitlines()[-1], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_replicas_leave_the_cache_to_the_router():
+    from pagedserve.cluster.launcher import replica_argv
+
+    argv = ["--answer-cache", "memory", "--answer-cache-ttl=5", "--answer-cache-max-bytes", "1M",
+            "--answer-cache-redis-url", "redis://x", "--max-model-len", "128"]
+    assert replica_argv(argv) == ["--max-model-len", "128"]
+
+
 def test_cli_bad_size_is_a_usage_error():
     p = _cli("router", "--answer-cache", "memory", "--answer-cache-max-bytes", "lots")
     assert p.returncode == 2 and "not a size" in p.stderr
