@@ -46,6 +46,7 @@ BACKENDS = ("off", "memory", "redis")
 _SSE_END = b"data: [DONE]\n\n"
 _SSE_ERROR = b'data: {"error"'
 _HEADER = b"x-answer-cache"
+MAX_BODY_BYTES = 16 << 20  # larger request bodies are not keyed (the server refuses them anyway)
 
 
 @dataclass
@@ -337,6 +338,9 @@ class AnswerCache:
     def _on_evict(self, reason: str) -> None:
         self._evict[reason].inc()
 
+    def count_bypass(self, reason: str) -> None:
+        self._bypass[reason].inc()
+
     async def lookup(self, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Lookup:
         try:
             data = json.loads(body) if body else None
@@ -390,13 +394,18 @@ class AnswerCacheMiddleware:
             return await self.app(scope, receive, self._lifespan_send(send))
         if kind != "http" or scope["method"] != "POST" or scope["path"] not in CACHE_PATHS:
             return await self.app(scope, receive, send)
-        body = await _read_body(receive)
-        if body is None:
+        parts, whole = await _read_body(receive, MAX_BODY_BYTES)
+        if parts is None:
             return
+        if not whole:  # too large to key: the app gets it untouched (and refuses it, as the server does)
+            self.cache.count_bypass("invalid")
+            return await self.app(scope, _replay_receive(parts, receive, more=True),
+                                  self._capture_send(send, Lookup("bypass")))
+        body = b"".join(parts)
         look = await self.cache.lookup(scope["path"], scope["headers"], body)
         if look.answer is not None:
             return await _replay(send, look.answer)
-        await self.app(scope, _replay_receive(body, receive), self._capture_send(send, look))
+        await self.app(scope, _replay_receive([body], receive), self._capture_send(send, look))
 
     def _lifespan_send(self, send):
         async def wrapped(msg):
@@ -448,29 +457,34 @@ async def _replay(send, answer: CachedAnswer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-def _replay_receive(body: bytes, receive):
-    """The request body once (the app reads it again), then the client's own messages (disconnects)."""
-    sent = False
+def _replay_receive(parts: list[bytes], receive, more: bool = False):
+    """The body read so far (the app reads it again), then the client's own messages (the rest
+    of a body, disconnects)."""
+    queue = list(parts) or [b""]
 
     async def wrapped():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if queue:
+            chunk = queue.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(queue) or more}
         return await receive()
 
     return wrapped
 
 
-async def _read_body(receive) -> bytes | None:
-    parts = []
+async def _read_body(receive, limit: int) -> tuple[list[bytes] | None, bool]:
+    """(chunks, whole): stops once more than `limit` bytes came; None if the client went away."""
+    parts, size = [], 0
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            return None
-        parts.append(msg.get("body", b""))
+            return None, False
+        chunk = msg.get("body", b"")
+        parts.append(chunk)
+        size += len(chunk)
         if not msg.get("more_body"):
-            return b"".join(parts)
+            return parts, True
+        if size > limit:
+            return parts, False
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -147,6 +147,45 @@ def cache_metrics_text(cache: AnswerCache) -> str:
     return generate_latest(cache.registry).decode()
 
 
+async def test_middleware_large_body_passes_through_whole(monkeypatch):
+    """A body over the keying limit is not buffered whole: the app still receives every byte, in order."""
+    import pagedserve.answer_cache as ac
+
+    monkeypatch.setattr(ac, "MAX_BODY_BYTES", 100)
+    got = []
+
+    async def app(scope, receive, send):
+        while True:
+            msg = await receive()
+            got.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    body = json.dumps(comp("x" * 400)).encode()
+    chunks = [body[i:i + 64] for i in range(0, len(body), 64)]
+    incoming, sent = [], []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(msg):
+        sent.append(msg)
+
+    cache = AnswerCache(AnswerCacheConfig(backend="memory"))
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    for _ in range(2):
+        incoming[:] = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                       for i, c in enumerate(chunks)]
+        got.clear()
+        await AnswerCacheMiddleware(app, cache)(scope, receive, send)
+        assert b"".join(got) == body
+        assert (b"x-answer-cache", b"bypass") in sent[-2]["headers"]
+    assert len(cache.backend) == 0
+    assert 'reason="invalid"} 2.0' in cache_metrics_text(cache)
+
+
 # ---------------------------------------------------------------------------- router + mock server
 class Stack:
     """A mock OpenAI server, a real router in front of it, the answer cache in front of the router."""
