@@ -784,7 +784,13 @@ def _router_registry():
     except ModuleNotFoundError as e:
         pytest.skip(f"the router is not built yet ({e.name}); metric names not cross-checked")
     # One backend, so the per-backend gauges produce their families too; nothing is contacted.
-    return Router(["http://127.0.0.1:9"]).registry
+    registry = Router(["http://127.0.0.1:9"]).registry
+    try:  # what `pagedserve router --answer-cache memory` adds to the same /metrics
+        from pagedserve.answer_cache import AnswerCache, AnswerCacheConfig
+    except ModuleNotFoundError:
+        return registry
+    AnswerCache(AnswerCacheConfig(backend="memory"), registry)
+    return registry
 
 
 def test_promql_metric_names_are_exported():

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--admin-api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /admin/backends (add/remove backends)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from pagedserve.answer_cache import add_answer_cache_args
+
+    add_answer_cache_args(p)
     p.set_defaults(func=run)
 
 
@@ -42,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from pagedserve import answer_cache
     from pagedserve.cluster.router import Router, RouterConfig
     from pagedserve.cluster.serving import Server, new_event_loop, uvicorn_config
     from pagedserve.errors import ConfigError
 
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())
+    cache_cfg = answer_cache.config_from_args(args)  # a bad or unreachable Redis fails here, as one line
     urls = [u for b in args.backend for u in b.split(",") if u.strip()]
     if not urls and not args.backends_file:
         logging.getLogger("pagedserve.router").warning(
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         router = Router(urls, cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    server = Server(uvicorn_config(router, args.host, args.port))
+    server = Server(uvicorn_config(answer_cache.wrap(router, cache_cfg, router.registry), args.host, args.port))
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    logging.getLogger("pagedserve.router").info("router on http://%s:%d (policy %s)", args.host, args.port, args.policy)
+    logging.getLogger("pagedserve.router").info("router on http://%s:%d (policy %s, answer cache %s)", args.host, args.port,
+                                                  args.policy, args.answer_cache)
     try:
         loop.run_until_complete(server.serve())
     finally:

@@ -40,7 +40,10 @@ log = logging.getLogger("pagedserve.launcher")
 # Flags of `serve` that belong to the cluster (dropped from the replicas' command line), and
 # whether each takes a value.
 _CLUSTER_FLAGS = {"--replicas": True, "--data-parallel-size": True, "-dp": True, "--router-policy": True,
-                  "--replica-base-port": True, "--replica-load-timeout": True, "--host": True, "--port": True}
+                  "--replica-base-port": True, "--replica-load-timeout": True, "--host": True, "--port": True,
+                  # the answer cache sits in the router, shared by all replicas
+                  "--answer-cache": True, "--answer-cache-ttl": True, "--answer-cache-max-bytes": True,
+                  "--answer-cache-max-entry-bytes": True, "--answer-cache-redis-url": True}
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -178,7 +181,7 @@ class Replica:
 class Cluster:
     def __init__(self, n: int, host: str, port: int, argv: list[str], *, policy: str = DEFAULT_POLICY,
                  base_port: int | None = None, load_timeout: float = 600.0, device: str = "auto",
-                 grace_s: float = 15.0, command=None, router_config=None):
+                 grace_s: float = 15.0, command=None, router_config=None, answer_cache=None):
         """`command(index, port) -> argv` replaces the replica command line (tests, other servers)."""
         from pagedserve.cluster.router import Router, RouterConfig
 
@@ -191,6 +194,7 @@ class Cluster:
         self.load_timeout = load_timeout
         self.grace_s = grace_s
         self.router = Router([], router_config or RouterConfig(policy=policy))
+        self.answer_cache = answer_cache  # AnswerCacheConfig or None
         for r in self.replicas:
             self.router.add_backend(r.url, healthy=False, gpu_index=r.plan["gpu_index"])
         self.stopping = asyncio.Event()
@@ -211,9 +215,11 @@ class Cluster:
             self.server.should_exit = True
 
     async def run(self) -> int:
+        from pagedserve.answer_cache import wrap
         from pagedserve.cluster.serving import Server, uvicorn_config
 
-        self.server = Server(uvicorn_config(self.router, self.host, self.port))
+        app = wrap(self.router, self.answer_cache, self.router.registry)
+        self.server = Server(uvicorn_config(app, self.host, self.port))
         for r in self.replicas:
             log.info("replica %d: %s on %s", r.index, r.url, r.plan["desc"])
         sup = [asyncio.create_task(self._supervise(r), name=f"supervise-{r.index}") for r in self.replicas]
@@ -324,13 +330,18 @@ def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: lis
     from pagedserve.ports import check_port_free as _check_free
 
     _check_free(host, port, "router address")
+    cache_cfg = None
+    if getattr(args, "answer_cache", "off") != "off":
+        from pagedserve.answer_cache import config_from_args
+
+        cache_cfg = config_from_args(args)
     for i in range(n):
         _check_free("127.0.0.1", (base if base is not None else port + 1) + i, f"replica {i} address")
     cluster = Cluster(n, host, port,
                       argv, policy=getattr(args, "router_policy", DEFAULT_POLICY),
                       base_port=base,
                       load_timeout=getattr(args, "replica_load_timeout", 600.0),
-                      device=getattr(args, "device", "auto") or "auto")
+                      device=getattr(args, "device", "auto") or "auto", answer_cache=cache_cfg)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedserve import __version__
+from pagedserve.answer_cache import AnswerCache, AnswerCacheConfig, AnswerCacheMiddleware
 from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.errors import InvalidRequestError, NotReadyError, PagedServeError
@@ -60,6 +61,7 @@ class ServerOptions:
     log_requests: bool = True
     host: str = "127.0.0.1"
     port: int = 8000
+    answer_cache: AnswerCacheConfig | None = None  # exact-match replay of deterministic requests
 
 
 async def read_body(request: Request) -> bytes:
@@ -118,6 +120,8 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
     app.state.engine = engine
     app.state.serving = serving
     app.state.metrics = metrics
+    if opts.answer_cache is not None and opts.answer_cache.enabled:  # keys hold the Authorization header and API key: a hit implies auth passed
+        app.add_middleware(AnswerCacheMiddleware, cache=AnswerCache(opts.answer_cache, metrics.registry))
 
     # -- errors ------------------------------------------------------------------------
     @app.exception_handler(PagedServeError)

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
                    help="seconds SIGTERM waits for in-flight requests to finish")
     g.add_argument("--enable-access-log", action="store_true", help="log every HTTP request (off by default)")
     g.add_argument("--disable-log-requests", action="store_true", help="no per-request completion log lines")
+    from pagedserve.answer_cache import add_answer_cache_args
+
+    add_answer_cache_args(p)
     try:  # data parallel: `serve --replicas N` runs N of these servers behind the router
         from pagedserve.cluster.launcher import add_cluster_args
     except ImportError:
@@ -53,8 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_port_free(args.host, args.port)  # before minutes of model loading, not after
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    from pagedserve.answer_cache import config_from_args
+
     opts = ServerOptions(served_model_names=args.served_model_name or [default_served_name(model)],
                          api_key=api_key, max_queue_len=args.max_queue_len,
-                         log_requests=not args.disable_log_requests, host=args.host, port=args.port)
+                         log_requests=not args.disable_log_requests, host=args.host, port=args.port,
+                         answer_cache=config_from_args(args, salt=api_key or ""))
     return serve(engine_kwargs(args, model), opts, shutdown_timeout=args.shutdown_timeout,
                  access_log=args.enable_access_log)
