@@ -25,7 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    quantization: str | None = None
+    quantization: str | None = None  # none | int8 (on load) | awq (pre-quantized; auto-detected from config.json)
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
@@ -50,8 +50,11 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 2", param="max_model_len")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy", "pt"):
             raise ConfigError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
-        if self.quantization not in (None, "none"):
-            raise ConfigError(f"quantization={self.quantization!r} is not supported yet", param="quantization")
+        if self.quantization not in (None, "none", "int8", "awq"):
+            raise ConfigError(f"quantization must be none, int8 or awq, got {self.quantization!r}",
+                              param="quantization",
+                              hint="int8 quantizes a bf16/fp32 checkpoint on load; awq loads a pre-quantized "
+                                   "AWQ int4 checkpoint")
         if self.tensor_parallel_size != 1:
             raise ConfigError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
         if self.attention_backend not in ("auto", "torch", "triton"):

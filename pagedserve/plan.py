@@ -25,9 +25,11 @@ from pagedserve.errors import ConfigError
 GiB = 1 << 30
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# Bytes per weight of a quantized linear layer, scales included:
-# int8 per-channel (one fp16 scale a row, negligible); int4 AWQ groups of 128 (fp16 scale + zero).
-QUANT_BYTES = {None: None, "none": None, "int8": 1.0, "awq": 0.5 + 4 / 128, "int4": 0.5 + 4 / 128}
+# Quantized linear layers as pagedserve stores them (pagedserve/model/quantization.py):
+# int8: 1 byte a weight + one scale a row in the compute dtype;
+# int4 AWQ: 0.5 byte a weight + per group of AWQ_GROUP inputs one scale (compute dtype) and a 4-bit zero.
+QUANT_METHODS = (None, "none", "int8", "awq", "int4")
+AWQ_GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,11 @@ class ModelShape:
         mlp = 3 * h * self.intermediate_size
         return self.num_layers * (attn + mlp)
 
+    def linear_rows(self) -> int:
+        """Output channels of those matmuls (one int8 scale each)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.num_layers * ((q + 2 * kv) + h + 2 * self.intermediate_size + h)
+
     def other_params(self) -> int:
         """Embeddings, LM head, norms and biases: kept in the compute dtype."""
         emb = self.vocab_size * self.hidden_size
@@ -144,11 +151,16 @@ class ModelShape:
 
 def weight_bytes(shape: ModelShape, dtype_bytes: int, quantization: str | None = None, tp: int = 1) -> int:
     """Per-GPU weight memory."""
-    q = QUANT_BYTES.get(quantization)
-    if quantization not in QUANT_BYTES:
+    if quantization not in QUANT_METHODS:
         raise ConfigError(f"quantization must be one of none, int8, awq/int4, got {quantization!r}",
                           param="quantization")
-    linear = shape.linear_params() * (q if q is not None else dtype_bytes)
+    n = shape.linear_params()
+    if quantization == "int8":
+        linear = n + shape.linear_rows() * dtype_bytes
+    elif quantization in ("awq", "int4"):
+        linear = n * (0.5 + (dtype_bytes + 0.5) / AWQ_GROUP)
+    else:
+        linear = n * dtype_bytes
     return int((linear + shape.other_params() * dtype_bytes) / tp)
 
 

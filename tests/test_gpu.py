@@ -106,3 +106,67 @@ def test_kv_pool_from_gpu_memory_utilization(dirs):
     assert 0.1 * total < pool < 0.3 * total
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+# -- weight quantization (int8, AWQ int4): Triton GEMMs compiled on the GPU --------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_quant_kernels_7b_shapes(m):
+    """The Triton int8/AWQ GEMMs on 7B-sized matrices (4096 -> 11008) against dequantize + F.linear."""
+    from pagedserve.model.awq_format import dequantize, rtn_quantize
+    from pagedserve.model.quantization import quantize_int8
+    from pagedserve.model.triton_quant import awq_linear_triton, int8_linear_triton
+
+    g = torch.Generator().manual_seed(m)
+    n, k = 11008, 4096
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+    q, s = quantize_int8(w)
+    ref = torch.nn.functional.linear(x.float(), (q.float() * s[:, None]).cuda())
+    y = int8_linear_triton(x, q.cuda(), s.to("cuda", torch.bfloat16))
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    qw, qz, sc = rtn_quantize(w, 128)
+    ref = torch.nn.functional.linear(x.float(), dequantize(qw, qz, sc.bfloat16()).cuda())
+    y = awq_linear_triton(x, qw.cuda(), qz.cuda(), sc.to("cuda", torch.bfloat16))
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+
+
+def test_awq_on_gpu_matches_dequantized_model(dirs, tmp_path):
+    """An AWQ checkpoint on the GPU (Triton int4 GEMM, CUDA graphs) vs the same weights dequantized to a
+    dense checkpoint: fp32 logits within fp32 noise, greedy tokens equal, graphs equal eager."""
+    from pagedserve.bench.quality import prefill_logits
+    from pagedserve.model.awq_format import write_awq_checkpoint
+    from tests.test_quantization import _dequantized_hf
+
+    model, path = dirs["llama"]
+    awq_dir = write_awq_checkpoint(path, tmp_path / "awq", group_size=32)
+    deq_dir = save(_dequantized_hf(build_hf("llama"), awq_dir), tmp_path / "deq")
+    awq = LLM(model=str(awq_dir), dtype="float32", max_model_len=256, kv_cache_memory=0.5)
+    assert awq.engine.runner.graphs
+    dense = LLM(model=str(deq_dir), dtype="float32", max_model_len=256, kv_cache_memory=0.5, enforce_eager=True)
+    eager = LLM(model=str(awq_dir), dtype="float32", max_model_len=256, kv_cache_memory=0.5, enforce_eager=True)
+    prompts = _prompts(4)
+    for p in prompts:
+        assert (prefill_logits(awq.engine, p) - prefill_logits(dense.engine, p)).abs().max().item() < 2e-3
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    toks = [[o.outputs[0].token_ids for o in e.generate(prompts, params, use_tqdm=False)] for e in (awq, dense, eager)]
+    assert toks[0] == toks[1] == toks[2]
+    bf = LLM(model=str(awq_dir), dtype="bfloat16", max_model_len=256, kv_cache_memory=0.5)
+    p = prompts[0]
+    ref = prefill_logits(dense.engine, p)
+    assert ((prefill_logits(bf.engine, p) - ref).abs().max() / ref.abs().max()).item() < 5e-2
+
+
+def test_int8_on_gpu_matches_cpu_int8(dirs):
+    """int8 quantizes on the host in both cases, so GPU fp32 logits must equal the CPU int8 engine's."""
+    from pagedserve.bench.quality import prefill_logits
+    from pagedserve.model.quantization import Int8Linear
+
+    _, path = dirs["qwen2"]
+    gpu = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory=0.5, quantization="int8")
+    cpu = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_memory=0.05, quantization="int8")
+    assert any(isinstance(m, Int8Linear) and m.weight.is_cuda for m in gpu.engine.model.modules())
+    for p in _prompts(3):
+        a, b = prefill_logits(gpu.engine, p).cpu(), prefill_logits(cpu.engine, p)
+        assert (a - b).abs().max().item() < 2e-3

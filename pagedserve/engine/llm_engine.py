@@ -24,6 +24,7 @@ from pagedserve.model.attention import get_attention_backend
 from pagedserve.model.llama import ModelArgs
 from pagedserve.model.loader import (init_dummy_weights, iter_weights, load_tokenizer, read_hf_config,
                                      resolve_model_dir)
+from pagedserve.model.quantization import awq_linear_factory, quantize_model, resolve_quantization
 from pagedserve.model.registry import resolve_architecture
 from pagedserve.model.runner import ModelRunner
 from pagedserve.model.sampler import SampleRow, sample
@@ -106,6 +107,9 @@ class LLMEngine:
         self.hf_config = read_hf_config(self.model_dir)
         model_cls = resolve_architecture(self.hf_config.get("architectures"))
         self.args = ModelArgs.from_hf(self.hf_config)
+        self.quantization = resolve_quantization(config.quantization, self.hf_config)
+        if self.quantization == "awq":
+            self.args.make_linear = awq_linear_factory(self.hf_config)
         self.dtype = select_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
@@ -117,12 +121,17 @@ class LLMEngine:
 
         backend = get_attention_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
-        with torch.device(self.device):
+        # int8 quantizes after loading: load and quantize on the host, so the GPU never holds the dense weights.
+        build_device = torch.device("cpu") if self.quantization == "int8" else self.device
+        with torch.device(build_device):
             model = model_cls(self.args, backend, max_len=self.max_model_len).to(self.dtype)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:
             model.load_hf_weights(iter_weights(self.model_dir))
+        if self.quantization == "int8":
+            log.info("quantization int8: %d linear layers quantized per channel", quantize_model(model, "int8"))
+            model.to(self.device)
         model.eval()
         self.model = model
 
@@ -176,7 +185,7 @@ class LLMEngine:
         if cfg.num_kv_blocks is None and (cfg.kv_cache_memory is not None or self.device.type != "cuda"):
             kv_pool = int((cfg.kv_cache_memory or 1.0) * _GiB)
         total = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else None
-        check_memory_before_load(ModelShape.from_config(self.hf_config), self.dtype.itemsize, cfg.quantization,
+        check_memory_before_load(ModelShape.from_config(self.hf_config), self.dtype.itemsize, self.quantization,
                                  self.device.type, kv_pool, total, cfg.gpu_memory_utilization)
 
     def kv_bytes_per_block(self) -> int:
@@ -246,9 +255,10 @@ class LLMEngine:
         log.info("model %s (%s, %d layers) on %s, dtype %s, loaded in %.1fs",
                  self.served_model_name, self.hf_config.get("architectures", ["?"])[0], self.args.num_layers,
                  self.device, str(self.dtype).replace("torch.", ""), self.load_seconds)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        log.info("plan: weights %.2f GiB, KV %.1f KiB per token, %.1f MiB per sequence at max_model_len=%d "
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())  # int8/int4 at real size
+        log.info("plan: weights %.2f GiB%s, KV %.1f KiB per token, %.1f MiB per sequence at max_model_len=%d "
                  "(`pagedserve plan` explains the arithmetic)", weights / _GiB,
+                 f" ({self.quantization})" if self.quantization else "",
                  self.kv_bytes_per_block() / bs / 1024, self.kv_bytes_per_block() * -(-self.max_model_len // bs)
                  / (1 << 20), self.max_model_len)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at max_model_len=%d: %.1f",

@@ -20,6 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs (debugging)")
+    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "awq"],
+                   help="weights: int8 (quantize a bf16/fp32 checkpoint on load) or awq (pre-quantized int4 "
+                        "checkpoint; detected from config.json without this flag)")
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
@@ -27,7 +30,8 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-                seed=args.seed, load_format=args.load_format, enforce_eager=args.enforce_eager)
+                seed=args.seed, load_format=args.load_format, enforce_eager=args.enforce_eager,
+                quantization=args.quantization)
 
 
 def add_parser(sub) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ class ModelArgs:
     qk_norm: bool = False
     rope_scaling: dict | None = None
     rope_freq_factors: list[float] | None = None  # llama.cpp's rope_freqs (GGUF): inv_freq is divided by these
+    # Builds the block projections: make_linear(in, out, bias). None: nn.Linear; AWQ checkpoints pass
+    # quantization.awq_linear_factory (int8 instead swaps nn.Linear after loading).
+    make_linear: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_hf(cls, cfg) -> "ModelArgs":
@@ -113,6 +117,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
+# Where a fused projection's parts go for each tensor kind: (dim, offset divisor). nn.Linear weights
+# and biases stack along dim 0; AWQ's [in, out] tensors along dim 1, packed ones at 8 values per int32.
+_FUSE_DIM = {"qweight": (1, 8), "qzeros": (1, 8), "scales": (1, 1)}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -178,8 +187,9 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        linear = args.make_linear or nn.Linear
+        self.qkv_proj = linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = linear(self.q_size, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(self.hd, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
@@ -217,8 +227,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.inter = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * self.inter, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(self.inter, args.hidden_size, bias=args.mlp_bias)
+        linear = args.make_linear or nn.Linear
+        self.gate_up_proj = linear(args.hidden_size, 2 * self.inter, bias=args.mlp_bias)
+        self.down_proj = linear(self.inter, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -274,7 +285,10 @@ class LlamaForCausalLM(nn.Module):
 
     # -- weights ---------------------------------------------------------
     def load_hf_weights(self, tensors) -> None:
-        """Load HF-named tensors (an iterable of (name, tensor)), fusing q/k/v and gate/up."""
+        """Load HF-named tensors (an iterable of (name, tensor)), fusing q/k/v and gate/up.
+
+        AWQ tensors (qweight/qzeros/scales) are stored [in, out]: they fuse along dim 1, and the
+        packed ones (8 int4 values per int32 column) at a 1/8 offset."""
         params = dict(self.named_parameters())
         fused = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
         loaded = set()
@@ -300,8 +314,12 @@ class LlamaForCausalLM(nn.Module):
             p = params.get(target)
             if p is None:
                 raise UnsupportedModelError(f"checkpoint tensor {name!r} has no place in the model")
+            dim, div = _FUSE_DIM.get(parts[-1], (0, 1))
+            if size is not None and (offset % div or size % div):
+                raise UnsupportedModelError(
+                    f"checkpoint tensor {name!r}: a fused output slice of {size} is not a multiple of {div}")
             with torch.no_grad():
-                dst = p if size is None else p.narrow(0, offset, size)
+                dst = p if size is None else p.narrow(dim, offset // div, size // div)
                 if tuple(dst.shape) != tuple(w.shape):
                     raise UnsupportedModelError(
                         f"checkpoint tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}"
@@ -310,9 +328,9 @@ class LlamaForCausalLM(nn.Module):
             loaded.add((target, offset))
         expected = set()
         for pname, p in params.items():
-            if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+            if ".qkv_proj." in pname:
                 expected |= {(pname, sum(qkv_sizes[:i])) for i in range(3)}
-            elif pname.endswith(("gate_up_proj.weight", "gate_up_proj.bias")):
+            elif ".gate_up_proj." in pname:
                 expected |= {(pname, 0), (pname, a.intermediate_size)}
             else:
                 expected.add((pname, 0))

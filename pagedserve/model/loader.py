@@ -116,7 +116,9 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if not p.is_floating_point():  # packed int4/int8 weights: any bits are valid values
+                p.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, p.shape, generator=g, dtype=torch.int64).to(p.dtype))
+            elif "norm" in name:
                 p.fill_(1.0)
             elif p.device.type == "cpu":
                 p.normal_(0.0, 0.02, generator=g)

@@ -1,0 +1,116 @@
+"""AWQ "GEMM" checkpoint format: int4 packing, round-to-nearest quantization, and a checkpoint writer.
+
+Layout of one quantized linear with in_features K, out_features N and group size G (AutoAWQ's
+`WQLinear_GEMM`, what vLLM and transformers load as `quant_method: awq, version: gemm`):
+
+* ``qweight`` int32 [K, N / 8]: eight 4-bit values per int32, along the output dimension;
+* ``qzeros``  int32 [K / G, N / 8]: the integer zero point of each (group, output column), packed the same way;
+* ``scales``  fp16  [K / G, N]: the scale of each (group, output column).
+
+W[n, k] = (q[k, n] - z[k // G, n]) * s[k // G, n]. Within an int32 the eight columns c*8 + j are not stored
+in order: nibble i (bits 4i..4i+3) holds column c*8 + AWQ_ORDER[i], so column j sits in nibble
+AWQ_REVERSE_ORDER[j] (AWQ's CUDA kernel unpacks in this interleaved order).
+
+The writer does plain round-to-nearest (no activation-aware scale search): enough to make test and
+benchmark checkpoints in the real on-disk format. Real AWQ checkpoints come from AutoAWQ / llm-compressor.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+PACK = 8  # int4 values per int32
+
+# HF names of the projections a Llama-family checkpoint quantizes (embeddings and LM head stay dense).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[R, C] integers in 0..15 -> int32 [R, C / 8] in AWQ's interleaved nibble order."""
+    r, c = q.shape
+    if c % PACK:
+        raise ValueError(f"cannot pack {c} columns into int32 words of 8")
+    if q.min() < 0 or q.max() > 15:
+        raise ValueError("int4 values must lie in 0..15")
+    cols = q.to(torch.int64).view(r, c // PACK, PACK)
+    out = torch.zeros(r, c // PACK, dtype=torch.int64)
+    for i, j in enumerate(AWQ_ORDER):
+        out |= cols[:, :, j] << (4 * i)
+    # Values above 2**31 - 1 wrap to negative int32, bit for bit.
+    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C / 8] -> int32 [R, C] values in 0..15 (inverse of `pack_int4`)."""
+    shifts = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32, device=packed.device) * 4
+    vals = (packed.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign bits
+    return vals.reshape(packed.shape[0], -1)
+
+
+def rtn_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest int4 of an nn.Linear weight [N, K], groups of `group_size` along K.
+
+    Returns (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales fp16 [K/G, N])."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)  # [N, K/G]
+    scales = ((hi - lo).clamp(min=1e-5) / 15).half()
+    s = scales.float()
+    zeros = torch.round(-lo / s).clamp(0, 15)
+    q = torch.round(w / s.unsqueeze(-1) + zeros.unsqueeze(-1)).clamp(0, 15).to(torch.int32)  # [N, K/G, G]
+    qweight = pack_int4(q.reshape(n, k).t().contiguous())
+    qzeros = pack_int4(zeros.to(torch.int32).t().contiguous())
+    return qweight, qzeros, scales.t().contiguous()
+
+
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [N, K] (nn.Linear layout) a quantized linear stands for."""
+    k = qweight.shape[0]
+    group = k // qzeros.shape[0]
+    q = unpack_int4(qweight)  # [K, N]
+    z = unpack_int4(qzeros).repeat_interleave(group, dim=0)
+    s = scales.to(dtype).repeat_interleave(group, dim=0)
+    return ((q - z).to(dtype) * s).t().contiguous()
+
+
+def quantization_config(group_size: int) -> dict:
+    return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+
+
+def write_awq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 128) -> Path:
+    """Quantize an HF Llama-family checkpoint's projections (round-to-nearest) into an AWQ-format directory.
+
+    Everything else (embeddings, LM head, norms, biases, tokenizer files) is copied as is; the config
+    gains `quantization_config`."""
+    from safetensors.torch import save_file
+
+    from pagedserve.model.loader import iter_weights
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in iter_weights(src):
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in PROJECTIONS:
+            qw, qz, sc = rtn_quantize(t, group_size)
+            stem = ".".join(parts[:-1])
+            out[stem + ".qweight"], out[stem + ".qzeros"], out[stem + ".scales"] = qw, qz, sc
+        else:
+            out[name] = t.contiguous()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config(group_size)
+    cfg["torch_dtype"] = "float16"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+    return dst

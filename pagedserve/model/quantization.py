@@ -1,0 +1,224 @@
+"""Weight-only quantized linears: int8 (quantized on load) and AWQ int4 (pre-quantized checkpoints).
+
+* ``int8``: after the dense weights are loaded, `quantize_model` swaps every plain ``nn.Linear`` of
+  the transformer blocks for an `Int8Linear`: symmetric round-to-nearest, one scale per output
+  channel (row), scale = max|w_row| / 127.
+* ``awq``: the checkpoint already holds int4 weights (AWQ GEMM layout, see awq_format.py); the model
+  is built with `AWQLinear` projections (`awq_linear_factory`) and the loader fills qweight/qzeros/scales.
+
+The embedding and the LM head stay in the compute dtype, as in vLLM: they are a small part of a 7B
+model's weights, and the logits are the most quantization-sensitive matmul. Quantized tensors are
+parameters (requires_grad=False), so parameter-byte counts (the startup log) see their real size.
+
+Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py). On CPU,
+dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
+(AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
+CPU speed does not improve (the dense fp32 path also gets oneDNN's packed GEMM, these do not).
+torch's `_weight_int8pack_mm` gives the same numbers but ran 5-30x slower than this on our 2-core
+AMD CPU (M = 1..256), so it is not used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.errors import ConfigError, UnsupportedModelError
+
+METHODS = ("int8", "awq")
+_DENSE_CHUNK = 1 << 24  # elements of dequantized weight held at once by the CPU AWQ path
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight [out, in] and one scale per output channel (weight-only)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
+        q, s = quantize_int8(w)
+        with torch.no_grad():
+            m.weight.copy_(q)
+            m.scale.copy_(s)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach())
+        return m
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scale.to(dtype).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _on_gpu(x):
+            from pagedserve.model.triton_quant import int8_linear_triton
+
+            return int8_linear_triton(x, self.weight, self.scale, self.bias)
+        # The scale is constant along K: apply it to the output, not to a dense weight copy.
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns (q int8 [N, K], scale [N]) with w ~= q * scale[:, None]."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(wf / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(w.dtype)
+
+
+class AWQLinear(nn.Module):
+    """Linear over an AWQ GEMM-format int4 weight: qweight [in, out/8], qzeros [in/G, out/8], scales [in/G, out].
+
+    Scales are kept in the model's compute dtype (fp16 in the file; bf16 on a bf16 GPU engine, which
+    costs <0.4% relative scale precision, far below the int4 step)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
+                 dtype=None, device=None):
+        super().__init__()
+        if out_features % 8:
+            raise UnsupportedModelError(f"AWQ needs out_features divisible by 8, got {out_features}")
+        if in_features % group_size:
+            raise UnsupportedModelError(
+                f"AWQ group_size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.qweight = nn.Parameter(torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device),
+                                    requires_grad=False)
+        self.qzeros = nn.Parameter(torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device),
+                                   requires_grad=False)
+        self.scales = nn.Parameter(torch.ones(groups, out_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from pagedserve.model.awq_format import dequantize
+
+        return dequantize(self.qweight, self.qzeros, self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _on_gpu(x):
+            from pagedserve.model.triton_quant import awq_linear_triton
+
+            return awq_linear_triton(x, self.qweight, self.qzeros, self.scales, self.bias)
+        return self._forward_reference(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpack -> (q - z) * s -> F.linear, over K chunks of whole groups so the dense temporary stays bounded."""
+        from pagedserve.model.awq_format import unpack_int4
+
+        g = self.group_size
+        rows = max(g, _DENSE_CHUNK // self.out_features // g * g)
+        y = None
+        for k0 in range(0, self.in_features, rows):
+            k1 = min(k0 + rows, self.in_features)
+            q = unpack_int4(self.qweight[k0:k1])  # [k, N]
+            z = unpack_int4(self.qzeros[k0 // g:k1 // g]).repeat_interleave(g, dim=0)
+            s = self.scales[k0 // g:k1 // g].to(x.dtype).repeat_interleave(g, dim=0)
+            w = (q - z).to(x.dtype).mul_(s)  # [k, N]: x[:, k] @ w
+            part = torch.matmul(x[..., k0:k1], w)
+            y = part if y is None else y.add_(part)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 AWQ group_size={self.group_size}")
+
+
+# -- configuration ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AWQConfig:
+    group_size: int
+
+    @classmethod
+    def from_hf(cls, qc: dict) -> "AWQConfig":
+        """Validate an HF `quantization_config` of an AWQ checkpoint; refuse what the kernels do not implement."""
+        bits = qc.get("bits", qc.get("w_bit"))
+        group = qc.get("group_size", qc.get("q_group_size"))
+        version = str(qc.get("version", "gemm")).lower()
+        if bits != 4:
+            raise UnsupportedModelError(f"AWQ checkpoint has bits={bits}; only 4-bit AWQ is supported")
+        if not qc.get("zero_point", True):
+            raise UnsupportedModelError("AWQ checkpoint has zero_point=false; only zero-point AWQ is supported")
+        if version != "gemm":
+            raise UnsupportedModelError(
+                f"AWQ checkpoint version {version!r} is not supported; only the GEMM packing (version 'gemm')")
+        if not isinstance(group, int) or group <= 0 or group % 16:
+            raise UnsupportedModelError(
+                f"AWQ group_size {group!r} is not supported; use a positive multiple of 16 (e.g. 64 or 128)")
+        if group > 64 and group % 64:
+            raise UnsupportedModelError(f"AWQ group_size {group} above 64 must be a multiple of 64")
+        if qc.get("modules_to_not_convert"):
+            raise UnsupportedModelError(
+                f"AWQ checkpoint leaves modules unquantized ({qc['modules_to_not_convert']}); not supported yet")
+        return cls(group_size=group)
+
+
+def resolve_quantization(requested: str | None, hf_config: dict) -> str | None:
+    """The method to use given --quantization and the checkpoint's own `quantization_config`."""
+    requested = None if requested in (None, "none") else requested
+    qc = hf_config.get("quantization_config")
+    ckpt = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else None
+    if ckpt and ckpt != "awq":
+        raise UnsupportedModelError(
+            f"the checkpoint is quantized with {ckpt!r}, which pagedserve cannot load; "
+            "supported: AWQ int4 checkpoints, or a bf16/fp32 checkpoint with --quantization int8")
+    if ckpt == "awq":
+        if requested not in (None, "awq"):
+            raise ConfigError(f"--quantization {requested} conflicts with this AWQ checkpoint", param="quantization",
+                              hint="drop --quantization or pass --quantization awq")
+        AWQConfig.from_hf(qc)
+        return "awq"
+    if requested == "awq":
+        raise ConfigError("--quantization awq needs a pre-quantized AWQ checkpoint (config.json "
+                          "quantization_config with quant_method 'awq')", param="quantization",
+                          hint="use an AWQ model, or --quantization int8 to quantize this one on load")
+    return requested
+
+
+def awq_linear_factory(hf_config: dict):
+    """A `make_linear(in, out, bias)` that builds AWQLinear projections for this checkpoint."""
+    cfg = AWQConfig.from_hf(hf_config["quantization_config"])
+
+    def make(in_features: int, out_features: int, bias: bool = False) -> AWQLinear:
+        return AWQLinear(in_features, out_features, bias, cfg.group_size, dtype=torch.get_default_dtype())
+
+    return make
+
+
+def quantize_model(model: nn.Module, method: str) -> int:
+    """Swap the model's plain nn.Linear modules (the block projections) for quantized ones; returns how many.
+
+    The LM head (`model.lm_head`) stays dense. Only "int8" quantizes after loading; AWQ models are
+    built quantized."""
+    if method != "int8":
+        raise ValueError(f"quantize_model handles int8 only, got {method!r}")
+    head = getattr(model, "lm_head", None)
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear and child is not head]
+    for parent, name, child in swaps:
+        setattr(parent, name, Int8Linear.from_linear(child))
+    return len(swaps)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters as stored (int8/int4 buffers at their real size)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
