@@ -48,6 +48,7 @@ def parse_args():
     ap.add_argument("--longtail", type=int, default=256, help="requests in the long-tail workload (0: skip)")
     ap.add_argument("--hf-max-batch", type=int, default=512, help="skip HF above this batch")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--quant", default="", help="also run pagedserve quantized: comma list of int8, awq")
     ap.add_argument("--ab-fused", action="store_true",
                     help="also run pagedserve with the fused Triton layer ops off (engine 'pagedserve_unfused')")
     ap.add_argument("--hf-cb", action="store_true", help="also try HF's continuous batching (generate_batch)")
@@ -129,11 +130,16 @@ def workloads(batches: list[int], prompt_len: int, output_len: int, longtail: in
 
 
 # -- runners -------------------------------------------------------------------------------
-def run_pagedserve(model_dir: Path, loads, args, label: str = "pagedserve") -> list[dict]:
+def run_pagedserve(model_dir: Path, loads, args, label: str = "pagedserve", quantization: str | None = None) -> list[dict]:
     from pagedserve import LLM, SamplingParams
 
+    if quantization == "awq":  # a pre-quantized checkpoint's config; dummy weights fill the packed ints
+        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                      "version": "gemm"}
+        (model_dir / "config.json").write_text(json.dumps(cfg))
     llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=1024,
-              max_num_seqs=512, max_num_batched_tokens=8192,
+              max_num_seqs=512, max_num_batched_tokens=8192, quantization=quantization,
               gpu_memory_utilization=args.gpu_memory_utilization)
     warm = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)] * 8
     llm.generate([[5] * 32] * 8, warm, use_tqdm=False)
@@ -152,7 +158,8 @@ def run_pagedserve(model_dir: Path, loads, args, label: str = "pagedserve") -> l
                      "tok_s": got / dt, "ttft_p50_s": ttft[len(ttft) // 2]})
         print(f"  {label} {name}: {got / dt:,.0f} tok/s", flush=True)
     eng = llm.engine
-    info = {"num_kv_blocks": eng.num_kv_blocks, "attention_backend": type(eng.model.layers[0].self_attn.backend).__name__}
+    info = {"num_kv_blocks": eng.num_kv_blocks, "quantization": quantization,
+            "weights_GiB": sum(p.numel() * p.element_size() for p in eng.model.parameters()) / 2**30, "attention_backend": type(eng.model.layers[0].self_attn.backend).__name__}
     del llm, eng
     gc.collect()
     torch.cuda.empty_cache()
@@ -239,6 +246,14 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             rows.append({"engine": "pagedserve", "error": traceback.format_exc()[-500:]})
+        for q in filter(None, args.quant.split(",")):
+            try:
+                q_rows, q_info = run_pagedserve(make_model_dir(name), loads, args, f"pagedserve_{q}", q)
+                rows += q_rows
+                report.setdefault("engine_info", {})[f"{key}_{q}"] = q_info
+            except Exception:
+                traceback.print_exc()
+                rows.append({"engine": f"pagedserve_{q}", "error": traceback.format_exc()[-500:]})
         if args.ab_fused:
             from pagedserve.model import llama
             llama.FUSED_OPS = False  # read at CUDA-graph capture: a new engine is needed, and made here
