@@ -55,8 +55,12 @@ class EngineConfig:
                               param="quantization",
                               hint="int8 quantizes a bf16/fp32 checkpoint on load; awq loads a pre-quantized "
                                    "AWQ int4 checkpoint")
-        if self.tensor_parallel_size != 1:
-            raise ConfigError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
+                              param="tensor_parallel_size")
+        if self.tensor_parallel_size > 1 and self.quantization == "awq":
+            raise ConfigError("quantization='awq' is not supported with tensor_parallel_size > 1",
+                              param="tensor_parallel_size", hint="use --quantization int8 or a single rank")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ConfigError("attention_backend must be auto, torch or triton", param="attention_backend")
 

@@ -362,11 +362,12 @@ def available_host_memory() -> int:
 
 def check_memory_before_load(shape: ModelShape, dtype_bytes: int, quantization: str | None, device_type: str,
                              kv_pool_bytes: int | None, gpu_total_bytes: int | None = None,
-                             gpu_memory_utilization: float = 0.9) -> None:
-    """Refuse to start, with numbers and the fix, when the weights (GPU) or weights + KV pool (CPU) cannot fit."""
+                             gpu_memory_utilization: float = 0.9, tp: int = 1) -> None:
+    """Refuse to start, with numbers and the fix, when the weights (GPU) or weights + KV pool (CPU) cannot fit.
+    With tensor parallelism: per GPU on CUDA; on CPU the ranks share host memory (T KV pools)."""
     from pagedserve.errors import OutOfMemoryError
 
-    weights = weight_bytes(shape, dtype_bytes, quantization)
+    weights = weight_bytes(shape, dtype_bytes, quantization, tp)
     if device_type == "cuda":
         budget = gpu_total_bytes * gpu_memory_utilization
         if weights + CUDA_CONTEXT_GIB * GiB > budget:
@@ -378,7 +379,8 @@ def check_memory_before_load(shape: ModelShape, dtype_bytes: int, quantization: 
                      "or raise --gpu-memory-utilization; `pagedserve plan` shows the numbers")
         return
     avail = available_host_memory()
-    need = weights + (kv_pool_bytes or 0)
+    weights, kv_pool_bytes = weights * tp, (kv_pool_bytes or 0) * tp
+    need = weights + kv_pool_bytes
     if need > avail:
         raise OutOfMemoryError(
             f"the weights ({weights / GiB:.1f} GiB) and the KV cache ({(kv_pool_bytes or 0) / GiB:.1f} GiB) need "

@@ -110,6 +110,11 @@ class LLMEngine:
         self.quantization = resolve_quantization(config.quantization, self.hf_config)
         if self.quantization == "awq":
             self.args.make_linear = awq_linear_factory(self.hf_config)
+        self.tp = None  # TPGroup with tensor_parallel_size > 1: this process is rank 0 (or a worker's rank)
+        if config.tensor_parallel_size > 1:
+            from pagedserve.distributed.executor import init_tensor_parallel
+
+            self.tp, self.device = init_tensor_parallel(config, self.args, self.device, self.quantization)
         self.dtype = select_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
@@ -124,7 +129,7 @@ class LLMEngine:
         # int8 quantizes after loading: load and quantize on the host, so the GPU never holds the dense weights.
         build_device = torch.device("cpu") if self.quantization == "int8" else self.device
         with torch.device(build_device):
-            model = model_cls(self.args, backend, max_len=self.max_model_len).to(self.dtype)
+            model = model_cls(self.args, backend, max_len=self.max_model_len, tp=self.tp).to(self.dtype)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:
@@ -137,9 +142,13 @@ class LLMEngine:
 
         self.num_kv_blocks = self._num_kv_blocks()
         a = self.args
-        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers, a.num_kv_heads,
-                                  a.head_dim, self.dtype, self.device)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers,
+                                  model.args.num_kv_heads, a.head_dim, self.dtype, self.device)
+        if self.tp is not None:  # no CUDA graphs with TP yet (NCCL capture untested)
+            from pagedserve.distributed.executor import attach
+
+            attach(self)
+        elif self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
@@ -186,21 +195,28 @@ class LLMEngine:
             kv_pool = int((cfg.kv_cache_memory or 1.0) * _GiB)
         total = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else None
         check_memory_before_load(ModelShape.from_config(self.hf_config), self.dtype.itemsize, self.quantization,
-                                 self.device.type, kv_pool, total, cfg.gpu_memory_utilization)
+                                 self.device.type, kv_pool, total, cfg.gpu_memory_utilization,
+                                 tp=cfg.tensor_parallel_size)
 
     def kv_bytes_per_block(self) -> int:
-        a = self.args
-        return 2 * a.num_layers * self.config.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        a, kv_heads = self.args, self.model.args.num_kv_heads  # this rank's heads under tensor parallelism
+        return 2 * a.num_layers * self.config.block_size * kv_heads * a.head_dim * self.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
         per_block = self.kv_bytes_per_block()
+        if self.tp is not None:
+            from pagedserve.distributed.executor import peers_loaded
+
+            peers_loaded(self.tp)  # every rank holds its shard (a worker's load error surfaces here)
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
         elif cfg.kv_cache_memory is not None or self.device.type != "cuda":
             n = int((cfg.kv_cache_memory or 1.0) * _GiB // per_block)
         else:
             n = self._profile_gpu_blocks(per_block)
+        if self.tp is not None:  # one block count for all ranks: the smallest any rank can hold
+            n = self.tp.min(n)
         min_blocks = -(-self.max_model_len // cfg.block_size)
         if n < min_blocks:
             raise OutOfMemoryError(
@@ -226,7 +242,7 @@ class LLMEngine:
             batch.append(ScheduledSeq(seq, Request("profile", None, seq.token_ids, SamplingParams(max_tokens=1),
                                                    1, [seq]), m))
             left -= m
-        tmp = ModelRunner(self.model, next_block, bs, self.args.num_layers, self.args.num_kv_heads,
+        tmp = ModelRunner(self.model, next_block, bs, self.args.num_layers, self.model.args.num_kv_heads,
                           self.args.head_dim, self.dtype, dev)
         tmp.execute(batch)
         torch.cuda.synchronize(dev)

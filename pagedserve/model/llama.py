@@ -183,13 +183,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend):
+    def __init__(self, args: ModelArgs, backend, tp=None):
         super().__init__()
+        self.tp = tp  # TPGroup: args hold this rank's heads; o_proj's output is summed over ranks
         self.nh, self.nkv, self.hd = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         linear = args.make_linear or nn.Linear
         self.qkv_proj = linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.o_proj = linear(self.q_size, args.hidden_size, bias=args.o_bias and (tp is None or tp.rank == 0))
         if args.qk_norm:
             self.q_norm = RMSNorm(self.hd, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
@@ -220,32 +221,36 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rope(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(t, self.q_size))
+        out = self.o_proj(out.reshape(t, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp=None):
         super().__init__()
         self.inter = args.intermediate_size
+        self.tp = tp  # row-parallel down_proj: its bias lives on rank 0 only, added once by the all-reduce
         linear = args.make_linear or nn.Linear
         self.gate_up_proj = linear(args.hidden_size, 2 * self.inter, bias=args.mlp_bias)
-        self.down_proj = linear(self.inter, args.hidden_size, bias=args.mlp_bias)
+        self.down_proj = linear(self.inter, args.hidden_size, bias=args.mlp_bias and (tp is None or tp.rank == 0))
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         if _fused(gate_up):
-            return self.down_proj(fused_ops.silu_mul(gate_up))
-        gate, up = gate_up.split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+            out = self.down_proj(fused_ops.silu_mul(gate_up))
+        else:
+            gate, up = gate_up.split(self.inter, dim=-1)
+            out = self.down_proj(F.silu(gate).mul_(up))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, backend):
+    def __init__(self, args: ModelArgs, backend, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, backend)
+        self.self_attn = Attention(args, backend, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, tp)
 
     def forward(self, x, residual, positions, rope, kv_cache, meta):
         """Carries the residual stream apart from the sublayer output, so each add fuses into the next
@@ -260,18 +265,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs, backend, max_len: int):
+    def __init__(self, args: ModelArgs, backend, max_len: int, tp=None):
+        """`tp` (a TPGroup) builds this rank's shard: `args` stay the full model's, `self.args` the local shapes."""
         super().__init__()
+        self.tp, self.full_args = tp, args
+        if tp is not None:
+            args = tp.shard.local_args(args)
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, backend) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, backend, tp) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rope = RotaryEmbedding(args, max_len)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
         """input_ids/positions [T] -> final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)
         rope = self.rope.at(positions, x.dtype)  # the same for every layer
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
@@ -280,8 +289,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:  # a module call, so the runner may swap in a faster linear
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.embed_tokens.weight).float()
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden, self.embed_tokens.weight)
+        if self.tp is not None:  # this rank's vocabulary slice -> the full row, on rank 0
+            logits = self.tp.gather_logits(logits)
+        return logits.float()
 
     # -- weights ---------------------------------------------------------
     def load_hf_weights(self, tensors) -> None:
@@ -301,6 +314,10 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still store a copy
+            if self.tp is not None:  # this rank's slice of the tensor (None: another rank holds it)
+                w = self.tp.shard.shard_hf_tensor(name, w)
+                if w is None:
+                    continue
             parts = name.split(".")
             target, offset, size = name, 0, None
             if len(parts) >= 2 and parts[-2] in fused:

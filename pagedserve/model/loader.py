@@ -113,6 +113,8 @@ def iter_weights(model_dir: Path):
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights of the right shapes: std 0.02 like HF's init, norms at 1."""
+    if getattr(model, "tp", None) is not None:
+        return _init_dummy_shard(model, seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -124,6 +126,31 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
                 p.normal_(0.0, 0.02, generator=g)
             else:
                 p.normal_(0.0, 0.02)
+
+
+def _init_dummy_shard(model: torch.nn.Module, seed: int) -> None:
+    """A tensor-parallel rank's slice of the very weights `init_dummy_weights` gives the whole model.
+
+    Every full-size tensor is drawn in the unsplit model's order from one seeded generator on the
+    model's device, then narrowed; so on CPU the TP=N model equals the TP=1 model. (On GPU the TP=1
+    path draws from the global RNG instead, so the dummy weights there differ between TP sizes.)"""
+    full_args, tp = model.full_args, model.tp
+    with torch.device("meta"):
+        full = type(model)(full_args, None, max_len=1)
+    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    g = torch.Generator(device=dev).manual_seed(seed)
+    mine = dict(model.named_parameters())
+    a = full_args
+    sizes = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size)
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            if "norm" in name:
+                t = torch.ones(p.shape, dtype=dtype, device=dev)
+            else:
+                t = torch.empty(p.shape, dtype=dtype, device=dev).normal_(0.0, 0.02, generator=g)
+            local = tp.shard.shard_fused_tensor(name, t, *sizes)
+            if local is not None and name in mine:
+                mine[name].copy_(local)
 
 
 def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
