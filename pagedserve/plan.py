@@ -143,10 +143,18 @@ class ModelShape:
     def num_params(self) -> int:
         return self.linear_params() + self.other_params()
 
-    def kv_bytes_per_token(self, dtype_bytes: int, tp: int = 1) -> int:
-        """K and V for every layer; KV heads split over TP ranks (replicated when fewer heads than ranks)."""
-        kv_heads = max(1, math.ceil(self.num_kv_heads / tp))
+    def kv_bytes_per_token(self, dtype_bytes: int, tp: int = 1, kv_heads: int | None = None) -> int:
+        """K and V for every layer; KV heads split over TP ranks (replicated when fewer heads than ranks;
+        with an uneven split the fullest rank, which sets every rank's block count)."""
+        kv_heads = kv_heads or max(1, math.ceil(self.num_kv_heads / tp))
         return 2 * self.num_layers * kv_heads * self.head_dim * dtype_bytes
+
+    def tp_shards(self, tp: int):
+        """The engine's tensor-parallel partition of this model (ConfigError if it cannot be split)."""
+        from pagedserve.distributed.partition import plan_shards
+
+        return plan_shards(self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
+                           self.vocab_size, tp)
 
 
 def weight_bytes(shape: ModelShape, dtype_bytes: int, quantization: str | None = None, tp: int = 1) -> int:
@@ -242,16 +250,15 @@ def make_plan(p: PlanInput) -> Plan:
     m, tp = p.model, p.tensor_parallel_size
     if tp < 1 or p.replicas < 1:
         raise ConfigError("tensor_parallel_size and replicas must be >= 1")
-    if m.num_heads % tp:
-        raise ConfigError(f"tensor_parallel_size={tp} must divide the {m.num_heads} attention heads",
-                          param="tensor_parallel_size")
+    shards = m.tp_shards(tp)  # refuses splits the engine cannot do
+    kv_heads = max(s.kv_count for s in shards)
     dtype, warning = resolve_dtype(p.dtype, m, p.gpu)
     db = DTYPE_BYTES[dtype]
     max_len = p.max_model_len or min(m.max_position_embeddings, 8192)
     seq_len = min(p.seq_len or max_len, max_len)
     mnbt = p.max_num_batched_tokens or 2048  # the engine's default token budget
     weights = weight_bytes(m, db, p.quantization, tp)
-    kv_tok = m.kv_bytes_per_token(db, tp)
+    kv_tok = m.kv_bytes_per_token(db, tp, kv_heads)
     per_block = kv_tok * p.block_size
     if p.gpu is None:
         budget = None

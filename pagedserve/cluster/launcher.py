@@ -34,6 +34,7 @@ import time
 import httpx
 
 from pagedserve.cluster.policies import DEFAULT_POLICY, POLICIES
+from pagedserve.errors import ConfigError
 
 log = logging.getLogger("pagedserve.launcher")
 
@@ -96,9 +97,20 @@ def detect_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
-def plan_placement(n: int, gpus: list[str], cores: list[int]) -> list[dict]:
-    """Per replica: env additions, CPU cores to pin (CPU mode) and GPU index (GPU mode)."""
+def plan_placement(n: int, gpus: list[str], cores: list[int], tp: int = 1) -> list[dict]:
+    """Per replica: env additions, CPU cores to pin (CPU mode) and GPU index (GPU mode).
+
+    With tensor parallelism each replica gets `tp` consecutive GPUs (its ranks' cuda:0..tp-1)."""
     plans = []
+    if gpus and tp > 1:
+        if n * tp > len(gpus):
+            raise ConfigError(f"{n} replicas x tensor-parallel-size {tp} need {n * tp} GPUs but {len(gpus)} are visible",
+                              hint="lower --replicas or --tensor-parallel-size, or make more GPUs visible")
+        for i in range(n):
+            mine = gpus[i * tp:(i + 1) * tp]
+            plans.append({"env": {"CUDA_VISIBLE_DEVICES": ",".join(mine)}, "cores": None,
+                          "gpu_index": int(mine[0]) if mine[0].isdigit() else None, "desc": f"GPUs {','.join(mine)}"})
+        return plans
     if gpus:
         if n > len(gpus):
             log.warning("%d replicas on %d GPU(s): replicas will share GPUs (and their memory)", n, len(gpus))
@@ -181,7 +193,8 @@ class Replica:
 class Cluster:
     def __init__(self, n: int, host: str, port: int, argv: list[str], *, policy: str = DEFAULT_POLICY,
                  base_port: int | None = None, load_timeout: float = 600.0, device: str = "auto",
-                 grace_s: float = 15.0, command=None, router_config=None, answer_cache=None):
+                 grace_s: float = 15.0, command=None, router_config=None, answer_cache=None,
+                 tp: int = 1):
         """`command(index, port) -> argv` replaces the replica command line (tests, other servers)."""
         from pagedserve.cluster.router import Router, RouterConfig
 
@@ -189,7 +202,7 @@ class Cluster:
         base = base_port if base_port is not None else port + 1
         gpus = [] if device == "cpu" else detect_gpus()
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        plans = plan_placement(n, gpus, cores)
+        plans = plan_placement(n, gpus, cores, tp)
         self.replicas = [Replica(i, base + i, argv, plans[i], command) for i in range(n)]
         self.load_timeout = load_timeout
         self.grace_s = grace_s
@@ -341,7 +354,8 @@ def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: lis
                       argv, policy=getattr(args, "router_policy", DEFAULT_POLICY),
                       base_port=base,
                       load_timeout=getattr(args, "replica_load_timeout", 600.0),
-                      device=getattr(args, "device", "auto") or "auto", answer_cache=cache_cfg)
+                      device=getattr(args, "device", "auto") or "auto", answer_cache=cache_cfg,
+                      tp=getattr(args, "tensor_parallel_size", 1) or 1)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     for sig in (signal.SIGINT, signal.SIGTERM):

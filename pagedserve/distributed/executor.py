@@ -57,9 +57,10 @@ def _rank_device(device: torch.device, rank: int, tp: int) -> torch.device:
 
 
 def _split_threads(tp: int) -> None:
-    """CPU: the ranks share the cores (PAGEDSERVE_NUM_THREADS, when set, is per rank)."""
-    if not os.environ.get("PAGEDSERVE_NUM_THREADS"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    """CPU: the ranks share the engine's cores (PAGEDSERVE_NUM_THREADS, else this process's CPU affinity)."""
+    total = int(os.environ.get("PAGEDSERVE_NUM_THREADS") or 0) or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(max(1, total // tp))
 
 
 def init_tensor_parallel(config, args, device: torch.device, quantization: str | None = None

@@ -23,6 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "awq"],
                    help="weights: int8 (quantize a bf16/fp32 checkpoint on load) or awq (pre-quantized int4 "
                         "checkpoint; detected from config.json without this flag)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks (GPUs; on CPU, N processes sharing the cores)")
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
@@ -31,7 +33,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
                 seed=args.seed, load_format=args.load_format, enforce_eager=args.enforce_eager,
-                quantization=args.quantization)
+                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def add_parser(sub) -> None:
