@@ -327,3 +327,19 @@ def test_server_worker_death_gives_503_not_hang(tiny_dir):
     finally:
         srv.terminate()
     assert _wait_gone([engine, *workers]) == []
+
+
+def test_tp_benchmark_arguments_and_splits():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import tp_throughput as bench
+
+    args = bench.parse_args(["--concurrency", "1,64,512", "--skip-offline"])
+    assert args.concurrency_levels == [1, 64, 512] and args.skip_offline and not args.dry_run
+    assert bench.splits(4) == [(4, 1), (2, 2), (1, 4)]
+    assert bench.splits(8) == [(4, 1), (2, 2), (1, 4)]
+    assert bench.splits(3) == bench.splits(2) == [(2, 1), (1, 2)]
+    assert bench.splits(1) == [(1, 1)] and bench.splits(0) == []
+    dry = bench.parse_args(["--dry-run"])
+    assert dry.concurrency_levels == [1, 4] and dry.output_len == 8 and bench.visible_devices(dry) == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--concurrency", "0"])
