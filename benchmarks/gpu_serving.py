@@ -43,8 +43,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, need_models: bo
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}")
         try:
-            r = httpx.get(f"{url}/v1/models", timeout=5)
-            if r.status_code == 200 and r.json().get("data"):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:  # /v1/models answers while loading
                 return
         except httpx.HTTPError:
             pass

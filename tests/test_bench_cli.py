@@ -101,3 +101,20 @@ def test_bench_cli_registers_both_subcommands():
     assert args.func.__module__ == "pagedserve.bench.serve"
     args = parser.parse_args(["bench", "throughput"])
     assert callable(args.func)
+
+
+
+@pytest.mark.parametrize("ready_timeout", [60, 0])
+def test_bench_serve_waits_while_the_server_is_loading(ready_timeout, capsys):
+    """A server answers 503 while its model loads: the warm-up retries (up to --ready-timeout) instead of the
+    sweep counting the 503s as failed requests."""
+    with mock_server("--ttft", "0.01", "--itl", "0.01", "--loading-requests", "3") as url:
+        rc = main(["bench", "serve", "--url", url, "--output-len", "4", "--concurrency", "2", "--num-prompts", "4",
+                   "--ready-timeout", str(ready_timeout), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    if ready_timeout:
+        assert "warm-up request failed" not in text and "http_503" not in text
+    else:  # no waiting: the warm-up fails and two measured requests meet the remaining 503s
+        assert "warm-up request failed: http_503" in text and "http_503" in out.out

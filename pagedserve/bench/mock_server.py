@@ -41,8 +41,10 @@ _MARKER = re.compile(rb"\[\[(http\d{3}|hang|stall|break|nodone)\]\]")
 
 class MockServer:
     def __init__(self, ttft: float = 0.1, itl: float = 0.02, tokens_per_chunk: int = 1,
-                 send_usage: bool = True, model: str = "mock"):
+                 send_usage: bool = True, model: str = "mock", loading_requests: int = 0):
         self.ttft, self.itl, self.k = ttft, itl, max(1, tokens_per_chunk)
+        self.loading_requests = loading_requests  # answer this many generation requests 503 "loading" first
+        self.rejected = 0
         self.send_usage, self.model = send_usage, model
         self.active = 0
         self.max_active = 0
@@ -94,6 +96,10 @@ class MockServer:
             self._plain(writer, 200, self.timings)
         elif method == "GET" and path == "/v1/models":
             self._plain(writer, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions") and self.loading_requests:
+            self.loading_requests -= 1
+            self.rejected += 1
+            self._plain(writer, 503, {"error": {"message": "the model is still loading", "type": "not_ready"}})
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             self.requests += 1
             self.active += 1
@@ -210,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-chunk", type=int, default=1)
     p.add_argument("--no-usage", action="store_true", help="never send usage, even when asked")
     p.add_argument("--model", default="mock")
+    p.add_argument("--loading-requests", type=int, default=0,
+                   help="answer the first N generation requests 503 'still loading'")
     a = p.parse_args(argv)
 
     async def serve() -> None:
-        srv = MockServer(a.ttft, a.itl, a.tokens_per_chunk, not a.no_usage, a.model)
+        srv = MockServer(a.ttft, a.itl, a.tokens_per_chunk, not a.no_usage, a.model, a.loading_requests)
         port = await srv.start(a.host, a.port)
         print(f"READY {port}", flush=True)
         await asyncio.Event().wait()

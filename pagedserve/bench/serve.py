@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: 4 × concurrency, ≥ 16; rate mode 200; unlimited with --duration)")
     g.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending new requests after it")
     g.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the sweep (default 1)")
+    g.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds warm-up requests retry while the server answers 503 (loading)")
 
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", default="random", help="random | sharegpt:FILE | jsonl:FILE")
@@ -148,12 +150,17 @@ async def main(args: argparse.Namespace) -> int:
     try:
         if args.warmup:
             warm = dataset.stream(args.seed + 10_000)
+            ready_by = time.monotonic() + args.ready_timeout
             for _ in range(args.warmup):
-                rec = RequestRecord(-1)
                 req = next(warm)
                 req.output_len = min(req.output_len, 16)
                 body = build_body(req, model, args.endpoint, args.ignore_eos, args.temperature)
-                await send_request(pool.get(0), url, body, rec, time.perf_counter(), args.timeout)
+                while True:  # 503 = still loading (a server answers HTTP before its model is ready): wait
+                    rec = RequestRecord(-1)
+                    await send_request(pool.get(0), url, body, rec, time.perf_counter(), args.timeout)
+                    if rec.error_kind != "http_503" or time.monotonic() > ready_by:
+                        break
+                    await asyncio.sleep(1.0)
                 if rec.error_kind == "connection":
                     raise ConfigError(f"cannot reach {url}: {rec.error}", hint="is the server running? see --url")
                 if not rec.success:
