@@ -4,15 +4,26 @@
   fp32 accumulator once at the end (it is constant along K).
 * ``awq_linear_triton``: AWQ GEMM layout (see awq_format.py): qweight int32 [K, N/8], qzeros int32
   [K/G, N/8], scales [K/G, N]. A K tile never straddles a group (BLOCK_K divides G), so each tile
-  loads one row of zeros and scales.
+  loads one row of zeros and scales. The packed words are loaded once per tile ([BLOCK_K, BLOCK_N/8])
+  and the 8 nibbles unpacked by broadcasting over a trailing axis of 8, then reshaped to [BLOCK_K, BLOCK_N].
 
-Both kernels use grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); the activation tile and the dequantized
-weight tile meet in ``tl.dot`` with an fp32 accumulator. No host synchronisation, so they can be
-captured in CUDA graphs. Tile sizes are fixed heuristics by M, not autotuned (benchmarks/gpu_quant.py
-times them against bf16 F.linear). Under Triton's CPU interpreter, bf16/fp16 ``tl.dot`` operands are
-multiplied as raw bits (triton 3.9), so there the dot runs on fp32 copies.
+Accuracy: the dot sees only exact values (int8 or q - z in -15..15 are exact in bf16/fp16) and the
+scale multiplies the fp32 partial product of each K tile (int4) or the whole accumulator (int8), so the
+result equals the fp32 dequantized reference up to fp32 accumulation order and the final rounding to x's
+dtype. (Rounding a dequantized (q - z) * s tile to bf16 before the dot costs ~2^-9 relative per weight,
+which is what made the old kernel miss a 2e-2 tolerance on the GPU.)
+
+Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K). With few output tiles (decode-sized M, N=4096 on a
+132-SM GPU) K is split: each split writes fp32 partials [SPLIT_K, M, N] and a small reduce kernel sums
+them, adds the bias and casts; deterministic, and capturable in CUDA graphs (no host syncs; buffers come
+from torch.empty). Tile sizes come from a small static table keyed on M (see ``_config``).
+Under Triton's CPU interpreter, bf16/fp16 ``tl.dot`` operands are multiplied as raw bits (triton 3.9),
+so there the dot runs on fp32 copies.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -20,21 +31,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _int8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+def _int8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
                  stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    k_lo = pid_k * K_SPLIT  # K_SPLIT is a multiple of BLOCK_K
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
-        k_ok = k < K
+        k_ok = k < k_hi
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
         if DOT_FP32:
@@ -43,57 +57,136 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
             acc += tl.dot(x, w.to(x.dtype))
     s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym, HAS_BIAS, SPLIT)
 
 
 @triton.jit
-def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUP,
+def _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym,
+              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """SPLIT == 1: bias, cast, store y. Otherwise store the fp32 partial [pid_k, M, N]; the reduce adds the bias."""
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUP, K_SPLIT,
                 stride_xm, stride_ym,
-                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WORDS: tl.constexpr = BLOCK_N // 8
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = pid_n * WORDS + tl.arange(0, WORDS)  # packed word columns of this tile
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    npk = N // 8  # int32 words per packed row
-    j = rn % 8
-    shift = ((j // 2) + (j % 2) * 4) * 4  # AWQ_REVERSE_ORDER[j] * 4
+    npk = N // 8  # int32 words per packed row (N % 8 == 0)
+    c_ok = rc < npk
+    # Column c*8 + j sits in nibble AWQ_REVERSE_ORDER[j] = (0, 4, 1, 5, 2, 6, 3, 7)[j].
+    j = tl.arange(0, 8)
+    shift = ((j // 2) + (j % 2) * 4) * 4
+    k_lo = pid_k * K_SPLIT  # K % BLOCK_K == 0 and K_SPLIT % BLOCK_K == 0 (the wrapper checks)
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0 (checked by the wrapper)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-        packed = tl.load(qw_ptr + k[:, None] * npk + (rn // 8)[None, :], mask=n_ok[None, :], other=0)
-        q = (packed >> shift[None, :]) & 0xF
+        packed = tl.load(qw_ptr + k[:, None] * npk + rc[None, :], mask=c_ok[None, :], other=0)  # [BK, WORDS]
+        q = tl.reshape((packed[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
         g = k0 // GROUP
-        zp = tl.load(qz_ptr + g * npk + rn // 8, mask=n_ok, other=0)
-        z = (zp >> shift) & 0xF
-        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)
-        w = (q - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]
+        zp = tl.load(qz_ptr + g * npk + rc, mask=c_ok, other=0)  # [WORDS]
+        z = tl.reshape((zp[:, None] >> shift[None, :]) & 0xF, (BLOCK_N,))
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+        wq = q - z[None, :]  # exact small integers
         if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            part = tl.dot(x.to(tl.float32), wq.to(tl.float32), input_precision="ieee")
         else:
-            acc += tl.dot(x, w.to(x.dtype))
+            part = tl.dot(x, wq.to(x.dtype))
+        acc += part * s[None, :]
+    _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum_s partial[s, m, n] (+ bias[n]), cast to y's dtype."""
+    pid_m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(p_ptr + s * M * N + pid_m * N + rn, mask=n_ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _interpreted() -> bool:
     return type(_awq_kernel).__name__ == "InterpretedFunction"
 
 
-def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch's tiling: output tile BLOCK_M x BLOCK_N, K step BLOCK_K, K split into `split` ranges."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: a small pretend GPU so tiny test shapes still take the split-K path
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _config(m: int, n: int, k: int, sms: int, max_k: int | None = None,
+            split_k: int | None = None) -> TileConfig:
+    """Static tiling by M bucket.
+
+    M <= 16 (decode): memory-bound; BLOCK_M=16 (the smallest tl.dot tile), long K steps, and K split
+    until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
+    M > 64: compute-bound-ish; 64/128 x 128 x 64 tiles, 4-8 warps, 3-4 stages, no split.
+    AWQ's BLOCK_K must divide the group, so `max_k` caps it."""
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = (32 if m <= 32 else 64), 64, 64, 4, 3
+    else:
+        bm, bn, bk, warps, stages = (64 if m <= 128 else 128), 128, 64, (4 if m <= 128 else 8), 3
+    if max_k is not None:
+        bk = min(bk, max_k)
+    k_tiles = triton.cdiv(k, bk)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if split_k is None:
+        split = 1
+        if m <= 64 and tiles < 2 * sms:
+            split = max(1, min(4 * sms // tiles, k_tiles // 4, 16))
+    else:
+        split = max(1, min(split_k, k_tiles))
+    per = triton.cdiv(k_tiles, split)  # K tiles per split; no split is left empty
+    split = triton.cdiv(k_tiles, per)
+    return TileConfig(bm, bn, bk, split, warps, stages)
 
 
 def _prep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -101,37 +194,59 @@ def _prep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
     return x2, lead
 
 
+def _launch(kernel, x2: torch.Tensor, n: int, cfg: TileConfig, bias: torch.Tensor | None, tensors: tuple,
+            extra: tuple, w_strides: tuple) -> torch.Tensor:
+    """Run `kernel` with cfg's grid; with split-K, into fp32 partials and then the reduce kernel."""
+    m, k = x2.shape
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    out = y if cfg.split == 1 else torch.empty(cfg.split, m, n, dtype=torch.float32, device=x2.device)
+    k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split) * cfg.block_k
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split)
+    dummy = bias if bias is not None else x2
+    kernel[grid](*tensors, dummy, out, m, n, k, *extra, k_split, x2.stride(0), *w_strides,
+                 y.stride(0), HAS_BIAS=bias is not None,
+                 DOT_FP32=x2.dtype == torch.float32 or _interpreted(), SPLIT=cfg.split,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split > 1:
+        block = 256
+        _reduce_kernel[(m, triton.cdiv(n, block))](out, dummy, y, m, n, y.stride(0), HAS_BIAS=bias is not None,
+                                                   SPLIT=cfg.split, BLOCK=block)
+    return y
+
+
 def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) @ (weight int8 [N, K] * scale [N, 1])^T + bias -> [..., N] in x's dtype."""
+                       bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32) @ (weight int8 [N, K] * scale [N, 1])^T + bias -> [..., N] in x's dtype.
+
+    `split_k` overrides the heuristic's K split (tests)."""
     n, k = weight.shape
     x2, lead = _prep(x, k)
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn, bk = _block_m(m), 64, 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _int8_kernel[grid](x2, weight, scale, bias if bias is not None else scale, y, m, n, k,
-                       x2.stride(0), weight.stride(0), y.stride(0),
-                       HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32 or _interpreted(),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    cfg = _config(x2.shape[0], n, k, _sms(x.device), split_k=split_k)
+    y = _launch(_int8_kernel, x2, n, cfg, bias, (x2, weight, scale), (), (weight.stride(0),))
     return y.view(*lead, n)
 
 
 def awq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(qweight, qzeros, scales)^T + bias -> [..., N] in x's dtype."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     group = k // qzeros.shape[0]
-    x2, lead = _prep(x, k)
-    m = x2.shape[0]
-    bk = min(group, 64)
-    if group % bk or bk < 16:
+    if group % 16 or (group > 64 and group % 64):
         raise ValueError(f"AWQ group size {group} must be a multiple of 16 (and of 64 when above 64)")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn = _block_m(m), 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _awq_kernel[grid](x2, qweight, qzeros, scales, bias if bias is not None else scales, y, m, n, k, group,
-                      x2.stride(0), y.stride(0),
-                      HAS_BIAS=bias is not None, DOT_FP32=x.dtype == torch.float32 or _interpreted(),
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    x2, lead = _prep(x, k)
+    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
+    cfg = _config(x2.shape[0], n, k, _sms(x.device), max_k=_largest_pow2_divisor(group, 128),
+                  split_k=split_k)
+    y = _launch(_awq_kernel, x2, n, cfg, bias, (x2, qweight, qzeros, scales), (group,), ())
     return y.view(*lead, n)
+
+
+def _largest_pow2_divisor(g: int, cap: int) -> int:
+    """The largest power of two <= cap dividing g (BLOCK_K must be a power of two and divide the group)."""
+    b = cap
+    while g % b:
+        b //= 2
+    return b
