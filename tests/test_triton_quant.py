@@ -95,8 +95,9 @@ def _check(y, ref, dtype):
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-# m: decode row (M<=16 bucket, split-K by heuristic), 20 (BLOCK_M 32), 37 (BLOCK_M 64), 70 (M>64: 64x128 tiles).
-@pytest.mark.parametrize("m", [1, 20, 37, 70])
+# m: decode row (M<=16 bucket, split-K by heuristic), 20 (BLOCK_M 32), 37 (BLOCK_M 64), 70 (64x128 tiles),
+# 130 (128x128 tiles, 8 warps).
+@pytest.mark.parametrize("m", [1, 20, 37, 70, 130])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_gemm(m, dtype):
     g = torch.Generator().manual_seed(m)
@@ -137,7 +138,7 @@ def _awq_case(m, n, k, group, dtype, seed):
     return x, qw, qz, sc, b, ref
 
 
-@pytest.mark.parametrize("m, group", [(1, 32), (5, 128), (20, 64), (37, 64), (70, 128)])
+@pytest.mark.parametrize("m, group", [(1, 32), (5, 128), (20, 64), (37, 64), (70, 128), (130, 32)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_awq_gemm(m, group, dtype):
     n, k = 200, 256  # n: a multiple of 8 but not of the 64/128-wide tiles; several K tiles and groups
