@@ -111,6 +111,8 @@ def test_int8_gemm(m, dtype):
     _check(y.cpu(), ref + b.float(), dtype)
     y = TQ.int8_linear_triton(x.to(DEVICE).view(1, m, k), q.to(DEVICE), s.to(DEVICE))
     _check(y.cpu().view(m, n), ref, dtype)
+    y = TQ.int8_linear_triton(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b.to(DEVICE), split_k=2)
+    _check(y.cpu(), ref + b.float(), dtype)
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])  # 3 splits of 3 K tiles: the last split is short
@@ -147,6 +149,8 @@ def test_awq_gemm(m, group, dtype):
     _check(y.cpu(), ref + b.float(), dtype)
     y = TQ.awq_linear_triton(x.to(DEVICE).view(m, 1, k), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE))
     _check(y.cpu().view(m, n), ref, dtype)
+    y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE), split_k=2)
+    _check(y.cpu(), ref + b.float(), dtype)
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
@@ -165,8 +169,9 @@ def test_tile_config_buckets_and_split():
     assert c.split * TQ.triton.cdiv(TQ.triton.cdiv(4096, c.block_k), c.split) >= 4096 // c.block_k
     assert TQ._config(1, 22016, 4096, 132).split == 1  # 344 tiles already fill the GPU
     assert TQ._config(32, 4096, 4096, 132).block_m == 32
-    big = TQ._config(256, 4096, 4096, 132)
+    big = TQ._config(256, 12288, 4096, 132)
     assert (big.block_m, big.block_n, big.block_k, big.split) == (128, 128, 64, 1)
+    assert TQ._config(256, 4096, 4096, 132).split == 4  # 64 big tiles on 132 SMs
     assert TQ._config(1, 4096, 4096, 132, max_k=32).block_k == 32
     assert TQ._config(1, 64, 256, 132, split_k=100).split == 2  # capped by the K tiles, none empty
     assert TQ._largest_pow2_divisor(48, 128) == 16 and TQ._largest_pow2_divisor(256, 128) == 128

@@ -161,7 +161,8 @@ def _config(m: int, n: int, k: int, sms: int, max_k: int | None = None,
 
     M <= 16 (decode): memory-bound; BLOCK_M=16 (the smallest tl.dot tile), long K steps, and K split
     until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
-    M > 64: compute-bound-ish; 64/128 x 128 x 64 tiles, 4-8 warps, 3-4 stages, no split.
+    M > 64: compute-bound-ish; 64/128 x 128 x 64 tiles, 4-8 warps, 3 stages; split (<= 4) only when the
+    tiles are fewer than the SMs.
     AWQ's BLOCK_K must divide the group, so `max_k` caps it."""
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
@@ -175,8 +176,10 @@ def _config(m: int, n: int, k: int, sms: int, max_k: int | None = None,
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split_k is None:
         split = 1
-        if m <= 64 and tiles < 2 * sms:
+        if m <= 64 and tiles < 2 * sms:  # memory-bound: ~4 programs per SM, >= 4 K tiles each
             split = max(1, min(4 * sms // tiles, k_tiles // 4, 16))
+        elif m > 64 and tiles < sms:  # under one wave of big tiles (e.g. N=4096): fill the GPU, few partials
+            split = max(1, min(triton.cdiv(2 * sms, tiles), k_tiles // 8, 4))
     else:
         split = max(1, min(split_k, k_tiles))
     per = triton.cdiv(k_tiles, split)  # K tiles per split; no split is left empty
