@@ -159,16 +159,16 @@ def test_awq_tiny_checkpoint_end_to_end(tmp_path, arch):
     ref_hf = _dequantized_hf(build_hf(arch), awq_dir)
     deq_dir = save(ref_hf, tmp_path / "dequantized")
 
-    llm = LLM(str(awq_dir), max_model_len=256, kv_cache_memory=0.05)  # AWQ detected from config.json
+    llm = LLM(str(awq_dir), max_model_len=256, kv_cache_memory=0.05, dtype="float32")  # AWQ detected from config.json
     assert llm.engine.quantization == "awq"
     layers = [m for m in llm.engine.model.modules() if isinstance(m, AWQLinear)]
     assert len(layers) == 2 * 4 and all(m.group_size == 32 for m in layers)
-    ref = LLM(str(deq_dir), max_model_len=256, kv_cache_memory=0.05)
+    ref = LLM(str(deq_dir), max_model_len=256, kv_cache_memory=0.05, dtype="float32")
 
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (7, 33, 60)]
     for p in prompts:
-        ours, dense = prefill_logits(llm.engine, p), prefill_logits(ref.engine, p)
+        ours, dense = prefill_logits(llm.engine, p).cpu(), prefill_logits(ref.engine, p).cpu()
         with torch.inference_mode():
             hf_logits = ref_hf(torch.tensor([p])).logits[0].float()
         assert (ours - dense).abs().max().item() < 2e-3
