@@ -80,42 +80,6 @@ def use_onednn_linears(model: nn.Module) -> int:
     return n
 
 
-class Staging:
-    """A step's input arrays, one dtype at a time, packed into one pinned host buffer and sent to the
-    GPU in one asynchronous copy (nine small synchronous copies before): the host goes on to launch the
-    step while the inputs are in flight. On CPU the arrays become tensors without a copy."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.host: dict = {}  # numpy dtype -> pinned host tensor (grown as needed)
-        self.done: dict = {}  # numpy dtype -> CUDA event recorded after the last copy out of it
-
-    def upload(self, arrays: list, dtype) -> list[torch.Tensor]:
-        arrays = [np.asarray(a, dtype=dtype) for a in arrays]
-        if not self.cuda:
-            return [torch.from_numpy(a) for a in arrays]
-        total = sum(a.size for a in arrays)
-        buf = self.host.get(dtype)
-        if buf is None or buf.numel() < total:
-            buf = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 4096)),
-                              dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, pin_memory=True)
-            self.host[dtype] = buf
-            self.done.pop(dtype, None)
-        elif dtype in self.done:
-            self.done[dtype].synchronize()  # a step that sampled nothing never synced: wait for its copy
-        view = buf.numpy()
-        offsets, at = [], 0
-        for a in arrays:
-            view[at:at + a.size] = a.ravel()
-            offsets.append((at, a.shape))
-            at += a.size
-        dev = buf[:total].to(self.device, non_blocking=True)
-        event = self.done.setdefault(dtype, torch.cuda.Event())
-        event.record()
-        return [dev[o:o + int(np.prod(shape))].view(shape) for o, shape in offsets]
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, num_layers: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -131,7 +95,6 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
         self.graphs = None  # DecodeGraphs once captured (CUDA only)
-        self.staging = Staging(device)
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pagedserve.model.cuda_graph import DecodeGraphs
@@ -148,6 +111,9 @@ class ModelRunner:
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]
+
+    def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
     def prepare(self, scheduled: list[ScheduledSeq]):
         bs = self.block_size
@@ -178,37 +144,35 @@ class ModelRunner:
                 logit_rows.append(len(input_ids) - 1)
                 sampled.append(e)
 
-        def tables(entries) -> np.ndarray:  # padded [n, width]; numpy fills rows far faster than nested lists
+        def tables(entries):  # padded [n, width] block tables; numpy fills rows far faster than nested lists
             if not entries:
-                return np.zeros((1, 1), dtype=np.int32)
+                return self._tensor([[0]])
             arr = np.zeros((len(entries), max(len(e.seq.block_table) for e in entries)), dtype=np.int32)
             for i, e in enumerate(entries):
                 bt = e.seq.block_table
                 arr[i, :len(bt)] = bt
-            return arr
+            return torch.from_numpy(arr).to(self.device, non_blocking=True)
 
         d_lens = [e.seq.num_computed + 1 for e in decodes]
         p_lens = [e.seq.num_computed + e.num_tokens for e in prefills]
         q_start = [0]
         for e in prefills:
             q_start.append(q_start[-1] + e.num_tokens)
-        ids_t, pos_t, slots_t, rows_t = self.staging.upload([input_ids, positions, slots, logit_rows], np.int64)
-        d_bt, d_len_t, q_start_t, p_len_t, p_bt = self.staging.upload(
-            [tables(decodes), d_lens or [0], q_start, p_lens or [0], tables(prefills)], np.int32)
         meta = AttentionMetadata(
-            slot_mapping=slots_t,
+            slot_mapping=self._tensor(slots, torch.int64),
             num_decode=len(decodes),
-            decode_block_tables=d_bt,
-            decode_seq_lens=d_len_t,
-            prefill_query_start=q_start_t,
-            prefill_seq_lens=p_len_t,
-            prefill_block_tables=p_bt,
+            decode_block_tables=tables(decodes),
+            decode_seq_lens=self._tensor(d_lens or [0]),
+            prefill_query_start=self._tensor(q_start),
+            prefill_seq_lens=self._tensor(p_lens or [0]),
+            prefill_block_tables=tables(prefills),
             decode_max_seq_len=max(d_lens, default=0),
             prefill_query_start_list=tuple(q_start),
             prefill_seq_lens_list=tuple(p_lens),
             decode_seq_lens_list=tuple(d_lens),
         )
-        return ids_t, pos_t, meta, rows_t, sampled
+        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+                self._tensor(logit_rows, torch.int64), sampled)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
