@@ -435,10 +435,10 @@ class LLMEngine:
         if rows:
             need_lp = any(r.params.logprobs is not None for r in rows)
             res = sample(logits[row_src], rows, self.generator, need_lp)
+            lp_info = self._logprob_rows(res, rows) if need_lp else None
             for j, ((req, seq), tok) in enumerate(zip(row_seqs, res.token_ids)):
-                lp_row = res.logprobs[j] if res.logprobs is not None else None
                 slp = res.sampled_logprobs[j] if res.sampled_logprobs is not None else None
-                self._append(req, seq, tok, lp_row, slp, now)
+                self._append(req, seq, tok, lp_info[j] if lp_info else None, slp, now)
                 touched[req.request_id] = req
         for rid, entries in beams.items():
             req = self.requests[rid]
@@ -473,29 +473,42 @@ class LLMEngine:
             block = sorted((set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids))
         return SampleRow(p, req.prompt_token_ids, seq.output_token_ids, seq.generator, block)
 
-    def _record_logprobs(self, seq: Sequence, k: int, lp_row: torch.Tensor | None, token: int,
-                         slp: float | None) -> None:
+    @staticmethod
+    def _logprob_rows(res, rows: list[SampleRow]) -> list[tuple[list[int], list[float], int]]:
+        """Per row: the top-k token ids and logprobs (k = the largest any row asked for) and the sampled
+        token's rank, computed for all rows at once and read back in one transfer (not per row)."""
+        lp = res.logprobs
+        tok = torch.tensor(res.token_ids, device=lp.device)
+        ranks = (lp > lp.gather(1, tok[:, None])).sum(dim=1) + 1
+        k = max((r.params.logprobs or 0) for r in rows)
+        if k:
+            vals, idx = lp.topk(k, dim=-1)
+            packed = torch.cat([ranks[:, None].to(lp.dtype), vals, idx.to(lp.dtype)], dim=1).tolist()
+            # ids and ranks < 2^24 are exact in fp32; vocabularies are far smaller
+            return [([int(t) for t in row[1 + k:]], row[1:1 + k], int(row[0])) for row in packed]
+        return [([], [], r) for r in ranks.tolist()]
+
+    def _record_logprobs(self, seq: Sequence, k: int, info: tuple[list[int], list[float], int] | None,
+                         token: int, slp: float | None) -> None:
         if slp is not None:
             seq.cumulative_logprob += slp
-        if seq.logprobs is None or lp_row is None:
+        if seq.logprobs is None or info is None:
             return
+        ids, vals, rank = info
         entry: dict[int, Logprob] = {}
-        if k:
-            vals, idx = lp_row.topk(k)
-            for r, (t, v) in enumerate(zip(idx.tolist(), vals.tolist()), start=1):
-                entry[t] = Logprob(v, r, self.tokenizer.decode([t]))
+        for r, (t, v) in enumerate(zip(ids[:k], vals[:k]), start=1):
+            entry[t] = Logprob(v, r, self.tokenizer.decode([t]))
         if token not in entry:
-            rank = int((lp_row > lp_row[token]).sum()) + 1
             entry[token] = Logprob(float(slp), rank, self.tokenizer.decode([token]))
         seq.logprobs.append(entry)
 
-    def _append(self, req: Request, seq: Sequence, token: int, lp_row, slp, now: float) -> None:
+    def _append(self, req: Request, seq: Sequence, token: int, lp_info, slp, now: float) -> None:
         p = req.params
         seq.token_ids.append(token)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.metrics.last_token_time = now
-        self._record_logprobs(seq, p.logprobs or 0, lp_row, token, slp)
+        self._record_logprobs(seq, p.logprobs or 0, lp_info, token, slp)
         if token in self.eos_token_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids:
