@@ -2,7 +2,7 @@
 Hugging Face-style torch references in `pagedserve.model.fused_ops`.
 
 On a CUDA machine the kernels run compiled; elsewhere through Triton's CPU
-interpreter, with the same environment handling as test_triton_attention.py
+interpreter, set up by tests/triton_interp.py
 (TRITON_INTERPRET=1 only while this module imports the kernels and while its
 tests run). Shapes are small so the interpreter finishes in seconds.
 
@@ -14,8 +14,6 @@ Accuracy contract checked here, in units of the dtype's ulp:
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import subprocess
 import sys
@@ -25,58 +23,13 @@ import torch
 
 from pagedserve.model import fused_ops as FO
 
-ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+from tests.triton_interp import DEVICE, ON_CUDA, import_kernels, interpreter_fixture, subprocess_test
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@contextlib.contextmanager
-def _interpreter_env():
-    if ON_CUDA:
-        yield
-        return
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
-
-
-def _triton_interpreted() -> bool:
-    return type(sys.modules["triton.language"].standard.sum).__name__ == "InterpretedFunction"
-
-
-# Triton imported earlier in this process without the interpreter flag: run in a fresh process.
-_NEEDS_SUBPROCESS = not ON_CUDA and "triton" in sys.modules and not _triton_interpreted()
-
-with _interpreter_env():
-    pytest.importorskip("triton")
-    if not _NEEDS_SUBPROCESS:
-        import pagedserve.model.fused_kernels as FK
-
-        if FK.INTERPRETED == ON_CUDA:  # imported earlier in this process in the other mode
-            FK = importlib.reload(FK)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(request):
-    if _NEEDS_SUBPROCESS and request.node.originalname not in ("test_in_subprocess", "test_bench_dry_run"):
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_in_subprocess")
-    with _interpreter_env():
-        yield
-
-
-def test_in_subprocess():
-    if not _NEEDS_SUBPROCESS:
-        pytest.skip("the kernels run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+FK, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.fused_kernels", lambda m: m.INTERPRETED)
+_interpret = interpreter_fixture(_NEEDS_SUBPROCESS, run_anyway=("test_bench_dry_run",))
+test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
 
 # ------------------------------------------------------------------ helpers

@@ -1,19 +1,12 @@
 """Triton paged-attention kernels against the torch reference backend.
 
 On a CUDA machine the kernels run compiled; elsewhere they run on the CPU
-through Triton's interpreter. Triton reads TRITON_INTERPRET when a kernel is
-decorated (module import) and again on first launch, so the variable is set
-while this module imports the kernels and, through an autouse fixture, while
-each test here runs, and restored otherwise: other test modules never see it.
+through Triton's interpreter, set up by tests/triton_interp.py (TRITON_INTERPRET=1
+only while this module imports the kernels and while each test here runs, or a
+fresh interpreter process if triton was already imported without it).
 Shapes are small so the interpreter finishes in seconds.
 """
 from __future__ import annotations
-
-import contextlib
-import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,61 +19,11 @@ from pagedserve.model.attention import (
     write_kv,
 )
 
-ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+from tests.triton_interp import DEVICE, ON_CUDA, import_kernels, interpreter_fixture, subprocess_test
 
-
-@contextlib.contextmanager
-def _interpreter_env():
-    if ON_CUDA:
-        yield
-        return
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if prev is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
-
-
-def _triton_interpreted() -> bool:
-    """Triton's own @jit helpers (tl.cdiv, tl.sum, ...) are interpreted only if triton was
-    first imported with TRITON_INTERPRET=1."""
-    return type(sys.modules["triton.language"].standard.sum).__name__ == "InterpretedFunction"
-
-
-# On the CPU, if something imported triton before this module without the
-# interpreter flag, the kernels cannot run in this process: the tests then run
-# in a fresh interpreter (test_in_subprocess) and are skipped here.
-_NEEDS_SUBPROCESS = not ON_CUDA and "triton" in sys.modules and not _triton_interpreted()
-
-with _interpreter_env():
-    pytest.importorskip("triton")
-    if not _NEEDS_SUBPROCESS:
-        import pagedserve.model.triton_attention as TA
-
-        if TA._INTERPRETED == ON_CUDA:  # imported earlier in this process in the other mode
-            TA = importlib.reload(TA)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(request):
-    if _NEEDS_SUBPROCESS and request.node.originalname != "test_in_subprocess":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_in_subprocess")
-    with _interpreter_env():
-        yield
-
-
-def test_in_subprocess():
-    if not _NEEDS_SUBPROCESS:
-        pytest.skip("the kernels run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+TA, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_attention", lambda m: m._INTERPRETED)
+_interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
+test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
 
 TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}

@@ -1,16 +1,10 @@
 """Triton weight-only GEMMs (int8, AWQ int4) against the dequantized reference.
 
-On CUDA they run compiled; elsewhere through Triton's CPU interpreter (the same set-up as
-test_triton_attention.py: TRITON_INTERPRET=1 while the kernels are imported and run, or a fresh
+On CUDA they run compiled; elsewhere through Triton's CPU interpreter (set up by
+tests/triton_interp.py: TRITON_INTERPRET=1 while the kernels are imported and run, or a fresh
 interpreter process if triton was already imported without it). Shapes are tiny: the interpreter is slow.
 """
 from __future__ import annotations
-
-import contextlib
-import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,56 +13,11 @@ import torch.nn.functional as F
 from pagedserve.model.awq_format import dequantize, rtn_quantize
 from pagedserve.model.quantization import quantize_int8
 
-ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+from tests.triton_interp import DEVICE, import_kernels, interpreter_fixture, subprocess_test
 
-
-@contextlib.contextmanager
-def _interpreter_env():
-    if ON_CUDA:
-        yield
-        return
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if prev is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
-
-
-def _triton_interpreted() -> bool:
-    return type(sys.modules["triton.language"].standard.sum).__name__ == "InterpretedFunction"
-
-
-_NEEDS_SUBPROCESS = not ON_CUDA and "triton" in sys.modules and not _triton_interpreted()
-
-with _interpreter_env():
-    pytest.importorskip("triton")
-    if not _NEEDS_SUBPROCESS:
-        import pagedserve.model.triton_quant as TQ
-
-        if TQ._interpreted() == ON_CUDA:  # imported earlier in this process in the other mode
-            TQ = importlib.reload(TQ)
-
-
-@pytest.fixture(autouse=True)
-def _interpret(request):
-    if _NEEDS_SUBPROCESS and request.node.originalname != "test_in_subprocess":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_in_subprocess")
-    with _interpreter_env():
-        yield
-
-
-def test_in_subprocess():
-    if not _NEEDS_SUBPROCESS:
-        pytest.skip("the kernels run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_quant", lambda m: m._interpreted())
+_interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
+test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
 
 # One ulp of each dtype: the final cast rounds to nearest on the GPU (<= half an ulp), but Triton's CPU
