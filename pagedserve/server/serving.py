@@ -17,7 +17,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from functools import partial
+from typing import Any, AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -305,7 +306,7 @@ class OpenAIServing:
         ctx = _Ctx(base, stream, id_lists, texts if req.echo else None, params.n, req.stream_options, t0)
         headers = {"X-Request-Id": base}
         if req.stream:
-            return SSEResponse(self._completion_stream(ctx), headers)
+            return SSEResponse(self._sse(ctx, "text_completion", self._completion_chunks), headers)
         result = await race_disconnect(raw.receive, self._collect(ctx))
         if result is None:
             return Response(status_code=499)
@@ -343,33 +344,42 @@ class OpenAIServing:
         self._log(ctx.base, ctx.usage(), ctx.choices, ctx.t0)
         return ctx.choices
 
-    async def _completion_stream(self, ctx: "_Ctx") -> AsyncIterator[str]:
-        head = (f'data: {{"id":"{ctx.base}","object":"text_completion","created":{int(ctx.t0)},'
-                f'"model":{dumps(self.model_name)},"choices":[')
+    async def _completion_chunks(self, ctx: "_Ctx", head: str) -> AsyncIterator[str]:
         n = ctx.n
         want_lp = False
+        if ctx.echo is not None:
+            yield "".join(f'{head}{dumps({"index": pi * n + si, "text": t, "logprobs": None, "finish_reason": None})}'
+                          f']{ctx.usage_tail(False)}}}\n\n'
+                          for pi, t in enumerate(ctx.echo) for si in range(n))
+        async for outs in ctx.stream:
+            parts = []
+            for key, c, text, lps in ctx.absorb(outs):
+                if not text and c.finish_reason is None and not lps:
+                    continue
+                lp = None
+                if lps:
+                    want_lp = True
+                    lp, c.offset = self._completion_logprobs(lps, c.offset)
+                elif want_lp:
+                    lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                choice = {"index": key[0] * n + key[1], "text": text, "logprobs": lp,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
+            if parts:
+                yield "".join(parts)
+
+    async def _sse(self, ctx: "_Ctx", obj: str,
+                   chunks: Callable[["_Ctx", str], AsyncIterator[str]]) -> AsyncIterator[str]:
+        """One SSE stream: `chunks(ctx, head)`'s content events, then the usage chunk (if asked for)
+        and [DONE]; an engine error becomes an error event + [DONE]. Whatever ends the stream
+        (done, error, client gone) aborts the request and logs it once."""
+        head = (f'data: {{"id":"{ctx.base}","object":"{obj}","created":{int(ctx.t0)},'
+                f'"model":{dumps(self.model_name)},"choices":[')
         status = "aborted"
+        body = chunks(ctx, head)
         try:
-            if ctx.echo is not None:
-                yield "".join(f'{head}{dumps({"index": pi * n + si, "text": t, "logprobs": None, "finish_reason": None})}'
-                              f']{ctx.usage_tail(False)}}}\n\n'
-                              for pi, t in enumerate(ctx.echo) for si in range(n))
-            async for outs in ctx.stream:
-                parts = []
-                for key, c, text, lps in ctx.absorb(outs):
-                    if not text and c.finish_reason is None and not lps:
-                        continue
-                    lp = None
-                    if lps:
-                        want_lp = True
-                        lp, c.offset = self._completion_logprobs(lps, c.offset)
-                    elif want_lp:
-                        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                    choice = {"index": key[0] * n + key[1], "text": text, "logprobs": lp,
-                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                    parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
-                if parts:
-                    yield "".join(parts)
+            async for part in body:
+                yield part
             if ctx.include_usage:
                 yield f'{head}],"usage":{dumps(ctx.usage())}}}\n\n'
             yield "data: [DONE]\n\n"
@@ -378,6 +388,7 @@ class OpenAIServing:
             status = f"failed ({e.message})"
             yield f"data: {dumps(error_body(e))}\n\ndata: [DONE]\n\n"
         finally:
+            await body.aclose()
             self.engine.abort_stream(ctx.stream)
             self._log(ctx.base, ctx.usage(), ctx.choices, ctx.t0, status)
 
@@ -406,7 +417,8 @@ class OpenAIServing:
         ctx = _Ctx(base, stream, [ids], None, params.n, req.stream_options, t0)
         headers = {"X-Request-Id": base}
         if req.stream:
-            return SSEResponse(self._chat_stream(ctx, req.logprobs), headers)
+            chunks = partial(self._chat_chunks, want_lp=bool(req.logprobs))
+            return SSEResponse(self._sse(ctx, "chat.completion.chunk", chunks), headers)
         result = await race_disconnect(raw.receive, self._collect(ctx))
         if result is None:
             return Response(status_code=499)
@@ -428,36 +440,22 @@ class OpenAIServing:
                                           "bytes": list(t.token.encode("utf-8"))} for t in top]})
         return out
 
-    async def _chat_stream(self, ctx: "_Ctx", want_lp: bool) -> AsyncIterator[str]:
-        head = (f'data: {{"id":"{ctx.base}","object":"chat.completion.chunk","created":{int(ctx.t0)},'
-                f'"model":{dumps(self.model_name)},"choices":[')
-        status = "aborted"
-        try:
-            yield "".join(f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
-                          f'"finish_reason":null}}]{ctx.usage_tail(False)}}}\n\n' for i in range(ctx.n))
-            async for outs in ctx.stream:
-                parts = []
-                for key, c, text, lps in ctx.absorb(outs):
-                    if text or lps:
-                        lp = {"content": self._chat_logprobs(lps)} if want_lp else None
-                        choice = {"index": key[1], "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
-                        parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
-                    if c.finish_reason is not None:
-                        choice = {"index": key[1], "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
-                                  "stop_reason": c.stop_reason}
-                        parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
-                if parts:
-                    yield "".join(parts)
-            if ctx.include_usage:
-                yield f'{head}],"usage":{dumps(ctx.usage())}}}\n\n'
-            yield "data: [DONE]\n\n"
-            status = ""
-        except PagedServeError as e:
-            status = f"failed ({e.message})"
-            yield f"data: {dumps(error_body(e))}\n\ndata: [DONE]\n\n"
-        finally:
-            self.engine.abort_stream(ctx.stream)
-            self._log(ctx.base, ctx.usage(), ctx.choices, ctx.t0, status)
+    async def _chat_chunks(self, ctx: "_Ctx", head: str, want_lp: bool) -> AsyncIterator[str]:
+        yield "".join(f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+                      f'"finish_reason":null}}]{ctx.usage_tail(False)}}}\n\n' for i in range(ctx.n))
+        async for outs in ctx.stream:
+            parts = []
+            for key, c, text, lps in ctx.absorb(outs):
+                if text or lps:
+                    lp = {"content": self._chat_logprobs(lps)} if want_lp else None
+                    choice = {"index": key[1], "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
+                    parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
+                if c.finish_reason is not None:
+                    choice = {"index": key[1], "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
+                              "stop_reason": c.stop_reason}
+                    parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
+            if parts:
+                yield "".join(parts)
 
     # -- /tokenize, /detokenize ----------------------------------------------------------
     async def tokenize(self, body: bytes) -> Response:
