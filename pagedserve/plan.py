@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pagedserve.errors import ConfigError
+from pagedserve.model.hf_config import read_hf_shape
 
 GiB = 1 << 30
 
@@ -103,20 +104,12 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: dict, name: str = "model") -> "ModelShape":
-        heads = cfg["num_attention_heads"]
+        h = read_hf_shape(cfg)
         return cls(
-            name=name,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
-            checkpoint_dtype=cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16",
+            name=name, vocab_size=h.vocab_size, hidden_size=h.hidden_size, intermediate_size=h.intermediate_size,
+            num_layers=h.num_layers, num_heads=h.num_heads, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
+            max_position_embeddings=h.max_position_embeddings, tie_word_embeddings=h.tie_word_embeddings,
+            qkv_bias=h.qkv_bias, checkpoint_dtype=h.checkpoint_dtype,
         )
 
     # -- parameter counts ---------------------------------------------------

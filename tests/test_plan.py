@@ -126,3 +126,18 @@ def test_startup_memory_check_refuses_before_allocating():
     with pytest.raises(OutOfMemoryError, match="KV cache .* only .* GiB of memory is available"):
         check_memory_before_load(small, 4, None, "cpu", absurd)
     check_memory_before_load(small, 4, None, "cpu", GiB // 4)
+
+
+def test_planner_and_model_read_config_json_the_same_way():
+    """One reader (model/hf_config.py) serves both; a config missing a size is a ConfigError, not a KeyError."""
+    from pagedserve.model.llama import ModelArgs
+
+    cfg = dict(KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"], head_dim=96, model_type="qwen2")
+    shape, args = ModelShape.from_config(cfg), ModelArgs.from_hf(cfg)
+    for f in ("num_heads", "num_kv_heads", "head_dim", "num_layers", "qkv_bias", "tie_word_embeddings"):
+        assert getattr(shape, f) == getattr(args, f), f
+    assert shape.head_dim == 96 and shape.qkv_bias
+    bad = {k: v for k, v in cfg.items() if k != "num_attention_heads"}
+    for read in (ModelShape.from_config, ModelArgs.from_hf):
+        with pytest.raises(ConfigError, match="num_attention_heads"):
+            read(bad)

@@ -18,6 +18,7 @@ from torch import nn
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model import fused_ops
 from pagedserve.model.attention import AttentionMetadata
+from pagedserve.model.hf_config import read_hf_shape
 
 # On CUDA, RMSNorm (+ residual add), RoPE and SiLU-and-mul run as one Triton kernel each
 # (fused_ops), not ~20 small eager kernels per layer. PAGEDSERVE_FUSED_OPS=0 turns it off (A/B runs).
@@ -53,38 +54,15 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, cfg) -> "ModelArgs":
-        g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-        model_type = g("model_type", "llama")
-        heads = g("num_attention_heads")
-        head_dim = g("head_dim") or g("hidden_size") // heads
-        attention_bias = bool(g("attention_bias", False))
-        rope_scaling = g("rope_scaling") or None
-        rope_theta = g("rope_theta")
-        rope_params = g("rope_parameters")  # transformers >= 5 folds theta/scaling in here
-        if isinstance(rope_params, dict):
-            rope_theta = rope_theta or rope_params.get("rope_theta")
-            if rope_params.get("rope_type", "default") != "default":
-                rope_scaling = rope_params
+        h = read_hf_shape(cfg)
         return cls(
-            vocab_size=g("vocab_size"),
-            hidden_size=g("hidden_size"),
-            intermediate_size=g("intermediate_size"),
-            num_layers=g("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=g("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=g("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta or 10000.0),
-            max_position_embeddings=g("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=attention_bias and model_type != "qwen2",
-            mlp_bias=bool(g("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            rope_scaling=rope_scaling,
-            rope_freq_factors=g("rope_freq_factors"),
+            vocab_size=h.vocab_size, hidden_size=h.hidden_size, intermediate_size=h.intermediate_size,
+            num_layers=h.num_layers, num_heads=h.num_heads, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
+            rms_norm_eps=h.rms_norm_eps, rope_theta=h.rope_theta,
+            max_position_embeddings=h.max_position_embeddings, tie_word_embeddings=h.tie_word_embeddings,
+            qkv_bias=h.qkv_bias, o_bias=h.o_bias, mlp_bias=h.mlp_bias, qk_norm=h.qk_norm,
+            rope_scaling=h.rope_scaling, rope_freq_factors=h.rope_freq_factors,
         )
-
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies, with the RoPE scaling schemes Llama/Qwen checkpoints use."""
