@@ -77,42 +77,37 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
+              residual: torch.Tensor | None = None, new_residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of _rms_norm_kernel over the rows of x; with `residual`, adds it first (ADD)."""
     h = x.shape[-1]
     x2 = _rows(x)
+    add = residual is not None
+    r2 = residual.view(-1, h) if add else x2
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     t = x2.shape[0]
     if t == 0:
         return y
     y2 = y.view(-1, h)
+    nr2 = new_residual.view(-1, h) if add else y2
     block, warps = _row_launch(h)
     _rms_norm_kernel[(t,)](
-        x2, x2, weight, y2, y2,
-        x2.stride(0), 0, y2.stride(0), 0,
-        float(eps), H=h, BLOCK=block, ADD=False, RNE=INTERPRETED, num_warps=warps,
+        x2, r2, weight, y2, nr2,
+        x2.stride(0), r2.stride(0) if add else 0, y2.stride(0), nr2.stride(0) if add else 0,
+        float(eps), H=h, BLOCK=block, ADD=add, RNE=INTERPRETED, num_warps=warps,
     )
     return y
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    return _rms_norm(x, weight, eps, out_dtype)
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                         out_dtype: torch.dtype, new_residual: torch.Tensor) -> torch.Tensor:
     """Writes x + residual into new_residual (may be residual itself) and returns the norm."""
-    h = x.shape[-1]
-    x2, r2 = _rows(x), residual.view(-1, h)
-    nr2 = new_residual.view(-1, h)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    t = x2.shape[0]
-    if t == 0:
-        return y
-    y2 = y.view(-1, h)
-    block, warps = _row_launch(h)
-    _rms_norm_kernel[(t,)](
-        x2, r2, weight, y2, nr2,
-        x2.stride(0), r2.stride(0), y2.stride(0), nr2.stride(0),
-        float(eps), H=h, BLOCK=block, ADD=True, RNE=INTERPRETED, num_warps=warps,
-    )
-    return y
+    return _rms_norm(x, weight, eps, out_dtype, residual, new_residual)
 
 
 # --------------------------------------------------------------------------
