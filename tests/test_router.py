@@ -72,6 +72,15 @@ async def two(cluster: Cluster, **cfg) -> tuple[str, httpx.AsyncClient]:
     return url, httpx.AsyncClient(base_url=url, timeout=10, trust_env=False)
 
 
+async def backends_hit(client: httpx.AsyncClient, requests: int = 6) -> set[str]:
+    """The backends (from the x-pagedserve-backend header) that served `requests` small completions."""
+    seen = set()
+    for _ in range(requests):
+        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
+        seen.add(r.headers["x-pagedserve-backend"])
+    return seen
+
+
 async def stream_completion(client: httpx.AsyncClient, max_tokens: int = 12) -> tuple[int, list[str]]:
     events = []
     async with client.stream("POST", "/v1/completions",
@@ -94,11 +103,7 @@ async def test_openai_client_streaming_and_models(cluster):
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == " x" * 10
     # Requests spread over both backends, and the backend is named in a header.
-    seen = set()
-    for _ in range(6):
-        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
-        seen.add(r.headers["x-pagedserve-backend"])
-    assert seen == set(cluster.urls)
+    assert await backends_hit(client) == set(cluster.urls)
     await client.aclose()
 
 
@@ -158,11 +163,7 @@ async def test_connect_error_ejects_then_readmits_after_recovery(cluster):
     assert not b0.healthy
     await cluster.restart_sim(0)
     await wait_for(lambda: b0.healthy, 5)
-    seen = set()
-    for _ in range(6):
-        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 2})
-        seen.add(r.headers["x-pagedserve-backend"])
-    assert seen == set(cluster.urls)
+    assert await backends_hit(client) == set(cluster.urls)
     await client.aclose()
 
 

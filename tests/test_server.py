@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagedserve import SamplingParams
-from pagedserve.server.launch import ServerProcess
 from tests.conftest import MAX_TOKENS, PROMPTS
+from tests.servers import running_server
 
 KEY = "sk-test-pagedserve"
 MODEL = "smol"
@@ -31,16 +31,10 @@ MAX_NUM_SEQS = 64
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+    with running_server(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
                          "--kv-cache-memory", "0.25", "--api-key", KEY, "--served-model-name", MODEL, "smol-alias"],
-                        env={"PAGEDSERVE_ENGINE_LOAD_DELAY": "1"})
-    srv.start()
-    try:
-        srv.wait_ready()
+                        env={"PAGEDSERVE_ENGINE_LOAD_DELAY": "1"}) as srv:
         yield srv
-    finally:
-        srv.terminate()
-        print(srv.output(30))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +63,18 @@ def metrics(http) -> dict[str, float]:
             extra = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
             out[s.name + (f"{{{extra}}}" if extra else "")] = s.value
     return out
+
+
+async def read_stream(stream) -> tuple[str, str | None, object]:
+    """A one-choice completions stream from the async openai client -> (text, finish_reason, usage)."""
+    text, finish, usage = "", None, None
+    async for ch in stream:
+        if ch.choices:
+            text += ch.choices[0].text
+            finish = ch.choices[0].finish_reason or finish
+        if ch.usage:
+            usage = ch.usage
+    return text, finish, usage
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -154,16 +160,9 @@ async def test_async_completion_stream(server, llm, tok):
     ref = llm.generate(prompt, greedy(16), use_tqdm=False)[0].outputs[0]
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=300, max_retries=0) as ac:
         async def streamed():
-            stream = await ac.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})
-            text, finish, usage = "", None, None
-            async for ch in stream:
-                if ch.choices:
-                    text += ch.choices[0].text
-                    finish = ch.choices[0].finish_reason or finish
-                if ch.usage:
-                    usage = ch.usage
-            return text, finish, usage
+            return await read_stream(await ac.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                stream_options={"include_usage": True}))
 
         (text, finish, usage), chat = await asyncio.gather(
             streamed(), ac.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}],
@@ -237,17 +236,9 @@ async def test_64_concurrent_streams(server, llm, tok, http):
     refs = llm.generate(prompts, greedy(8, ignore_eos=True), use_tqdm=False)
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=600, max_retries=0) as ac:
         async def one(p):
-            stream = await ac.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
-            text, finish, usage = "", None, None
-            async for ch in stream:
-                if ch.choices:
-                    text += ch.choices[0].text
-                    finish = ch.choices[0].finish_reason or finish
-                if ch.usage:
-                    usage = ch.usage
-            return text, finish, usage
+            return await read_stream(await ac.completions.create(
+                model=MODEL, prompt=p, max_tokens=8, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
 
         results = await asyncio.gather(*(one(p) for p in prompts))
     for (text, finish, usage), p, ref in zip(results, prompts, refs):

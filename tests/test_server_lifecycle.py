@@ -16,22 +16,17 @@ import time
 import httpx
 import pytest
 
-from pagedserve.server.launch import ServerProcess, free_port
+from pagedserve.server.launch import free_port
+from tests.servers import running_server
 
 C = "/v1/completions"
 
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--max-model-len", "256", "--max-num-seqs", "1", "--max-queue-len", "2",
-                         "--kv-cache-memory", "0.05", "--disable-log-requests"])
-    srv.start()
-    try:
-        srv.wait_ready()
+    with running_server(["--max-model-len", "256", "--max-num-seqs", "1", "--max-queue-len", "2",
+                         "--kv-cache-memory", "0.05", "--disable-log-requests"]) as srv:
         yield srv
-    finally:
-        srv.terminate()
-        print(srv.output(30))
 
 
 def _metric(url: str, name: str) -> float:
