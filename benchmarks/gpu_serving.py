@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import httpx  # noqa: E402
 
 from gpu_throughput import make_model_dir  # noqa: E402
-from pagedserve.server.launch import free_port  # noqa: E402
+from pagedserve.ports import free_port  # noqa: E402
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float, need_models: bool = True) -> None:

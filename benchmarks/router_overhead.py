@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from router_policies import RouterProc, cpu_seconds, free_port, pct  # noqa: E402
+from pagedserve.ports import free_port  # noqa: E402
+from router_policies import RouterProc, cpu_seconds, pct  # noqa: E402
 
 COMPLETION = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "fast",
                          "choices": [{"index": 0, "text": " Paris.", "finish_reason": "stop", "logprobs": None}],

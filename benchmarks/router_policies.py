@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,14 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from pagedserve.cluster.policies import DEFAULT_POLICY  # noqa: E402
 from pagedserve.cluster.sim import SimConfig  # noqa: E402
+from pagedserve.ports import free_port  # noqa: E402
 
 POLICIES = ["round_robin", "gpu_util", "least_outstanding", "engine_load", "prefix_affinity"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pagedserve.ports import free_port  # noqa: E402
 
 SHAPE = "Qwen/Qwen2.5-7B-Instruct"
 
@@ -98,12 +99,6 @@ def make_model_dir(args) -> Path:
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def engine_flags(args) -> list[str]:
     flags = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len), "--max-num-seqs", "512"]
     if args.dry_run:
@@ -132,7 +127,7 @@ def wait_all_healthy(url: str, proc: subprocess.Popen, timeout: float = 1800) ->
 
 
 def run_serving(args, model_dir: Path, replicas: int, tp: int, out_dir: Path) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(out_dir / f"serve_{replicas}x{tp}.log", "w")
     cmd = [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), *engine_flags(args), "--port", str(port),

@@ -1,4 +1,4 @@
-"""Fail fast, with the culprit named, when a port we must listen on is taken."""
+"""Port helpers: fail fast, with the culprit named, when a port we must listen on is taken; pick a free one."""
 from __future__ import annotations
 
 import os
@@ -37,6 +37,13 @@ def port_owner(port: int) -> str | None:
         except OSError:  # gone, or not ours to read
             continue
     return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the OS picks it): for child servers, tests and benchmarks."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def check_port_free(host: str, port: int, what: str = "--port") -> None:

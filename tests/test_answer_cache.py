@@ -20,7 +20,8 @@ from pagedserve.answer_cache import (AnswerCache, AnswerCacheConfig, AnswerCache
                                      deterministic, parse_size)
 from pagedserve.bench.mock_server import MockServer
 from pagedserve.cluster.router import Router, RouterConfig
-from pagedserve.cluster.serving import free_port, start_server
+from pagedserve.cluster.serving import start_server
+from pagedserve.ports import free_port
 
 
 class Clock:

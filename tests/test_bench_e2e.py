@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pagedserve.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("pagedserve")
     cmd = [str(exe), "serve", "--port", str(port), "--max-model-len", "512", "--kv-cache-memory", "0.25",
            "--max-num-seqs", "16"] if exe.exists() else \

@@ -124,7 +124,7 @@ def test_replica_dies_with_a_killed_launcher(tmp_path):
     even by SIGKILL (no orphans). The light `router` command stands in for `serve`."""
     import subprocess
 
-    from pagedserve.cluster.serving import free_port
+    from pagedserve.ports import free_port
 
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", f"""

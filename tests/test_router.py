@@ -266,7 +266,7 @@ async def test_router_command_line(cluster, tmp_path):
     import subprocess
     import sys
 
-    from pagedserve.cluster.serving import free_port
+    from pagedserve.ports import free_port
 
     await cluster.add_sim()
     port = free_port()

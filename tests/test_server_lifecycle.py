@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from pagedserve.server.launch import free_port
+from pagedserve.ports import free_port
 from tests.servers import running_server
 
 C = "/v1/completions"

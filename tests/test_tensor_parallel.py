@@ -22,8 +22,9 @@ from pagedserve.distributed.executor import TensorParallelWorkerError
 from pagedserve.distributed.partition import chunks, plan_shards
 from pagedserve.errors import ConfigError
 from pagedserve.llm import LLM
+from pagedserve.ports import free_port
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.launch import ServerProcess, free_port
+from pagedserve.server.launch import ServerProcess
 from tests.tiny_models import tiny_model_dir
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

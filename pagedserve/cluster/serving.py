@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import socket
 
 import uvicorn
 
@@ -48,9 +47,3 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

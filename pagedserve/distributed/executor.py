@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 import weakref
@@ -29,6 +28,7 @@ import torch
 from pagedserve.distributed.group import TPGroup
 from pagedserve.distributed.partition import plan_shards_for
 from pagedserve.errors import ConfigError, NotReadyError, PagedServeError
+from pagedserve.ports import free_port
 
 log = logging.getLogger("pagedserve.tp")
 
@@ -37,12 +37,6 @@ _worker_rank: tuple[int, int, object] | None = None  # (rank, port, pipe) in a w
 
 class TensorParallelWorkerError(NotReadyError):
     """A tensor-parallel worker died or failed; the engine cannot go on (HTTP 503)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_device(device: torch.device, rank: int, tp: int) -> torch.device:
@@ -114,7 +108,7 @@ class Executor:
     """Rank 0's handle on the worker processes."""
 
     def __init__(self, config, tp: int):
-        self.port = _free_port()
+        self.port = free_port()
         self.group: TPGroup | None = None
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
