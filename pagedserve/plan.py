@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pagedserve.errors import ConfigError
-from pagedserve.model.hf_config import read_hf_shape
+from pagedserve.model.hf_config import DecoderShape
 
 GiB = 1 << 30
 
@@ -88,29 +88,13 @@ CUDA_CONTEXT_GIB = 0.75
 
 
 @dataclass
-class ModelShape:
+class ModelShape(DecoderShape):
     name: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
     checkpoint_dtype: str = "bfloat16"
 
     @classmethod
     def from_config(cls, cfg: dict, name: str = "model") -> "ModelShape":
-        h = read_hf_shape(cfg)
-        return cls(
-            name=name, vocab_size=h.vocab_size, hidden_size=h.hidden_size, intermediate_size=h.intermediate_size,
-            num_layers=h.num_layers, num_heads=h.num_heads, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
-            max_position_embeddings=h.max_position_embeddings, tie_word_embeddings=h.tie_word_embeddings,
-            qkv_bias=h.qkv_bias, checkpoint_dtype=h.checkpoint_dtype,
-        )
+        return cls.from_hf(cfg, name=name)
 
     # -- parameter counts ---------------------------------------------------
     def linear_params(self) -> int:

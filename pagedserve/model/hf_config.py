@@ -1,12 +1,13 @@
-"""Read a Hugging Face config.json into the shape fields pagedserve uses.
+"""Read a Hugging Face config.json into the decoder shape pagedserve uses.
 
-The model (llama.ModelArgs) and the memory planner (plan.ModelShape) both read them from
-here, so the plan and the engine cannot disagree on heads, head_dim or biases. No torch
-import: `pagedserve plan` uses this without loading torch.
+The model (llama.ModelArgs) and the memory planner (plan.ModelShape) both derive from
+DecoderShape and read config.json through `from_hf` here, so the plan and the engine
+cannot disagree on heads, head_dim or biases. No torch import: `pagedserve plan` uses
+this without loading torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pagedserve.errors import ConfigError
@@ -14,31 +15,9 @@ from pagedserve.errors import ConfigError
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-@dataclass(frozen=True)
-class HFShape:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    rope_freq_factors: list[float] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 always; others where attention_bias is set
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool  # Qwen3's per-head RMSNorm on q and k
-    checkpoint_dtype: str
-
-
-def read_hf_shape(cfg: Any) -> HFShape:
-    """`cfg`: a config.json dict, or a transformers config object (read by attribute)."""
+def hf_shape_fields(cfg: Any) -> dict[str, Any]:
+    """Everything pagedserve reads from a config.json dict (or a transformers config object, read by
+    attribute), under pagedserve's field names."""
     g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
     missing = [k for k in _REQUIRED if g(k) is None]
     if missing:
@@ -54,8 +33,7 @@ def read_hf_shape(cfg: Any) -> HFShape:
         rope_theta = rope_theta or rope_params.get("rope_theta")
         if rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
-    return HFShape(
-        model_type=model_type,
+    return dict(
         vocab_size=g("vocab_size"),
         hidden_size=g("hidden_size"),
         intermediate_size=g("intermediate_size"),
@@ -69,9 +47,30 @@ def read_hf_shape(cfg: Any) -> HFShape:
         rope_freq_factors=g("rope_freq_factors"),
         max_position_embeddings=g("max_position_embeddings", 4096),
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or attention_bias,
+        qkv_bias=model_type == "qwen2" or attention_bias,  # Qwen2 always; others where attention_bias is set
         o_bias=attention_bias and model_type != "qwen2",
         mlp_bias=bool(g("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type == "qwen3",  # Qwen3's per-head RMSNorm on q and k
         checkpoint_dtype=g("torch_dtype") or g("dtype") or "bfloat16",
     )
+
+
+@dataclass(kw_only=True)
+class DecoderShape:
+    """The sizes of a Llama-family decoder that both the model and the planner need."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, cfg: Any, **extra):
+        """An instance from a config.json; `extra` sets fields config.json does not hold."""
+        vals = hf_shape_fields(cfg)
+        return cls(**{f.name: vals[f.name] for f in fields(cls) if f.name in vals and f.name not in extra}, **extra)

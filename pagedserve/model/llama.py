@@ -18,7 +18,7 @@ from torch import nn
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model import fused_ops
 from pagedserve.model.attention import AttentionMetadata
-from pagedserve.model.hf_config import read_hf_shape
+from pagedserve.model.hf_config import DecoderShape
 
 # On CUDA, RMSNorm (+ residual add), RoPE and SiLU-and-mul run as one Triton kernel each
 # (fused_ops), not ~20 small eager kernels per layer. PAGEDSERVE_FUSED_OPS=0 turns it off (A/B runs).
@@ -30,19 +30,10 @@ def _fused(x: torch.Tensor) -> bool:
 
 
 @dataclass
-class ModelArgs:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class ModelArgs(DecoderShape):
+    """DecoderShape plus what the model itself needs; `ModelArgs.from_hf(config)` reads both."""
     rms_norm_eps: float
     rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
@@ -52,17 +43,6 @@ class ModelArgs:
     # quantization.awq_linear_factory (int8 instead swaps nn.Linear after loading).
     make_linear: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)
 
-    @classmethod
-    def from_hf(cls, cfg) -> "ModelArgs":
-        h = read_hf_shape(cfg)
-        return cls(
-            vocab_size=h.vocab_size, hidden_size=h.hidden_size, intermediate_size=h.intermediate_size,
-            num_layers=h.num_layers, num_heads=h.num_heads, num_kv_heads=h.num_kv_heads, head_dim=h.head_dim,
-            rms_norm_eps=h.rms_norm_eps, rope_theta=h.rope_theta,
-            max_position_embeddings=h.max_position_embeddings, tie_word_embeddings=h.tie_word_embeddings,
-            qkv_bias=h.qkv_bias, o_bias=h.o_bias, mlp_bias=h.mlp_bias, qk_norm=h.qk_norm,
-            rope_scaling=h.rope_scaling, rope_freq_factors=h.rope_freq_factors,
-        )
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies, with the RoPE scaling schemes Llama/Qwen checkpoints use."""
