@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,34 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import httpx  # noqa: E402
-
 from gpu_throughput import make_model_dir  # noqa: E402
-from pagedserve.ports import free_port  # noqa: E402
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float, need_models: bool = True) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:  # /v1/models answers while loading
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from pagedserve.server.launch import ServerProcess  # noqa: E402
 
 
 def run_part(name: str, shape: str, serve_extra: list[str], args, out: Path) -> dict:
@@ -72,19 +45,14 @@ def run_part(name: str, shape: str, serve_extra: list[str], args, out: Path) -> 
     cfg = json.loads(cfg_path.read_text())
     cfg["vocab_size"] = len(AutoTokenizer.from_pretrained(model_dir))
     cfg_path.write_text(json.dumps(cfg))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(out / f"{name}_server.log", "w")
-    cmd = [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), "--load-format", "dummy",
-           "--port", str(port), "--served-model-name", shape, "--disable-log-requests",
-           "--max-num-seqs", str(args.max_num_seqs), *serve_extra]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = ServerProcess(["--load-format", "dummy", "--served-model-name", shape, "--disable-log-requests",
+                         "--max-num-seqs", str(args.max_num_seqs), *serve_extra], model=str(model_dir))
+    print("$", " ".join(srv.cmd), flush=True)
     try:
         t0 = time.monotonic()
-        wait_ready(url, proc, args.ready_timeout)
+        srv.start().wait_ready(args.ready_timeout)  # /health: /v1/models answers while the model loads
         ready_s = time.monotonic() - t0
-        bench = [sys.executable, "-m", "pagedserve.cli", "bench", "serve", "--url", url, "--model", shape,
+        bench = [sys.executable, "-m", "pagedserve.cli", "bench", "serve", "--url", srv.url, "--model", shape,
                  "--tokenizer", str(model_dir), "--concurrency", args.concurrency, "--duration", str(args.duration),
                  "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--ignore-eos",
                  "--temperature", "0", "--warmup", "8", "--no-progress", "--save-json", str(out / f"{name}.json"),
@@ -92,8 +60,10 @@ def run_part(name: str, shape: str, serve_extra: list[str], args, out: Path) -> 
         print("$", " ".join(bench), flush=True)
         subprocess.run(bench, check=True, timeout=args.part_timeout)
     finally:
-        stop(proc)
-        log.close()
+        srv.terminate()
+        (out / f"{name}_server.log").write_text(srv.output(last=400))
+        srv.log.close()
+        os.unlink(srv.log.name)
     summary = json.loads((out / f"{name}.json").read_text())
     return {"part": name, "shape": shape, "ready_seconds": ready_s, "serve_flags": serve_extra,
             "levels": [{k: v for k, v in lv.items() if k != "requests"} for lv in summary["levels"]],
