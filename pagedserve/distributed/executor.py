@@ -213,7 +213,6 @@ class TPRunner:
     def __init__(self, inner, ex: Executor):
         self.inner, self.ex = inner, ex
         self._copies: list[tuple[int, int]] = []
-        inner.prepare = self._prepare_and_send  # the runner's own execute() calls this
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -224,15 +223,15 @@ class TPRunner:
 
     def execute(self, scheduled):
         try:
-            return self.inner.execute(scheduled)
+            input_ids, positions, meta, logit_rows, sampled = self.inner.prepare(scheduled)
+            self._send(input_ids, positions, meta, logit_rows)
+            return self.inner.run(input_ids, positions, meta, logit_rows), sampled
         except PagedServeError:
             raise
         except (RuntimeError, OSError) as e:  # a collective or pipe broke: name the worker that died
             raise (self.ex.explain(e) or e) from e
 
-    def _prepare_and_send(self, scheduled):
-        out = type(self.inner).prepare(self.inner, scheduled)
-        input_ids, positions, meta, logit_rows = out[:4]
+    def _send(self, input_ids, positions, meta, logit_rows) -> None:
         tensors = {"input_ids": input_ids, "positions": positions, "logit_rows": logit_rows}
         scalars = {}
         for f in dataclasses.fields(meta):
@@ -250,7 +249,6 @@ class TPRunner:
         self.ex.send_step(("step", copies, spec, scalars, flat.numel(), flat.numpy() if on_cpu else None))
         if not on_cpu:
             self.ex.group.broadcast(flat)
-        return out
 
 
 # -- the worker process ---------------------------------------------------------------------
@@ -292,7 +290,7 @@ def _worker_main(config, rank: int, port: int, conn, log_level: int) -> None:
 def _serve_steps(engine, conn) -> None:
     from pagedserve.model.attention import AttentionMetadata
 
-    runner, model, group = engine.runner, engine.model, engine.tp
+    runner, group = engine.runner, engine.tp
     dev = runner.device
     while True:
         msg = conn.recv()
@@ -313,8 +311,4 @@ def _serve_steps(engine, conn) -> None:
             off += n
         input_ids, positions, logit_rows = t.pop("input_ids"), t.pop("positions"), t.pop("logit_rows")
         meta = AttentionMetadata(**t, **scalars)
-        hidden = model(input_ids, positions, runner.kv_caches, meta)
-        if logit_rows.numel():
-            if logit_rows.numel() < hidden.shape[0]:
-                hidden = hidden[logit_rows]
-            model.compute_logits(hidden)  # joins the gather; rank 0 samples
+        runner.run(input_ids, positions, meta, logit_rows)  # joins the collectives; rank 0 samples

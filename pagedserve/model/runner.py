@@ -178,13 +178,21 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows."""
         input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled)
+        return self.run(input_ids, positions, meta, logit_rows), sampled
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            logit_rows: torch.Tensor) -> torch.Tensor:
+        """One forward over prepared inputs (tensor-parallel workers call this directly); logits of
+        `logit_rows`, or an empty tensor when no row samples."""
         if (self.graphs is not None and meta.num_prefill == 0
                 and self.graphs.can_run(meta.num_decode, meta.decode_block_tables.shape[1])):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sampled:
-            return torch.empty(0), sampled
-        if len(sampled) < hidden.shape[0]:  # else every row samples, in order: no gather needed
+        n = logit_rows.shape[0]
+        if n == 0:
+            return torch.empty(0)
+        if n < hidden.shape[0]:  # else every row samples, in order: no gather needed
             hidden = hidden[logit_rows]
-        return self.model.compute_logits(hidden), sampled
+        return self.model.compute_logits(hidden)
