@@ -1,57 +1,19 @@
 """`pagedserve bench serve` against a real `pagedserve serve` on the default model (a short sweep)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
-from pagedserve.ports import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.servers import running_server
 
 
 @pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
-    port = free_port()
-    exe = Path(sys.executable).with_name("pagedserve")
-    cmd = [str(exe), "serve", "--port", str(port), "--max-model-len", "512", "--kv-cache-memory", "0.25",
-           "--max-num-seqs", "16"] if exe.exists() else \
-          [sys.executable, "-m", "pagedserve.cli", "serve", "--port", str(port), "--max-model-len", "512"]
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server not healthy within 150 s: " + Path(log.name).read_text()[-2000:])
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def real_server():
+    with running_server(["--max-model-len", "512", "--kv-cache-memory", "0.25", "--max-num-seqs", "16"]) as srv:
+        yield srv.url
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("pagedserve.server") is None, reason="pagedserve serve is not built yet")
 def test_short_sweep_against_real_server(real_server, tmp_path, capsys):
     from pagedserve.cli import main
 
