@@ -14,6 +14,23 @@ def _fail(param: str, msg: str) -> None:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """One output constraint, under vLLM's names; exactly one of the fields is set.
+
+    `json` is a JSON Schema (dict or its JSON text), `regex` a regular expression,
+    `choice` a list of allowed strings, `grammar` an EBNF/GBNF grammar, and
+    `json_object` any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
+@dataclass
 class SamplingParams:
     """Mirrors vLLM's SamplingParams for the fields both support.
 
@@ -43,6 +60,7 @@ class SamplingParams:
     beam_width: int | None = None  # default: n
     length_penalty: float = 1.0
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     stop_list: list[str] = field(init=False, default_factory=list, repr=False)
 
@@ -108,8 +126,9 @@ class SamplingParams:
             self.beam_width = width
 
     def clone(self, **changes) -> "SamplingParams":
-        from dataclasses import asdict
+        from dataclasses import fields
 
-        d = {k: v for k, v in asdict(self).items() if k != "stop_list"}
+        # Shallow on purpose: asdict would turn `structured_outputs` into a plain dict.
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         d.update(changes)
         return SamplingParams(**d)
