@@ -10,7 +10,8 @@ The embedding and the LM head stay in the compute dtype, as in vLLM: they are a 
 model's weights, and the logits are the most quantization-sensitive matmul. Quantized tensors are
 parameters (requires_grad=False), so parameter-byte counts (the startup log) see their real size.
 
-Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py). On CPU,
+Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py) up to a measured
+batch size, then dequantize-to-bf16 + cuBLAS (quant_dispatch.py says where). On CPU,
 dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
 (AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
 CPU speed does not improve (the dense fp32 path also gets oneDNN's packed GEMM, these do not).
@@ -65,8 +66,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _on_gpu(x):
-            from pagedserve.model.triton_quant import int8_linear_triton
+            from pagedserve.model.quant_dispatch import use_dense
+            from pagedserve.model.triton_quant import int8_linear_dense, int8_linear_triton
 
+            if use_dense("int8", x.numel() // self.in_features, self.out_features, self.in_features):
+                return int8_linear_dense(x, self.weight, self.scale, self.bias)
             return int8_linear_triton(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
@@ -116,8 +120,11 @@ class AWQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _on_gpu(x):
-            from pagedserve.model.triton_quant import awq_linear_triton
+            from pagedserve.model.quant_dispatch import use_dense
+            from pagedserve.model.triton_quant import awq_linear_dense, awq_linear_triton
 
+            if use_dense("awq", x.numel() // self.in_features, self.out_features, self.in_features):
+                return awq_linear_dense(x, self.qweight, self.qzeros, self.scales, self.bias)
             return awq_linear_triton(x, self.qweight, self.qzeros, self.scales, self.bias)
         return self._forward_reference(x)
 
