@@ -141,9 +141,11 @@ class LLMEngine:
         backend = get_attention_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
-        # int8/fp8 quantize after loading: load and quantize on the host, so the GPU never holds the dense weights.
+        # int8/fp8 quantize after loading: load and quantize on the host, so the GPU never holds the dense
+        # weights. Dummy weights (performance work) are drawn and quantized on the device: drawing 7B random
+        # numbers on the host takes minutes.
         quantize_on_load = self.quantization == "int8" or (self.quantization == "fp8" and not fp8_ckpt)
-        build_device = torch.device("cpu") if quantize_on_load else self.device
+        build_device = torch.device("cpu") if quantize_on_load and config.load_format != "dummy" else self.device
         with torch.device(build_device):
             model = model_cls(self.args, backend, max_len=self.max_model_len, tp=self.tp).to(self.dtype)
         if config.load_format == "dummy":
