@@ -109,10 +109,10 @@ def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     q_x, s_x = per_token_quant(x2)
     # Rowwise scaling produces bf16; fp16 models get a cast (cheap next to the GEMM).
     y = torch._scaled_mm(q_x, q_w.t(), scale_a=s_x, scale_b=s_w.view(1, n), out_dtype=torch.bfloat16)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
     return y.view(*lead, n)
 
 
