@@ -303,6 +303,17 @@ def test_bad_fp8_configs_refused(qc, msg):
         Fp8CheckpointConfig.from_hf(qc)
 
 
+def test_fp8_checkpoint_dummy_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_FP8_EMULATE", "1")
+    fp8_dir = write_fp8_checkpoint(save(build_hf("llama"), tmp_path / "dense"), tmp_path / "fp8")
+    llm = LLM(str(fp8_dir), max_model_len=128, kv_cache_memory=0.05, load_format="dummy")
+    lin = llm.engine.model.layers[0].mlp.down_proj
+    assert isinstance(lin, Fp8Linear) and lin.weight.float().std().item() > 0.5
+    assert torch.equal(lin.weight_scale, torch.full_like(lin.weight_scale, 0.02))
+    out = llm.generate(["the"], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
 def test_fp8_checkpoint_conflicts(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_FP8_EMULATE", "1")
     fp8_dir = write_fp8_checkpoint(save(build_hf("llama"), tmp_path / "dense"), tmp_path / "fp8")
