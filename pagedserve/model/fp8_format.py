@@ -96,10 +96,10 @@ def is_fp8_config(qc) -> bool:
 
 def normalize_fp8_tensor(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor] | None:
     """A checkpoint tensor as pagedserve stores it: weight scales flattened to [N] or [1] (broadcast by the
-    loader), static input scales dropped (None)."""
+    loader); static input scales, KV-cache scales and (symmetric) zero points dropped (None)."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("input_scale", "k_scale", "v_scale"):
-        return None
+    if leaf in ("input_scale", "k_scale", "v_scale", "weight_zero_point", "input_zero_point"):
+        return None  # dynamic per-token activations; symmetric weights (checked in from_hf): zero points are 0
     if leaf == "weight_scale":
         return name, t.float().reshape(-1)
     return name, t
