@@ -58,9 +58,14 @@ def load_text(mode: str, load: float) -> str:
 
 
 def analyze(mode: str, loads: list[float], summaries: list[dict], slo: SLO, slo_target: float,
-            min_gain: float = 0.05) -> dict:
-    """Knee and one-line production recommendation for a sweep."""
-    oks = [level_ok(s, slo, slo_target) for s in summaries]
+            min_gain: float = 0.05, client_bound: list[bool] | None = None) -> dict:
+    """Knee and one-line production recommendation for a sweep.
+
+    A client-bound level (pagedserve/bench/saturation.py) counts as failing, with reason
+    'client': its throughput may be the load generator's ceiling, so the knee search stops
+    below it rather than report a plateau the client caused."""
+    bound = client_bound or [False] * len(summaries)
+    oks = [(False, "client") if b else level_ok(s, slo, slo_target) for s, b in zip(summaries, bound)]
     knee = find_knee(loads, [s["output_throughput"] for s in summaries], [o for o, _ in oks],
                      [r for _, r in oks], min_gain)
     knee["recommendation"] = recommend(mode, loads, summaries, knee, slo, slo_target, min_gain)
@@ -71,6 +76,10 @@ def analyze(mode: str, loads: list[float], summaries: list[dict], slo: SLO, slo_
 def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: float, min_gain: float) -> str:
     unit = "concurrent requests" if mode == "concurrency" else "requests/s"
     nxt = knee.get("next_index")
+    if knee["index"] is None and knee["break_reason"] == "client":
+        return (f"No usable level: the load generator itself was the bottleneck from {load_text(mode, loads[nxt])} "
+                f"{unit} on (see the warnings), so these numbers describe the client, not the server; rerun with "
+                f"more --workers or on a machine with more free cores.")
     if knee["index"] is None:
         s = summaries[nxt]
         why = (f"{(1 - s['success_rate']) * 100:.1f}% of requests fail" if knee["break_reason"] == "errors"
@@ -89,6 +98,10 @@ def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: flo
     if knee["reason"] == "plateau":
         return head + (f"; at {nl} throughput grows < {min_gain:.0%} while TTFT P99 becomes "
                        f"{fmt(get(t, ('ttft_ms', 'p99')), 'ms')} ms — add replicas rather than load.")
+    if knee["reason"] == "client":
+        return head + (f"; at {nl} the load generator itself was the bottleneck (see the warnings), so the knee "
+                       f"search stopped below it — rerun the heavier levels with more --workers to see whether "
+                       f"the server scales further.")
     if knee["reason"] == "errors":
         return head + f"; at {nl}, {(1 - t['success_rate']) * 100:.1f}% of requests fail ({_errs(t)})."
     return head + (f"; at {nl} only {t['slo_attainment'] * 100:.0f}% of requests meet the SLO "
@@ -111,12 +124,16 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
     table = Table(title="pagedserve bench serve", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column(load_header(mode).replace(" ", "\n"), justify="right", no_wrap=True)
     table.add_column("Reqs", justify="right")
+    bound = [bool(c.get("client_bound")) for c in clients] if clients else [False] * len(summaries)
+    if clients:
+        table.add_column("Client", justify="left", no_wrap=True)
     for name, _, _, _ in cols:
         table.add_column(name, justify="right", no_wrap=True)
     for i, (load, s) in enumerate(zip(loads, summaries)):
         mark = "◀" if analysis["index"] == i else ("✗" if not analysis["ok"][i] else " ")
         style = "bold" if analysis["index"] == i else ("dim" if not analysis["ok"][i] else None)
-        table.add_row(f"{load_text(mode, load)} {mark}", str(s["requests"]),
+        flag = (["bound"] if bound[i] else ["ok"]) if clients else []
+        table.add_row(f"{load_text(mode, load)} {mark}", str(s["requests"]), *flag,
                       *(fmt(get(s, path), kind) for _, path, kind, _ in cols), style=style)
     console.print(table)
     for load, s in zip(loads, summaries):
@@ -127,7 +144,8 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
         for k, v in s["token_sources"].items():
             srcs[k] = srcs.get(k, 0) + v
     console.print(f"tokens counted from {', '.join(f'{k} ({v} requests)' for k, v in srcs.items()) or '-'}; "
-                  f"TPOT = (E2E − TTFT) / (output tokens − 1); ◀ knee, ✗ fails the error budget or SLO")
+                  f"TPOT = (E2E − TTFT) / (output tokens − 1); ◀ knee, ✗ fails the error budget or SLO"
+                  + ("; Client 'bound': the load generator limited the level (never a knee)" if any(bound) else ""))
     if summaries and summaries[0]["slo"]:
         console.print(f"SLO: {summaries[0]['slo']}; goodput = requests/s that met all of it")
     if not clients:
@@ -136,8 +154,10 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
     cpu = max((c.get("cpu_peak_fraction") or c["cpu_fraction"] for c in clients), default=0.0)
     lag = max((c["loop_lag_p99_ms"] or 0.0 for c in clients), default=0.0)
     sd = max((c.get("send_delay_p99_ms") or 0.0 for c in clients), default=0.0)
-    console.print(f"client overhead: CPU {cpu:.0%} of one core in the busiest second, event-loop lag P99 "
-                  f"{lag:.1f} ms, send delay P99 {sd:.1f} ms (worst level)")
+    nw = max((c.get("workers", 1) for c in clients), default=1)
+    console.print(f"client overhead ({nw} {'worker process' if nw == 1 else 'worker processes'}): CPU {cpu:.0%} of "
+                  f"one core in the busiest second, event-loop lag P99 {lag:.1f} ms, send delay P99 {sd:.1f} ms "
+                  f"(worst level)")
     if servers and any(servers):
         parts = []
         for load, s, srv in zip(loads, summaries, servers):
