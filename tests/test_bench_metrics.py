@@ -182,3 +182,42 @@ def test_random_dataset_is_token_exact(model_dir):
     assert {next(s).prompt_len for s in [exact.stream(2)] for _ in range(20)} == {200}
     # Seeds give repeatable, distinct streams (each sweep level gets fresh prompts).
     assert next(exact.stream(5)).prompt == next(exact.stream(5)).prompt != next(exact.stream(6)).prompt
+
+
+@pytest.mark.parametrize("lo, hi, want_log", [(202.0, 210.0, False), (20.0, 5000.0, True), (90.0, 130.0, False)])
+def test_value_axis_always_labels_numbers(lo, hi, want_log):
+    """A narrow range on a log axis has no decade tick, so it had no label: e.g. TTFT 202-210 ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pagedserve.bench.report import value_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [lo, (lo + hi) / 2, hi])
+    value_axis(ax, "y", [lo, hi])
+    fig.canvas.draw()
+    assert (ax.get_yscale() == "log") == want_log
+    shown = [float(t.get_text()) for t in ax.get_yticklabels() if t.get_text()
+             and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]]
+    assert len(shown) >= 3, shown  # at least three readable numbers inside the visible range
+    assert all(lo * 0.5 <= v <= hi * 2 for v in shown)
+    plt.close(fig)
+
+
+def test_plots_render_narrow_and_wide_sweeps(tmp_path):
+    from pagedserve.bench.report import analyze, plot
+    from pagedserve.bench.runner import LevelResult, LevelSpec
+
+    for name, ttfts in (("narrow", [0.202, 0.205, 0.207, 0.210]), ("wide", [0.02, 0.08, 0.9, 5.0])):
+        loads = [1, 64, 256, 512]
+        results, summaries = [], []
+        for load, t in zip(loads, ttfts):
+            recs = [rec(i, ttft=t * (1 + i / 400), e2e=t + 1.0 + i / 100, out=128) for i in range(40)]
+            results.append(LevelResult(LevelSpec("concurrency", load, 40), recs, 2.0, 0.0))
+            summaries.append(summarize(recs, 2.0 + load / 100))
+        analysis = analyze("concurrency", loads, summaries, SLO(), 0.99)
+        paths = plot(str(tmp_path / name), "concurrency", loads, summaries, results, analysis)
+        assert [p.rsplit("/", 1)[1] for p in paths] == ["throughput_vs_load.png", "ttft_vs_load.png", "latency_cdf.png"]
+        assert all((tmp_path / name / p.rsplit("/", 1)[1]).stat().st_size > 5000 for p in paths)

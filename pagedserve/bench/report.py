@@ -233,6 +233,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +249,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     def finish(ax, name):
         if logx:
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_xticks(X, [load_text(mode, loads[i]) for i in order])
         ax.grid(True, alpha=0.3)
@@ -264,6 +266,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     ax.plot(X, [s["output_throughput"] for s in S], "o-", label="output tok/s")
     ax.plot(X, [s["total_token_throughput"] for s in S], "s--", alpha=0.6, label="total tok/s")
     ax.set_ylabel("tokens / s")
+    value_axis(ax, "y", [s["output_throughput"] for s in S] + [s["total_token_throughput"] for s in S], log=False)
     ax.set_title("Throughput vs load")
     finish(ax, "throughput_vs_load.png")
 
@@ -271,11 +274,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     ax.plot(X, [get(s, ("ttft_ms", "p50")) for s in S], "o-", label="TTFT P50")
     ax.plot(X, [get(s, ("ttft_ms", "p99")) for s in S], "s-", label="TTFT P99")
     ax.set_ylabel("ms")
-    ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    value_axis(ax, "y", [get(s, ("ttft_ms", p)) for s in S for p in ("p50", "p99")])
     ax.set_title("Time to first token vs load")
     finish(ax, "ttft_vs_load.png")
 
@@ -290,14 +289,10 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
                 v = sorted(x * 1000 for x in vals)
                 ax.step(v, [(k + 1) / len(v) for k in range(len(v))], where="post", color=color,
                         label=load_text(mode, loads[i]))
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     for ax, name in ((axes[0], "TTFT"), (axes[1], "E2E latency")):
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests ≤ x")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        value_axis(ax, "x", [x for line in ax.get_lines() for x in line.get_xdata()])
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{name} CDF")
     axes[1].legend(title=xlabel, fontsize=8, loc="lower right")
@@ -307,6 +302,25 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     plt.close(fig)
     paths.append(str(p))
     return paths
+
+
+def value_axis(ax, which: str, values, log: bool = True) -> None:
+    """Readable numbers on a value axis. Log scale only when the values span ≥ 10x, with major
+    ticks at 1-2-5 steps (so at least three labels); otherwise linear, plain numbers, no
+    offset. A narrow range on a log axis (e.g. 202-210 ms) has no decade tick and so showed
+    no label at all."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    vals = [float(v) for v in values if v is not None and v > 0 and math.isfinite(v)]
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    label = FuncFormatter(lambda v, _: f"{v:g}")
+    if log and vals and max(vals) / min(vals) >= 10:
+        (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=6))
+    axis.set_major_formatter(label)
 
 
 __all__ = ["analyze", "print_report", "to_json", "to_csv", "plot", "percentile"]
