@@ -13,7 +13,10 @@ where n = max_tokens and k = tokens_per_chunk. Each token's text is " the"
 `usage.prompt_tokens` is the number of whitespace-separated words of the prompt.
 
 GET /mock/timings returns, per prompt, when each chunk really left (seconds
-after the request arrived), for tests on a busy machine.
+after the request arrived), for tests on a busy machine; `arrived_at`, `first_at`
+and `last_at` are the same instants on the machine's monotonic clock
+(time.perf_counter on Linux), so a client on the same machine can compare its own
+send times with them (a burst queued before the server reads it is part of TTFT).
 
 Markers in the prompt (or the last chat message) trigger failures:
 `[[http500]]`, `[[http429]]` answer with that status; `[[hang]]` never answers;
@@ -186,11 +189,13 @@ class MockServer:
                 return True
             writer.write(chunk(" the" * toks, "length" if last else None))
             await writer.drain()
-            sent = time.perf_counter() - t0
+            now = time.perf_counter()
+            sent = now - t0
             if i == 0:
-                tm = self.timings[prompt] = {"first": sent, "chunks": []}
+                tm = self.timings[prompt] = {"first": sent, "chunks": [], "arrived_at": t0, "first_at": now}
             tm["chunks"].append(sent)
             tm["last"] = sent
+            tm["last_at"] = now
             if marker == "break":
                 writer.transport.abort()
                 return False

@@ -77,8 +77,8 @@ def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: flo
     unit = "concurrent requests" if mode == "concurrency" else "requests/s"
     nxt = knee.get("next_index")
     if knee["index"] is None and knee["break_reason"] == "client":
-        return (f"No usable level: the load generator itself was the bottleneck from {load_text(mode, loads[nxt])} "
-                f"{unit} on (see the warnings), so these numbers describe the client, not the server; rerun with "
+        return (f"No usable level: the load generator itself limited (or failed at) {load_text(mode, loads[nxt])} "
+                f"{unit} (see the warnings), so these numbers describe the client, not the server; rerun with "
                 f"more --workers or on a machine with more free cores.")
     if knee["index"] is None:
         s = summaries[nxt]
@@ -99,7 +99,7 @@ def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: flo
         return head + (f"; at {nl} throughput grows < {min_gain:.0%} while TTFT P99 becomes "
                        f"{fmt(get(t, ('ttft_ms', 'p99')), 'ms')} ms — add replicas rather than load.")
     if knee["reason"] == "client":
-        return head + (f"; at {nl} the load generator itself was the bottleneck (see the warnings), so the knee "
+        return head + (f"; at {nl} the load generator itself was the limit (see the warnings), so the knee "
                        f"search stopped below it — rerun the heavier levels with more --workers to see whether "
                        f"the server scales further.")
     if knee["reason"] == "errors":

@@ -286,8 +286,8 @@ async def _run_workers(spec, settings, reqs, pool, workers, console, disabled: b
     level = finish_level(spec, res.records, res.raw, res.wall0, res.wall, server, res.failures, res.interrupted)
     if disabled or not console.is_terminal:
         ok = sum(r.success for r in level.records)
-        console.print(f"{spec.label}: {ok}/{len(level.records)} ok in {time.perf_counter() - t:.1f}s "
-                      f"({len(res.raw)} workers)")
+        who = f"{len(res.raw)} of {len(res.raw) + len(res.failures)} workers" if res.failures else f"{len(res.raw)} workers"
+        console.print(f"{spec.label}: {ok}/{len(level.records)} ok in {time.perf_counter() - t:.1f}s ({who})")
     return level
 
 

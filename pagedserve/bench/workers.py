@@ -226,6 +226,7 @@ class WorkersResult:
     failures: list[str]
     interrupted: bool
     wall0: float  # time.time() at the shared start
+    t0: float  # time.monotonic() at the shared start: each record's start is relative to it
     wall: float  # seconds from the shared start to the last worker's end
 
 
@@ -330,14 +331,17 @@ class WorkerPool:
         finished: set[int] = set()
         interrupted = False
         seen = {w: time.monotonic() for w in active}
+        dealt = {w: len(job["items"]) for w, job in zip(active, jobs)}
+        got = {w: 0 for w in active}
         stop_task = asyncio.ensure_future(stop.wait()) if stop else None
 
         def fail(w: int, why: str) -> None:
             if w in live:
                 live.discard(w)
                 code = self.procs[w].exitcode
+                lost = f"; {dealt[w] - got[w]} of its {dealt[w]} requests are missing" if dealt[w] > got[w] else ""
                 failures.append(f"load-generator worker {w} (pid {self.procs[w].pid}) {why}"
-                                + (f" (exit code {code})" if code is not None else ""))
+                                + (f" (exit code {code})" if code is not None else "") + lost)
 
         def send(w: int, msg) -> None:
             try:
@@ -386,6 +390,7 @@ class WorkerPool:
                     ready.add(w)
                 elif kind == "records":
                     records.extend(msg[1])
+                    got[w] += len(msg[1])
                     if on_records and msg[1]:
                         on_records(msg[1])
                 elif kind == "need":
@@ -393,6 +398,7 @@ class WorkerPool:
                     over = stopping or (spec.duration and time.monotonic() > t0 + spec.duration)
                     batch = [] if over else [(next_index + i, None, next(requests)) for i in range(per)]
                     next_index += len(batch)
+                    dealt[w] += len(batch)
                     send(w, ("more", batch))
                 elif kind == "done":
                     finished.add(w)
@@ -409,4 +415,4 @@ class WorkerPool:
                 loop.remove_reader(self.procs[w].sentinel)
         records.sort(key=lambda r: r.index)
         end = max((r.start + (r.e2e or 0.0) for r in records), default=0.0)
-        return WorkersResult(records, raw, failures, interrupted, wall0, end)
+        return WorkersResult(records, raw, failures, interrupted, wall0, t0, end)
