@@ -70,24 +70,24 @@ def timed_server():
 
 
 @pytest.fixture(scope="module")
-def pool3():
-    pool = WorkerPool(3, 30.0, None, 300)
+def pool2():
+    pool = WorkerPool(2, 30.0, None, 300)
     yield pool
     pool.close()
 
 
-async def test_several_hundred_streams_across_workers_match_the_truth(timed_server, pool3):
+async def test_several_hundred_streams_across_workers_match_the_truth(timed_server, pool2):
     streams, total = 300, 600
     prompts = [f"many {i}" for i in range(total)]
     spec = LevelSpec("concurrency", streams, total)
-    res = await pool3.run_level(spec, settings(timed_server), iter([BenchRequest(p, 2, N) for p in prompts]))
-    assert res.failures == [] and not res.interrupted and len(res.raw) == 3
+    res = await pool2.run_level(spec, settings(timed_server), iter([BenchRequest(p, 2, N) for p in prompts]))
+    assert res.failures == [] and not res.interrupted and len(res.raw) == 2
     level = finish_level(spec, res.records, res.raw, res.wall0, res.wall, None)
     s = summarize(level.records, level.duration)
     # Totals: every request once, all streams in flight together, exact token counts.
     assert s["completed"] == total and sorted(r.index for r in res.records) == list(range(total))
     assert s["output_tokens"] == total * N and s["max_concurrency"] == streams
-    assert level.client["workers"] == 3 and len(level.client["worker_cpu_peak"]) == 3
+    assert level.client["workers"] == 2 and len(level.client["worker_cpu_peak"]) == 2
     # Percentiles against what the server really did (merged raw records, not averaged per worker).
     actual = httpx.get(timed_server + "/mock/timings").json()
     truth = [actual[p] for p in prompts]
@@ -108,18 +108,20 @@ async def test_several_hundred_streams_across_workers_match_the_truth(timed_serv
     assert min(user_ttft) >= TTFT * 0.99 and max(true_ttft) < TTFT * 1.5
     for key, ref in (("ttft_ms", user_ttft), ("e2e_ms", user_e2e)):
         assert s[key]["mean"] == pytest.approx(mean(ref) * 1000, rel=0.03), key
-        for p in (50, 99):
-            assert s[key][f"p{p}"] == pytest.approx(percentile(ref, p) * 1000, rel=0.03), (key, p)
+        assert s[key]["p50"] == pytest.approx(percentile(ref, 50) * 1000, rel=0.03), key
+        # P99 looser (8%, as nominal percentiles in test_bench_loadgen): on 2 shared cores a worker
+        # descheduled for tens of ms adds that to its slowest reads.
+        assert s[key]["p99"] == pytest.approx(percentile(ref, 99) * 1000, rel=0.08), key
     # Throughput: every token over the span from the shared start to the server's last write.
     assert s["output_throughput"] == pytest.approx(total * N / (max(t["last_at"] for t in truth) - res.t0 - skew),
                                                    rel=0.03)
 
 
-async def test_rate_mode_across_workers_keeps_the_schedule(timed_server, pool3):
+async def test_rate_mode_across_workers_keeps_the_schedule(timed_server, pool2):
     spec = LevelSpec("rate", 30.0, 60, burstiness=0.5, seed=3)
     reqs = [BenchRequest(f"r{i}", 1, 3) for i in range(60)]
     want = [t for _, t, _ in arrival_schedule(spec, iter(reqs))]
-    res = await pool3.run_level(spec, settings(timed_server), iter(reqs))
+    res = await pool2.run_level(spec, settings(timed_server), iter(reqs))
     assert [r.scheduled for r in res.records] == want  # global indices, global schedule
     assert all(r.success for r in res.records)
     assert max(r.start - r.scheduled for r in res.records) < 0.05  # each sent when scheduled
@@ -180,18 +182,19 @@ def test_ctrl_c_stops_every_worker_and_prints_the_partial_table(timed_server, tm
             os.kill(pid, 0)
 
 
-def test_worker_pool_proportional_prompt_split_and_idle_workers(timed_server, pool3):
+def test_worker_pool_proportional_prompt_split_and_idle_workers(timed_server, pool2):
     """Fewer streams than workers: only as many workers as streams run; every prompt is sent once."""
-    spec = LevelSpec("concurrency", 2, 5)
-    reqs = [BenchRequest(f"few {i}", 1, 2) for i in range(5)]
-    res = asyncio.run(pool3.run_level(spec, settings(timed_server), iter(reqs)))
-    assert len(res.raw) == 2 and sorted(r.index for r in res.records) == list(range(5))
+    spec = LevelSpec("concurrency", 1, 3)
+    reqs = [BenchRequest(f"few {i}", 1, 2) for i in range(3)]
+    res = asyncio.run(pool2.run_level(spec, settings(timed_server), iter(reqs)))
+    assert len(res.raw) == 1 and sorted(r.index for r in res.records) == [0, 1, 2]
+    assert max(r.start for r in res.records) > 2.0  # one stream: one request after another
 
 
-async def test_duration_mode_feeds_prompts_on_request(timed_server, pool3):
+async def test_duration_mode_feeds_prompts_on_request(timed_server, pool2):
     spec = LevelSpec("concurrency", 6, None, duration=2.0)
     counter = iter(BenchRequest(f"dur {i}", 1, 2) for i in range(10_000))
-    res = await pool3.run_level(spec, settings(timed_server), counter)
+    res = await pool2.run_level(spec, settings(timed_server), counter)
     idx = [r.index for r in res.records]
     assert len(idx) == len(set(idx)) and len(idx) >= 6  # 1.1 s requests: two waves start within 2 s
     assert max(r.start for r in res.records) < 2.0 + 0.1  # nothing sent after the duration
