@@ -24,21 +24,19 @@ and connection pool, so the load generator is not capped by one core.
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 import multiprocessing as mp
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from pagedserve.bench.client import BenchRequest, RequestRecord, StreamPool
-from pagedserve.bench.runner import LevelSpec, RequestSettings, drive_level, gamma_intervals, prewarm
+from pagedserve.bench.client import BenchRequest, RequestRecord
+from pagedserve.bench.runner import LevelSpec, RequestSettings, gamma_intervals
+from pagedserve.bench.worker_main import worker_main
 
 STREAMS_PER_WORKER = 64  # the auto rule: one worker per this many concurrent streams
-FLUSH_S = 0.5  # how often a worker sends its finished records (and a heartbeat)
 WATCHDOG_S = 30.0  # a worker silent this long mid-level is presumed hung and killed
 READY_TIMEOUT_S = 120.0
 
@@ -94,130 +92,6 @@ def arrival_schedule(spec: LevelSpec, requests: Iterator[BenchRequest]) -> list[
     return out
 
 
-# -- the worker process -----------------------------------------------------------------
-class FeedSource:
-    """A worker's share of a level: dealt items, optionally refilled by the parent on request."""
-
-    def __init__(self, items: list, deadline: float, ask: Callable[[], None] | None, low_water: int):
-        self.items = collections.deque(items)
-        self.deadline, self.ask, self.low_water = deadline, ask, low_water
-        self.exhausted = ask is None
-        self.asked = False
-        self.arrived = asyncio.Event()
-
-    def add(self, items: list) -> None:
-        if items:
-            self.items.extend(items)
-        else:
-            self.exhausted = True
-        self.asked = False
-        self.arrived.set()
-
-    def _request(self) -> None:
-        if not self.asked and not self.exhausted:
-            self.asked = True
-            self.ask()
-
-    async def take(self):
-        if time.perf_counter() >= self.deadline:
-            return None
-        while not self.items:
-            if self.exhausted:
-                return None
-            self._request()
-            self.arrived.clear()
-            await self.arrived.wait()
-            if time.perf_counter() >= self.deadline:
-                return None
-        if len(self.items) < self.low_water:
-            self._request()
-        return self.items.popleft()
-
-
-def _worker_main(conn, wid: int, timeout: float, api_key: str | None, max_streams: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches us as a "stop"
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the parent
-    except (OSError, AttributeError):
-        pass
-    # Plain asyncio: uvloop saved nothing measurable per chunk (benchmarks/bench_client_hotpath.py).
-    asyncio.run(_worker(conn, wid, StreamPool(max_streams, timeout, api_key)))
-
-
-async def _worker(conn, wid: int, pool: StreamPool) -> None:
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            while conn.poll():
-                inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):  # the parent is gone
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(("exit",))
-
-    loop.add_reader(conn.fileno(), readable)
-    try:
-        while True:
-            msg = await inbox.get()
-            if msg[0] == "exit":
-                return
-            if msg[0] == "level" and await _level(conn, inbox, pool, msg[1]):
-                return
-    finally:
-        await pool.aclose()
-
-
-async def _level(conn, inbox: asyncio.Queue, pool: StreamPool, job: dict) -> bool:
-    """Run one level's share; True when the parent asked to exit."""
-    spec, settings, streams = job["spec"], job["settings"], job["streams"]
-    if spec.mode == "concurrency":
-        await prewarm(pool, settings.url, streams)
-    conn.send(("ready",))
-    msg = await inbox.get()
-    if msg[0] != "go":
-        conn.send(("done", None, True))
-        return msg[0] == "exit"
-    t_origin = time.perf_counter() + (msg[1] - time.monotonic())
-    deadline = t_origin + spec.duration if spec.duration and spec.mode == "concurrency" else math.inf
-    source = FeedSource(job["items"], deadline, (lambda: conn.send(("need",))) if job["feed"] else None,
-                        2 * max(1, streams))
-    stop, pending, leaving = asyncio.Event(), [], []
-
-    def on_done(rec: RequestRecord, _in_flight: int) -> None:
-        pending.append(rec)
-
-    async def flush() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            batch = pending[:]
-            pending.clear()
-            conn.send(("records", batch))
-
-    async def listen() -> None:
-        while True:
-            m = await inbox.get()
-            if m[0] == "more":
-                source.add(m[1])
-            elif m[0] in ("stop", "exit"):
-                leaving.append(m[0] == "exit")
-                stop.set()
-
-    tasks = [asyncio.ensure_future(flush()), asyncio.ensure_future(listen())]
-    try:
-        _, raw, interrupted = await drive_level(spec, settings, source, pool, t_origin, on_done, stop, streams,
-                                                job["max_concurrency"])
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    conn.send(("records", pending[:]))
-    conn.send(("done", raw, interrupted))
-    return any(leaving)
-
-
 # -- the parent ---------------------------------------------------------------------------
 @dataclass
 class WorkersResult:
@@ -244,7 +118,7 @@ class WorkerPool:
 
     def _spawn(self, w: int) -> None:
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker_main, name=f"bench-worker-{w}", daemon=True,
+        p = self.ctx.Process(target=worker_main, name=f"bench-worker-{w}", daemon=True,
                              args=(child, w, self.timeout, self.api_key, self.max_streams))
         p.start()
         child.close()
