@@ -16,6 +16,8 @@ from pagedserve.model.quantization import quantize_int8
 from tests.triton_interp import DEVICE, import_kernels, interpreter_fixture, subprocess_test
 
 TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_quant", lambda m: m._interpreted())
+W8, _ = import_kernels("pagedserve.model.int8_w8a8",
+                       lambda m: type(m._epilogue_kernel).__name__ == "InterpretedFunction")
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
@@ -132,7 +134,7 @@ def test_awq_gemm_refuses_bad_group():
         TQ.awq_linear_triton(torch.randn(1, 96, device=DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE))
 
 
-# -------------------------------------------------- dense path (large M): dequantize, then cuBLAS
+# -------------------------------------------------- AWQ dense path (large M): dequantize, then cuBLAS
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_awq_dequantize_kernel(group, dtype):
@@ -148,18 +150,88 @@ def test_awq_dequantize_kernel(group, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
 
 
-def test_int8_dense_path_and_dispatch(monkeypatch):
+def test_dispatch_thresholds(monkeypatch):
     from pagedserve.model import quant_dispatch as qd
 
-    g = torch.Generator().manual_seed(9)
-    q, s = quantize_int8(torch.randn(40, 96, generator=g))
-    x = torch.randn(5, 96, generator=g)
-    ref = F.linear(x, q.float() * s[:, None])
-    y = TQ.int8_linear_dense(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE))
-    torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
-    assert qd.dense_from_m("int8", 4096, 4096) == qd.DEFAULT_DENSE_FROM_M["int8"]
+    assert qd.fp8_use_triton(qd.FP8_TRITON_MAX_M - 1) and not qd.fp8_use_triton(qd.FP8_TRITON_MAX_M)
+    assert qd.int8_use_w8a8(qd.INT8_W8A8_FROM_M, 4096, 4096) and not qd.int8_use_w8a8(qd.INT8_W8A8_FROM_M - 1, 4096, 4096)
+    assert not qd.int8_use_w8a8(4096, 4100, 4096 + 4)  # _int_mm needs N % 8 == 0
+    assert not qd.int8_use_w8a8(4096, 4096, 300)  # ... and K % 8 == 0
+    monkeypatch.setenv("PAGEDSERVE_INT8_W8A8_FROM_M", "0")
+    assert not qd.int8_use_w8a8(16, 4096, 4096) and qd.int8_use_w8a8(17, 4096, 4096)  # and M > 16
+    monkeypatch.setenv("PAGEDSERVE_FP8_TRITON_MAX_M", "8")
+    assert not qd.fp8_use_triton(8)
+    assert qd.dense_from_m("awq", 4096, 4096) == qd.DEFAULT_DENSE_FROM_M["awq"]
     monkeypatch.setitem(qd.DENSE_FROM_M, ("awq", 4096, 4096), 48)
     assert qd.use_dense("awq", 48, 4096, 4096) and not qd.use_dense("awq", 47, 4096, 4096)
     assert not qd.use_dense("awq", 47, 4096, 11008)  # other shapes keep the default
     monkeypatch.setenv("PAGEDSERVE_QUANT_DENSE_M", "8")
-    assert qd.use_dense("int8", 8, 4096, 11008) and not qd.use_dense("int8", 7, 4096, 11008)
+    assert qd.use_dense("awq", 8, 4096, 11008) and not qd.use_dense("awq", 7, 4096, 11008)
+
+
+# -------------------------------------------------- fp8 weight-only (W8A16): the int8 kernel with e4m3 weights
+@pytest.mark.parametrize("m", [1, 20, 37])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_weight_only_gemm(m, dtype):
+    """The e4m3 weight converts exactly to x's dtype (fp8 -> float only, so the interpreter's fp32 -> e4m3
+    carry bug cannot occur): the result equals the fp32 product of x and the dequantized weight."""
+    from pagedserve.model.fp8 import FP8, fp8_linear_weight_only_reference, quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(50 + m)
+    n, k = 72, 300
+    w, b = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g).to(dtype)
+    q, s = quantize_fp8_rows(w)
+    assert q.dtype == FP8
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = F.linear(x.float(), q.float() * s[:, None]) + b.float()
+    y = TQ.fp8_linear_triton(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b.to(DEVICE))
+    _check(y.cpu(), ref, dtype)
+    torch.testing.assert_close(fp8_linear_weight_only_reference(x, q, s, b).float(), ref,
+                               rtol=_RTOL[dtype], atol=1e-4 * ref.abs().max().item())
+    y = TQ.fp8_linear_triton(x.to(DEVICE).view(1, m, k), q.to(DEVICE), s.to(DEVICE), split_k=3)
+    _check(y.cpu().view(m, n), ref - b.float(), dtype)
+
+
+# -------------------------------------------------- int8 W8A8 (large M): activation quant + epilogue kernels
+def test_int8_per_token_quant_kernel():
+    from pagedserve.model.int8_w8a8 import quantize_int8_rows_rne_away
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 200, generator=g) * torch.logspace(-2, 2, 6).unsqueeze(1)
+    x[2] = 0  # an all-zero row: scale floor, zeros out
+    q, s = W8.per_token_quant_int8(x.to(DEVICE))
+    rq, rs = quantize_int8_rows_rne_away(x)
+    assert q.dtype == torch.int8 and s.shape == (6,)
+    torch.testing.assert_close(s.cpu(), rs, rtol=1e-6, atol=0)
+    diff = (q.cpu().int() - rq.int()).abs()
+    assert diff.max().item() <= 1 and diff.float().mean().item() < 1e-3  # a 1-ulp division may flip a tie
+    assert q.cpu().int().abs().amax(1)[[0, 1, 3, 4, 5]].eq(127).all() and q.cpu()[2].eq(0).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_w8a8_epilogue_and_arithmetic(bias, dtype):
+    """The epilogue kernel on an int32 accumulator == the reference's fp32 scaling; and the W8A8 result is
+    within activation-quantization error of the weight-only one (the GEMM itself, torch._int_mm, runs in
+    tests/test_gpu.py; here torch's integer matmul stands in for it)."""
+    from pagedserve.model.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
+
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 40, 72, 96
+    w = torch.randn(n, k, generator=g)
+    qw, sw = quantize_int8(w)
+    sw = sw.to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    x = torch.randn(m, k, generator=g).to(dtype)
+    qx, sx = quantize_int8_rows_rne_away(x)
+    acc = qx.int() @ qw.int().t()
+    y = W8.scale_epilogue(acc.to(DEVICE), sx.to(DEVICE), sw.to(DEVICE), b.to(DEVICE) if bias else None, dtype)
+    ref = int8_w8a8_reference(x, qw, sw, b)
+    assert y.dtype == dtype and y.shape == (m, n)
+    _check(y.cpu(), ref.float(), dtype) if dtype == torch.float32 else torch.testing.assert_close(
+        y.cpu().float(), ref.float(), rtol=2 ** -7, atol=1e-3)
+    weight_only = F.linear(x.float(), qw.float() * sw.float()[:, None]) + (b.float() if bias else 0)
+    rel = ((ref.float() - weight_only).norm() / weight_only.norm()).item()
+    assert 0 < rel < 0.02, rel  # activation rounding: ~1/254 of each row's absmax per element
+    if DEVICE.type == "cpu":  # torch._int_mm runs on the CPU too: the whole wrapper, minus nothing
+        torch.testing.assert_close(W8.int8_w8a8_linear(x, qw, sw, b).float(), ref.float(), rtol=2 ** -7, atol=1e-3)

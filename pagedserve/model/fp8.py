@@ -5,6 +5,11 @@ W8A8 in fp8, vLLM's `--quantization fp8` scheme:
 * activations: each token row is quantized on the fly the same way, s_x[m] = max|x[m, :]| / 448;
 * y = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :], accumulated in fp32 by `torch._scaled_mm` (cuBLASLt
   rowwise-scaled FP8 GEMM) on the GPU, with the scales applied in the epilogue.
+* Small batches (M < quant_dispatch.FP8_TRITON_MAX_M rows) skip the activation quantization: a Triton
+  weight-only kernel (W8A16, triton_quant.fp8_linear_triton) reads the e4m3 weight, converts it to bf16 in
+  registers and multiplies the bf16 activation. Decode is bound by weight bytes, which fp8 halves either
+  way, and rowwise `_scaled_mm` is slow at small M. Decode steps are therefore slightly more accurate than
+  large prefills (no activation rounding).
 
 FP8 tensor cores exist from compute capability 8.9 (Ada) on; Hopper (9.0) is the target. vLLM allows 8.9,
 so do we; older GPUs and the CPU are refused in one line (`check_fp8_device`). The math itself
@@ -96,6 +101,36 @@ def fp8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     return y.to(x.dtype).view(*lead, q_w.shape[0])
 
 
+def fp8_linear_weight_only_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
+                                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The small-M (W8A16) arithmetic on any device: x unquantized times the exactly dequantized e4m3
+    weight, fp32 accumulate, per-channel scale and bias in fp32, one rounding to x's dtype. What the
+    Triton weight-only kernel computes (up to the order of fp32 accumulation)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = (x2.float() @ q_w.float().t()) * s_w.float().unsqueeze(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*lead, q_w.shape[0])
+
+
+def fp8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp8 linear as served: weight-only below quant_dispatch.FP8_TRITON_MAX_M rows, W8A8 (per-token
+    fp8 activations) from there. CUDA runs the kernels; elsewhere the same arithmetic in torch (emulation)."""
+    from pagedserve.model.quant_dispatch import fp8_use_triton
+
+    if fp8_use_triton(x.numel() // x.shape[-1]):
+        if x.device.type == "cuda":
+            from pagedserve.model.triton_quant import fp8_linear_triton
+
+            return fp8_linear_triton(x, q_w, s_w, bias)
+        return fp8_linear_weight_only_reference(x, q_w, s_w, bias)
+    if x.device.type == "cuda":
+        return fp8_linear_cuda(x, q_w, s_w, bias)
+    return fp8_linear_reference(x, q_w, s_w, bias)
+
+
 def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16) -> [..., N]: per-token quant (Triton) + rowwise-scaled `torch._scaled_mm`."""
@@ -118,8 +153,9 @@ def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
 
 class Fp8Linear(nn.Module):
     """nn.Linear with an fp8 e4m3 weight [out, in] and an fp32 scale per output channel (`weight_scale`,
-    vLLM's checkpoint name). Forward: `_scaled_mm` on CUDA, the reference arithmetic elsewhere (tests,
-    quality measurements; the engine refuses fp8 serving off the GPU)."""
+    vLLM's checkpoint name). Forward: `fp8_linear` (weight-only Triton at small M, `_scaled_mm` above, on
+    CUDA; the same arithmetic elsewhere for tests and quality measurements: the engine refuses fp8 serving
+    off the GPU)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
@@ -157,9 +193,7 @@ class Fp8Linear(nn.Module):
         return dequantize_fp8_rows(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda":
-            return fp8_linear_cuda(x, self.weight, self.weight_scale, self.bias)
-        return fp8_linear_reference(x, self.weight, self.weight_scale, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel W8A8"

@@ -11,7 +11,8 @@ model's weights, and the logits are the most quantization-sensitive matmul. Quan
 parameters (requires_grad=False), so parameter-byte counts (the startup log) see their real size.
 
 Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py) up to a measured
-batch size, then dequantize-to-bf16 + cuBLAS (quant_dispatch.py says where). On CPU,
+batch size; above it int8 switches to W8A8 (per-token int8 activations, `torch._int_mm`: int8_w8a8.py)
+and AWQ to dequantize-to-bf16 + cuBLAS (quant_dispatch.py says where). On CPU,
 dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
 (AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
 CPU speed does not improve (the dense fp32 path also gets oneDNN's packed GEMM, these do not).
@@ -66,11 +67,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _on_gpu(x):
-            from pagedserve.model.quant_dispatch import use_dense
-            from pagedserve.model.triton_quant import int8_linear_dense, int8_linear_triton
+            from pagedserve.model.quant_dispatch import int8_use_w8a8
+            from pagedserve.model.triton_quant import int8_linear_triton
 
-            if use_dense("int8", x.numel() // self.in_features, self.out_features, self.in_features):
-                return int8_linear_dense(x, self.weight, self.scale, self.bias)
+            if int8_use_w8a8(x.numel() // self.in_features, self.out_features, self.in_features):
+                from pagedserve.model.int8_w8a8 import int8_w8a8_linear
+
+                return int8_w8a8_linear(x, self.weight, self.scale, self.bias)
             return int8_linear_triton(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)

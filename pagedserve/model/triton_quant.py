@@ -1,13 +1,15 @@
 """Weight-only quantized GEMMs in Triton: y = x @ dequant(W)^T, dequantizing tiles in registers.
 
-* ``int8_linear_triton``: W int8 [N, K] with one scale per output row; the scale multiplies the
-  fp32 accumulator once at the end (it is constant along K).
+* ``int8_linear_triton`` / ``fp8_linear_triton``: W int8 or float8_e4m3fn [N, K] with one scale per
+  output row (one kernel, `_w8_kernel`, generic in the weight dtype: both convert exactly to the
+  activation dtype in registers); the scale multiplies the fp32 accumulator once at the end (it is
+  constant along K). For fp8 this is the weight-only (W8A16) small-M path: the activation stays in bf16.
 * ``awq_linear_triton``: AWQ GEMM layout (see awq_format.py): qweight int32 [K, N/8], qzeros int32
   [K/G, N/8], scales [K/G, N]. A K tile never straddles a group (BLOCK_K divides G), so each tile
   loads one row of zeros and scales. The packed words are loaded once per tile ([BLOCK_K, BLOCK_N/8])
   and the 8 nibbles unpacked by broadcasting over a trailing axis of 8, then reshaped to [BLOCK_K, BLOCK_N].
 
-Accuracy: the dot sees only exact values (int8 or q - z in -15..15 are exact in bf16/fp16) and the
+Accuracy: the dot sees only exact values (int8, e4m3 or q - z in -15..15 are exact in bf16/fp16) and the
 scale multiplies the fp32 partial product of each K tile (int4) or the whole accumulator (int8), so the
 result equals the fp32 dequantized reference up to fp32 accumulation order and the final rounding to x's
 dtype. (Rounding a dequantized (q - z) * s tile to bf16 before the dot costs ~2^-9 relative per weight,
@@ -31,7 +33,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _int8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
+def _w8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
                  stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -50,11 +52,14 @@ def _int8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
         k = k0 + rk
         k_ok = k < k_hi
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+        # No `other=` (it cannot be cast to an fp8 element type): masked lanes are zeroed after the
+        # conversion instead, so a stray NaN bit pattern of e4m3 never reaches the dot.
+        w_ok = n_ok[None, :] & k_ok[:, None]
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=w_ok)
         if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), tl.where(w_ok, w.to(tl.float32), 0.0), input_precision="ieee")
         else:
-            acc += tl.dot(x, w.to(x.dtype))
+            acc += tl.dot(x, tl.where(w_ok, w.to(x.dtype), 0.0).to(x.dtype))
     s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
     _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym, HAS_BIAS, SPLIT)
@@ -220,7 +225,7 @@ def _launch(kernel, x2: torch.Tensor, n: int, cfg: TileConfig, bias: torch.Tenso
 
 def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) @ (weight int8 [N, K] * scale [N, 1])^T + bias -> [..., N] in x's dtype.
+    """x [..., K] (fp16/bf16/fp32) @ (weight int8/e4m3 [N, K] * scale [N])^T + bias -> [..., N] in x's dtype.
 
     `split_k` overrides the heuristic's K split (tests)."""
     n, k = weight.shape
@@ -228,8 +233,18 @@ def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     cfg = _config(x2.shape[0], n, k, _sms(x.device), split_k=split_k)
-    y = _launch(_int8_kernel, x2, n, cfg, bias, (x2, weight, scale), (), (weight.stride(0),))
+    y = _launch(_w8_kernel, x2, n, cfg, bias, (x2, weight, scale), (), (weight.stride(0),))
     return y.view(*lead, n)
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """Weight-only fp8: x [..., K] (bf16/fp16/fp32) @ (weight e4m3 [N, K] * scale fp32 [N])^T + bias.
+
+    The e4m3 tile is converted to x's dtype in registers (exact) and multiplied by the unquantized
+    activation: half the weight bytes of bf16 and no activation-quant kernel, which is what wins at
+    decode-sized M, where torch's rowwise `_scaled_mm` is slow (see quant_dispatch.FP8_TRITON_MAX_M)."""
+    return int8_linear_triton(x, weight, scale, bias, split_k)
 
 
 def awq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -255,7 +270,7 @@ def _largest_pow2_divisor(g: int, cap: int) -> int:
     return b
 
 
-# -- dense path: dequantize the whole weight once per call, then cuBLAS (large M) ------------------------
+# -- AWQ dense path: dequantize the whole weight once per call, then cuBLAS (large M) ----------------------
 @triton.jit
 def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP,
                         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -293,14 +308,6 @@ def awq_dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: t
         qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), w, n, k, group,
         BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
     return w
-
-
-def int8_linear_dense(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Large-M int8: the int8 weight converted to x's dtype (exact) for a cuBLAS GEMM; the per-row scale
-    multiplies the output (it is constant along K)."""
-    y = torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-    return y if bias is None else y + bias
 
 
 def awq_linear_dense(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
