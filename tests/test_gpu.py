@@ -158,10 +158,13 @@ def test_awq_on_gpu_matches_dequantized_model(dirs, tmp_path):
     assert ((prefill_logits(bf.engine, p) - ref).abs().max() / ref.abs().max()).item() < 5e-2
 
 
-def test_int8_on_gpu_matches_cpu_int8(dirs):
-    """int8 quantizes on the host in both cases, so GPU fp32 logits must equal the CPU int8 engine's."""
+def test_int8_on_gpu_matches_cpu_int8(dirs, monkeypatch):
+    """int8 quantizes on the host in both cases, so GPU fp32 logits must equal the CPU int8 engine's
+    (weight-only on both: W8A8 is kept off here; test_int8_w8a8_engine covers it)."""
     from pagedserve.bench.quality import prefill_logits
     from pagedserve.model.quantization import Int8Linear
+
+    monkeypatch.setenv("PAGEDSERVE_INT8_W8A8_FROM_M", str(1 << 30))
 
     _, path = dirs["qwen2"]
     gpu = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory=0.5, quantization="int8")
@@ -268,9 +271,9 @@ def test_int8_w8a8_engine(dirs, monkeypatch):
 
 @needs_fp8
 def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkeypatch):
-    """--quantization fp8 on the GPU vs the CPU's emulated fp8 engine, both paths: the weight-only Triton
-    kernel (prefills below FP8_TRITON_MAX_M rows; fp32 model, so fp32 noise only) and W8A8 `_scaled_mm`
-    (forced with PAGEDSERVE_FP8_TRITON_MAX_M=0). The per-channel fp8 checkpoint of the same model gives the
+    """--quantization fp8 on the GPU vs the CPU's emulated fp8 engine, both paths, each forced with
+    PAGEDSERVE_FP8_TRITON_MAX_M (read at every call, by both engines): the weight-only Triton kernel (fp32
+    model, so fp32 noise only) and W8A8 `_scaled_mm`. The per-channel fp8 checkpoint of the same model gives the
     very same weights, so the same logits; the per-tensor one stays close; CUDA graphs equal eager."""
     from pagedserve.bench.quality import prefill_logits
     from pagedserve.model.fp8_format import write_fp8_checkpoint
@@ -285,7 +288,8 @@ def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkey
     tens = LLM(model=str(write_fp8_checkpoint(path, tmp_path / "t", scheme="tensor")), dtype="float32", **kw)
     eager = LLM(model=str(path), dtype="float32", quantization="fp8", enforce_eager=True, **kw)
     assert chan.engine.quantization == tens.engine.quantization == "fp8"
-    for p in _prompts(3):  # 10-32 tokens: weight-only on both sides
+    monkeypatch.setenv("PAGEDSERVE_FP8_TRITON_MAX_M", str(1 << 30))  # every prefill weight-only (Triton)
+    for p in _prompts(3):
         a, b = prefill_logits(gpu.engine, p), prefill_logits(cpu.engine, p).cuda()
         assert ((a - b).norm() / b.norm()).item() < 5e-3
         assert torch.allclose(prefill_logits(chan.engine, p), a, atol=1e-4, rtol=1e-4)

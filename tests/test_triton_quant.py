@@ -116,15 +116,16 @@ def test_awq_gemm_split_k(split, bias, group):
 
 def test_tile_config_buckets_and_split():
     c = TQ._config(1, 4096, 4096, 132)  # o_proj decode on an H100: 64 tiles -> split K
-    assert (c.block_m, c.block_n) == (16, 64) and c.split > 1
+    assert (c.block_m, c.block_n, c.block_k) == (16, 32, 256) and c.split > 1
+    assert (TQ._config(1, 4096, 4096, 132, max_k=128).block_n) == 64  # AWQ keeps 64-wide tiles
     assert c.split * TQ.triton.cdiv(TQ.triton.cdiv(4096, c.block_k), c.split) >= 4096 // c.block_k
-    assert TQ._config(1, 22016, 4096, 132).split == 1  # 344 tiles already fill the GPU
+    assert TQ._config(1, 22016, 4096, 132).split == 1  # 688 tiles already fill the GPU
     assert TQ._config(32, 4096, 4096, 132).block_m == 32
     big = TQ._config(256, 12288, 4096, 132)
     assert (big.block_m, big.block_n, big.block_k, big.split) == (128, 128, 64, 1)
     assert TQ._config(256, 4096, 4096, 132).split == 4  # 64 big tiles on 132 SMs
     assert TQ._config(1, 4096, 4096, 132, max_k=32).block_k == 32
-    assert TQ._config(1, 64, 256, 132, split_k=100).split == 2  # capped by the K tiles, none empty
+    assert TQ._config(1, 64, 512, 132, split_k=100).split == 2  # capped by the K tiles (256 wide), none empty
     assert TQ._largest_pow2_divisor(48, 128) == 16 and TQ._largest_pow2_divisor(256, 128) == 128
 
 

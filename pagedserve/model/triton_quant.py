@@ -164,12 +164,14 @@ def _config(m: int, n: int, k: int, sms: int, max_k: int | None = None,
             split_k: int | None = None) -> TileConfig:
     """Static tiling by M bucket.
 
-    M <= 16 (decode): memory-bound; BLOCK_M=16 (the smallest tl.dot tile), long K steps, and K split
-    until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
+    M <= 16 (decode): memory-bound; BLOCK_M=16 (the smallest tl.dot tile), long K steps (256 x 32 byte
+    tiles for int8/fp8, 128 x 64 for AWQ), and K split until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
     M > 64: compute-bound-ish; 64/128 x 128 x 64 tiles, 4-8 warps, 3 stages; split (<= 4) only when the
     tiles are fewer than the SMs.
     AWQ's BLOCK_K must divide the group, so `max_k` caps it."""
-    if m <= 16:
+    if m <= 16 and max_k is None:  # int8/fp8: best of a sweep on an H200, 7B shapes, M=1 (5-10% over 64x128)
+        bm, bn, bk, warps, stages = 16, 32, 256, 4, 3
+    elif m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
         bm, bn, bk, warps, stages = (32 if m <= 32 else 64), 64, 64, 4, 3
