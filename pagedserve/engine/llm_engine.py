@@ -24,12 +24,16 @@ from pagedserve.model.attention import get_attention_backend
 from pagedserve.model.llama import ModelArgs
 from pagedserve.model.loader import (init_dummy_weights, iter_weights, load_tokenizer, read_hf_config,
                                      resolve_model_dir)
-from pagedserve.model.quantization import awq_linear_factory, quantize_model, resolve_quantization
+from pagedserve.model.fp8 import check_fp8_device, fp8_linear_factory, kv_cache_torch_dtype
+from pagedserve.model.fp8_format import normalize_fp8_tensor
+from pagedserve.model.quantization import (awq_linear_factory, is_prequantized_fp8, quantize_model,
+                                           resolve_quantization)
 from pagedserve.model.registry import resolve_architecture
 from pagedserve.model.runner import ModelRunner
 from pagedserve.model.sampler import SampleRow, sample
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured.manager import StructuredOutputManager
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -110,6 +114,17 @@ class LLMEngine:
         self.quantization = resolve_quantization(config.quantization, self.hf_config)
         if self.quantization == "awq":
             self.args.make_linear = awq_linear_factory(self.hf_config)
+        fp8_ckpt = self.quantization == "fp8" and is_prequantized_fp8(self.hf_config)
+        if self.quantization == "fp8":
+            check_fp8_device(self.device)
+            if fp8_ckpt:
+                if config.tensor_parallel_size > 1:
+                    raise ConfigError("fp8 checkpoints are not supported with tensor_parallel_size > 1",
+                                      param="tensor_parallel_size",
+                                      hint="use a single rank, or --quantization fp8 on a bf16 checkpoint")
+                self.args.make_linear = fp8_linear_factory()
+        if config.kv_cache_dtype != "auto" and self.device.type == "cuda":  # the torch (CPU) backend emulates fp8
+            check_fp8_device(self.device, param="kv_cache_dtype", what="--kv-cache-dtype fp8")
         self.tp = None  # TPGroup with tensor_parallel_size > 1: this process is rank 0 (or a worker's rank)
         if config.tensor_parallel_size > 1:
             from pagedserve.distributed.executor import init_tensor_parallel
@@ -126,16 +141,24 @@ class LLMEngine:
 
         backend = get_attention_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
-        # int8 quantizes after loading: load and quantize on the host, so the GPU never holds the dense weights.
-        build_device = torch.device("cpu") if self.quantization == "int8" else self.device
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        # int8/fp8 quantize after loading: load and quantize on the host, so the GPU never holds the dense
+        # weights. Dummy weights (performance work) are drawn and quantized on the device: drawing 7B random
+        # numbers on the host takes minutes.
+        quantize_on_load = self.quantization == "int8" or (self.quantization == "fp8" and not fp8_ckpt)
+        build_device = torch.device("cpu") if quantize_on_load and config.load_format != "dummy" else self.device
         with torch.device(build_device):
             model = model_cls(self.args, backend, max_len=self.max_model_len, tp=self.tp).to(self.dtype)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:
-            model.load_hf_weights(iter_weights(self.model_dir))
-        if self.quantization == "int8":
-            log.info("quantization int8: %d linear layers quantized per channel", quantize_model(model, "int8"))
+            tensors = iter_weights(self.model_dir)
+            if fp8_ckpt:  # per-tensor scales broadcast per channel, static input scales dropped
+                tensors = (r for n, t in tensors if (r := normalize_fp8_tensor(n, t)) is not None)
+            model.load_hf_weights(tensors)
+        if quantize_on_load:
+            log.info("quantization %s: %d linear layers quantized per channel", self.quantization,
+                     quantize_model(model, self.quantization))
             model.to(self.device)
         model.eval()
         self.model = model
@@ -143,7 +166,7 @@ class LLMEngine:
         self.num_kv_blocks = self._num_kv_blocks()
         a = self.args
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers,
-                                  model.args.num_kv_heads, a.head_dim, self.dtype, self.device)
+                                  model.args.num_kv_heads, a.head_dim, self.dtype, self.device, kv_dtype=self.kv_dtype)
         if self.tp is not None:  # no CUDA graphs with TP yet (NCCL capture untested)
             from pagedserve.distributed.executor import attach
 
@@ -155,6 +178,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Structured outputs: grammars compile off the step loop; requests wait there until ready.
+        self.structured = StructuredOutputManager(self.tokenizer, self.args.vocab_size, self.eos_token_ids)
+        self.request_errors: list[tuple[str, InvalidRequestError]] = []  # failed after add_request: drain them
         self.load_seconds = time.time() - t0
         self._log_startup()
 
@@ -200,7 +226,7 @@ class LLMEngine:
 
     def kv_bytes_per_block(self) -> int:
         a, kv_heads = self.args, self.model.args.num_kv_heads  # this rank's heads under tensor parallelism
-        return 2 * a.num_layers * self.config.block_size * kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.config.block_size * kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -243,7 +269,7 @@ class LLMEngine:
                                                    1, [seq]), m))
             left -= m
         tmp = ModelRunner(self.model, next_block, bs, self.args.num_layers, self.model.args.num_kv_heads,
-                          self.args.head_dim, self.dtype, dev)
+                          self.args.head_dim, self.dtype, dev, kv_dtype=self.kv_dtype)
         tmp.execute(batch)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
@@ -277,8 +303,9 @@ class LLMEngine:
                  f" ({self.quantization})" if self.quantization else "",
                  self.kv_bytes_per_block() / bs / 1024, self.kv_bytes_per_block() * -(-self.max_model_len // bs)
                  / (1 << 20), self.max_model_len)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at max_model_len=%d: %.1f",
-                 self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at max_model_len=%d: "
+                 "%.1f", self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
+                 str(self.kv_dtype).replace("torch.", ""),
                  self.max_model_len, cap / self.max_model_len)
 
     # -- requests ------------------------------------------------------------
@@ -342,7 +369,8 @@ class LLMEngine:
                 f"this request may need {need} KV blocks ({req.num_slots} x {n + max_tokens} tokens) but the "
                 f"cache has {self.num_kv_blocks}", param="max_tokens", hint="lower max_tokens or n")
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if params.structured_outputs is None or self._submit_grammar(req):
+            self.scheduler.add(req)
         return req
 
     def _new_seq(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
@@ -358,10 +386,29 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed((params.seed + seq.index) % 2**63)
 
+    def _submit_grammar(self, req: Request) -> bool:
+        try:
+            return self.structured.submit(req)
+        except InvalidRequestError:
+            self.requests.pop(req.request_id, None)
+            raise
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar is now compiled to the scheduler; fail those that did not compile."""
+        ready, failed = self.structured.poll()
+        for req in ready:
+            self.scheduler.add(req)
+        for req, err in failed:
+            self.requests.pop(req.request_id, None)
+            req.status = Status.FINISHED
+            self.request_errors.append((req.request_id, err))
+
     def abort_request(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        if req.params.structured_outputs is not None:
+            self.structured.release(req)
         for seq in req.live_seqs:
             seq.finish_reason = "abort"
         self.scheduler.remove(req)
@@ -369,7 +416,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.structured.pending)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -389,8 +436,11 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.structured.pending:
+            self._admit_compiled()
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self.structured.wait(0.01)  # only grammars compiling: do not spin
             return []
         now = time.time()
         for e in out.scheduled:
@@ -399,6 +449,8 @@ class LLMEngine:
         self.runner.copy_blocks(self.block_manager.pending_copies)
         self.block_manager.pending_copies.clear()
         logits, sampled = self.runner.execute(out.scheduled)
+        if self.structured.grammars:
+            self.structured.apply_masks(logits, sampled)  # before penalties and sampling
         for e in out.scheduled:
             e.seq.num_computed += e.num_tokens
             self.block_manager.commit(e.seq)
@@ -504,6 +556,7 @@ class LLMEngine:
 
     def _append(self, req: Request, seq: Sequence, token: int, lp_info, slp, now: float) -> None:
         p = req.params
+        grammar_done = p.structured_outputs is not None and self.structured.accept(req, seq, token)
         seq.token_ids.append(token)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
@@ -519,6 +572,8 @@ class LLMEngine:
                 seq.output_text += seq.detokenizer.step(token)
                 if p.stop_list and seq.num_output_tokens >= p.min_tokens:
                     self._check_stop_strings(seq, p, before)
+        if grammar_done and not seq.finished:
+            seq.finish_reason = "stop"
         if not seq.finished and (seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finished:
@@ -623,6 +678,8 @@ class LLMEngine:
     def _finish_request(self, req: Request, now: float) -> None:
         req.status = Status.FINISHED
         req.metrics.finished_time = now
+        if req.params.structured_outputs is not None:
+            self.structured.release(req)
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
 
