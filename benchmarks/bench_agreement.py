@@ -134,11 +134,40 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
         raise SystemExit(f"bench serve failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     lv = json.loads(path.read_text())["levels"][0]
     s = lv["summary"]
-    return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
+    return {"output_throughput": s["output_throughput"], "ttft_mean_ms": s["ttft_ms"]["mean"],
+            "ttft_p50_ms": s["ttft_ms"]["p50"],
             "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"], "completed": s["completed"],
             "failed": s["failed"], "client_bound": lv["client"].get("client_bound"),
             "workers": lv["client"].get("workers"), "client_cpu_peak": lv["client"].get("cpu_peak_fraction"),
             "wall_s": time.monotonic() - t}
+
+
+def server_scrape(url: str) -> dict | None:
+    """Sums/counts of the server's vLLM-named latency histograms (GET /metrics), or None."""
+    import httpx
+
+    from pagedserve.bench.runner import _PROM
+
+    try:
+        r = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    out: dict[str, float] = {}
+    for name, kind, value in _PROM.findall(r.text) if r.status_code == 200 else ():
+        out[f"{name}_{kind}"] = out.get(f"{name}_{kind}", 0.0) + float(value)
+    return out or None
+
+
+def with_server_view(url: str, run) -> dict:
+    """Run one client; add the server's own mean TTFT over that run (the reference both clients are judged by)."""
+    from pagedserve.bench.runner import server_side
+
+    before = server_scrape(url)
+    res = run()
+    view = server_side(before, server_scrape(url)) if before else None
+    if view and "ttft_mean_ms" in view:
+        res["server_ttft_mean_ms"] = view["ttft_mean_ms"]
+    return res
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -168,7 +197,8 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     if proc.returncode != 0:
         raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     r = json.loads((out / name).read_text())
-    return {"output_throughput": r["output_throughput"], "ttft_p50_ms": r["median_ttft_ms"],
+    return {"output_throughput": r["output_throughput"], "ttft_mean_ms": r["mean_ttft_ms"],
+            "ttft_p50_ms": r["median_ttft_ms"],
             "ttft_p99_ms": r["p99_ttft_ms"], "tpot_p50_ms": r["median_tpot_ms"], "completed": r["completed"],
             "failed": n - r["completed"], "wall_s": time.monotonic() - t}
 
@@ -275,6 +305,14 @@ def print_agreement(rows: list[dict], peer: str | None) -> None:
         if r["ours"].get("client_bound"):
             line += "  (our client flagged client-bound)"
         print(line)
+    if any("server_ttft_mean_ms" in r["ours"] for r in rows):
+        print("\nTTFT mean ms, each client vs the server's own mean over that client's run (/metrics):")
+        for r in rows:
+            o, p = r["ours"], r.get("peer", {})
+            line = f"{r['concurrency']:>5} | ours {o['ttft_mean_ms']:8.1f} (server {o.get('server_ttft_mean_ms', 0):8.1f})"
+            if p:
+                line += f" | {peer} {p['ttft_mean_ms']:8.1f} (server {p.get('server_ttft_mean_ms', 0):8.1f})"
+            print(line)
     if peer:
         print(f"ratio = ours / {peer}; '!' = outside the target (throughput ±{THROUGHPUT_TOL:.0%}, "
               f"TTFT/TPOT ±{LATENCY_TOL:.0%})")
@@ -289,9 +327,10 @@ def agreement(args) -> dict:
         for c in [int(x) for x in args.concurrency.split(",")]:
             n = args.prompts_per_stream * c
             row = {"concurrency": c, "num_prompts": n,
-                   "ours": run_ours(url, model, tokenizer, c, n, args, args.workers, out)}
+                   "ours": with_server_view(url, lambda: run_ours(url, model, tokenizer, c, n, args, args.workers,
+                                                                  out))}
             if peer == "vllm":
-                row["peer"] = run_vllm(url, model or "mock", tokenizer, c, n, args, out)
+                row["peer"] = with_server_view(url, lambda: run_vllm(url, model or "mock", tokenizer, c, n, args, out))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
