@@ -341,7 +341,9 @@ BAD = [
     ("chat-max-completion-tokens-zero", CH, ch(max_completion_tokens=0), 400, "max_tokens"),
     ("chat-unknown-model", CH, ch(model="nope"), 404, "model"),
     ("chat-json-schema", CH, ch(response_format={"type": "json_schema"}), 400, "response_format"),
-    ("chat-tools", CH, ch(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    # tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (not set here)
+    ("chat-tools-auto-not-enabled", CH, ch(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tool_choice"),
     ("chat-too-long", CH, ch(messages=[{"role": "user", "content": "hello " * 600}]), 400, "messages"),
     ("chat-logprobs-int", CH, ch(logprobs=3), 400, "logprobs"),
     ("tokenize-nothing", "/tokenize", {"model": MODEL}, 400, "prompt"),
