@@ -283,3 +283,19 @@ def test_named_message():
     msg, reason = plan.output().message('{"city":"Paris"}', "stop")
     assert msg["content"] is None and reason == "tool_calls"
     assert msg["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+def test_cli_flags_reach_the_replicas_and_are_checked_first():
+    import subprocess
+    import sys
+
+    from pagedserve.cluster.launcher import replica_argv
+
+    argv = ["--replicas", "2", "--port", "9000", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert replica_argv(argv) == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    for bad in (["--enable-auto-tool-choice"], ["--enable-auto-tool-choice", "--replicas", "2"]):
+        r = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", *bad], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and "--tool-call-parser" in r.stderr + r.stdout
+        assert "Traceback" not in r.stderr
