@@ -340,7 +340,9 @@ BAD = [
     ("chat-top-logprobs-big", CH, ch(logprobs=True, top_logprobs=50), 400, "logprobs"),
     ("chat-max-completion-tokens-zero", CH, ch(max_completion_tokens=0), 400, "max_tokens"),
     ("chat-unknown-model", CH, ch(model="nope"), 404, "model"),
-    ("chat-json-schema", CH, ch(response_format={"type": "json_schema"}), 400, "response_format"),
+    ("chat-json-schema-no-schema", CH, ch(response_format={"type": "json_schema"}), 400,
+     "response_format.json_schema.schema"),
+    ("chat-response-format-unknown", CH, ch(response_format={"type": "yaml"}), 400, "response_format.type"),
     # tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (not set here)
     ("chat-tools-auto-not-enabled", CH, ch(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
      "tool_choice"),

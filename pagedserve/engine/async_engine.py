@@ -187,6 +187,10 @@ class _EngineCore:
                         return
             if engine.has_unfinished_requests():
                 outs = engine.step()
+                for rid, e in engine.request_errors:  # failed after acceptance (a grammar that did not compile)
+                    self.out_conn.send(("err", rid, type(e).__name__, e.message, e.param))
+                    self.num_logprobs.pop(rid, None)
+                engine.request_errors.clear()
                 stats = self.stats()
                 if outs or stats != self.last_stats:  # a prefill chunk alone has nothing to report
                     self.last_stats = stats

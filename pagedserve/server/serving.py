@@ -27,6 +27,7 @@ from pagedserve.engine.async_engine import AsyncEngine, EngineOutput, RequestStr
 from pagedserve.errors import (InvalidRequestError, ModelNotFoundError, NotReadyError, PagedServeError,
                                PromptTooLongError, QueueFullError)
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.server.constraints import check_constraint, constraint_from_request
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest, parse)
@@ -219,6 +220,17 @@ class OpenAIServing:
             skip_special_tokens=req.skip_special_tokens, use_beam_search=req.use_beam_search,
             length_penalty=req.length_penalty)
 
+    async def add_constraint(self, req, params: SamplingParams) -> None:
+        """response_format / structured_outputs / guided_*: checked here (a 400 naming the field), then
+        carried to the engine as `params.structured_outputs`."""
+        found = constraint_from_request(req)
+        if found is None:
+            return
+        so, param = found
+        await check_constraint(so, param)
+        params.structured_outputs = so
+        params.validate()  # e.g. beam search cannot be constrained
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -306,6 +318,7 @@ class OpenAIServing:
         if len(texts) > 1024:
             raise InvalidRequestError("prompt: at most 1024 prompts per request", param="prompt")
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        await self.add_constraint(req, params)
         if id_lists is None:
             id_lists = [self.encode(t) for t in texts]
         for ids in id_lists:
@@ -409,21 +422,19 @@ class OpenAIServing:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         self.check_model(req.model)
         self.check_ready()
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequestError(f"response_format type {req.response_format.type!r} is not supported "
-                                      f"(only 'text')", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, logprobs)
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_options)
+        await self.add_constraint(req, params)
         if plan is not None and plan.constraint() is not None:
-            plan.check_compiles()
             if params.structured_outputs is not None:
                 raise InvalidRequestError("tool_choice 'required' or a named function constrains the output "
                                           "already; drop response_format / structured_outputs", param="tool_choice")
-            params.structured_outputs = plan.constraint()
+            params.structured_outputs = await plan.checked_constraint()
+            params.validate()  # e.g. beam search cannot be constrained
         text = self.apply_chat_template(req.messages, req.add_generation_prompt, req.continue_final_message,
                                         req.chat_template_kwargs, plan.template_tools if plan else None)
         ids = self.encode(text, add_special_tokens=False)  # the template holds the special tokens

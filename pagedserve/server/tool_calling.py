@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import functools
-import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -101,14 +99,18 @@ class ToolPlan:
             return StructuredOutputsParams(json=named_schema(fn), disable_any_whitespace=True)
         return None
 
-    def check_compiles(self) -> None:
-        """Constrained modes: each schema the grammar library cannot compile is a 400 naming its tool."""
-        if self.mode not in ("required", "named"):
-            return
+    async def checked_constraint(self) -> StructuredOutputsParams:
+        """The constraint, after checking that the grammar library compiles it: a schema it cannot
+        compile is a 400 naming that tool's parameters (answers are cached by the checker)."""
+        from pagedserve.server.constraints import check_constraint
+
         for i, fn in enumerate(self.functions):
             if self.mode == "required" or fn["name"] == self.named:
-                _compile_error(json.dumps(parameters_of(fn), sort_keys=True), f"tools.{i}.function.parameters")
-        _compile_error(json.dumps(self.constraint().json, sort_keys=True), "tool_choice")
+                await check_constraint(StructuredOutputsParams(json=parameters_of(fn), disable_any_whitespace=True),
+                                       f"tools.{i}.function.parameters")
+        so = self.constraint()
+        await check_constraint(so, "tool_choice")
+        return so
 
     def output(self) -> "ToolOutput":
         if self.mode == "named":
@@ -151,26 +153,6 @@ def plan_tools(tools: list | None, tool_choice, parallel_tool_calls: bool | None
                                   'to be set on the server (or send tool_choice "required", "none" or a named '
                                   'function)')
     return ToolPlan(tool_choice, tools, functions, parallel=parallel, parser_name=opts.tool_call_parser)
-
-
-@functools.lru_cache(maxsize=256)
-def _compile_result(schema_json: str) -> InvalidRequestError | None:
-    try:
-        from pagedserve.structured.grammar import validate
-    except ImportError:  # no constrained-decoding engine in this build
-        return None
-    try:
-        validate(StructuredOutputsParams(json=json.loads(schema_json), disable_any_whitespace=True), "schema")
-    except InvalidRequestError as e:
-        return e
-    return None
-
-
-def _compile_error(schema_json: str, param: str) -> None:
-    e = _compile_result(schema_json)
-    if e is not None:
-        msg = e.message.split(": ", 1)[-1] if e.message.startswith("schema") else e.message
-        raise _bad(param, msg)
 
 
 class ToolOutput:
