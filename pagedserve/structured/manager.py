@@ -28,6 +28,9 @@ from pagedserve.structured.grammar import build_grammar, cache_key
 log = logging.getLogger("pagedserve.structured")
 
 CACHE_SIZE = 512  # compiled grammars kept (LRU)
+# Threads for compiling and batched mask filling: a quarter of the cores, so that on a small CPU
+# host the model's own threads keep theirs (a compile then slows steps, never stops them).
+THREADS = max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
 class StructuredOutputManager:
@@ -42,6 +45,7 @@ class StructuredOutputManager:
         self.grammars: dict[str, object] = {}  # admitted request id -> CompiledGrammar
         self.matchers: dict[int, object] = {}  # seq id -> GrammarMatcher
         self._bitmask: torch.Tensor | None = None
+        self._batch = None  # xgrammar BatchGrammarMatcher: fills many rows in one call, in parallel
         self._xgr_apply_ok = True
         self.compile_seconds: dict[tuple, float] = {}  # key -> cold compile time (benchmarks, logs)
 
@@ -50,7 +54,7 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
-        return xgr.GrammarCompiler(info, max_threads=max(1, min(8, os.cpu_count() or 1)), cache_enabled=False)
+        return xgr.GrammarCompiler(info, max_threads=THREADS, cache_enabled=False)
 
     # -- compilation ---------------------------------------------------------------
     def _compile(self, so, key: tuple):
@@ -144,9 +148,13 @@ class StructuredOutputManager:
         if bm is None or bm.shape[0] < n or bm.shape[1] != words:
             bm = self._bitmask = torch.full((max(n, 64), words), -1, dtype=torch.int32,
                                             pin_memory=logits.device.type == "cuda")
-        for i in rows:
-            e = sampled[i]
-            self._matcher(e.request, e.seq).fill_next_token_bitmask(bm, i)
+        matchers = [self._matcher(sampled[i].request, sampled[i].seq) for i in rows]
+        if len(rows) == 1:
+            matchers[0].fill_next_token_bitmask(bm, rows[0])
+        else:
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher(max_threads=THREADS)
+            self._batch.batch_fill_next_token_bitmask(matchers, bm, indices=rows)
         mask = bm[:n]
         if logits.device.type != "cpu":
             mask = mask.to(logits.device, non_blocking=True)
