@@ -429,7 +429,7 @@ class OpenAIServing:
         params = self.sampling_params(req, max_tokens, logprobs)
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_options)
         await self.add_constraint(req, params)
-        if plan is not None and plan.constraint() is not None:
+        if plan is not None and plan.constrained:
             if params.structured_outputs is not None:
                 raise InvalidRequestError("tool_choice 'required' or a named function constrains the output "
                                           "already; drop response_format / structured_outputs", param="tool_choice")

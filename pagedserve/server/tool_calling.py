@@ -89,6 +89,10 @@ class ToolPlan:
     def parses(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def constrained(self) -> bool:
+        return self.mode in ("required", "named")
+
     def constraint(self) -> StructuredOutputsParams | None:
         """The engine constraint that makes "required"/named calls always parse and validate."""
         if self.mode == "required":
