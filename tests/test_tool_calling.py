@@ -231,3 +231,10 @@ def test_agent_framework_tool_call_and_structured_output(server, model):
     assert len(seen) == 1 and all(isinstance(v, int) for v in seen[0])
     assert str(called.final_output) == str(sum(seen[0]))  # the framework ran our tool on the parsed arguments
     assert isinstance(answered.final_output, Answer)
+
+
+def test_tokenize_renders_tools(server):
+    """/tokenize takes `tools` like vLLM's: the count is that of the prompt a chat request would get."""
+    count = [httpx.post(server.url + "/tokenize", json={"messages": ASK, **extra}, timeout=60).json()["count"]
+             for extra in ({}, {"tools": TOOLS})]
+    assert count[1] > count[0] + 50
