@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights (GPU runs of a model shape)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--max-tokens", type=int, default=None, help="default: 64 on CPU, 256 on GPU")
     ap.add_argument("--repeat", type=int, default=3)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from pagedserve import LLM
 
-    llm = LLM(args.model, device=args.device, max_model_len=1024, max_num_seqs=max(args.batch_sizes),
+    llm = LLM(args.model, device=args.device, max_model_len=1024, load_format=args.load_format, max_num_seqs=max(args.batch_sizes),
               **({"kv_cache_memory": 1.0} if args.device == "cpu" else {}))
     dev = llm.engine.device.type
     max_tokens = args.max_tokens or (64 if dev == "cpu" else 256)
