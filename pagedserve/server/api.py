@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.errors import InvalidRequestError, NotReadyError, PagedServeError
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.serving import OpenAIServing, error_response, json_response
+from pagedserve.server.tool_calling import ToolOptions
 
 log = logging.getLogger("pagedserve.server")
 
@@ -62,6 +63,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     answer_cache: AnswerCacheConfig | None = None  # exact-match replay of deterministic requests
+    tools: ToolOptions = field(default_factory=ToolOptions)  # --enable-auto-tool-choice, --tool-call-parser
 
 
 async def read_body(request: Request) -> bytes:
@@ -81,7 +83,8 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
     """The app owns its AsyncEngine: started on lifespan start-up, stopped (drained first by uvicorn) on shutdown."""
     metrics = ServerMetrics(opts.served_model_names[0])
     engine = AsyncEngine(config, observer=metrics, log_level=logging.getLogger().getEffectiveLevel())
-    serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests)
+    serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests,
+                             opts.tools)
     api_key = opts.api_key
 
     async def load() -> None:
