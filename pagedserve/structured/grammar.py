@@ -1,17 +1,17 @@
 """One output constraint -> an xgrammar grammar: cache key, validation, compilation.
 
-Library choice (measured here, default model's tokenizer, vocab 49,152, 2-core CPU; see
-benchmarks/results/structured_output_cpu.json, key "library_comparison"):
+Library choice (measured on the default model's tokenizer, vocab 49,152, a shared 2-core CPU;
+benchmarks/structured_output.py, key "library_comparison" of benchmarks/results/structured_output_cpu.json):
 
-    xgrammar 0.2.9:   tokenizer info 0.18 s; compile 6-18 ms per schema (small, nested, 40 fields);
-                      next-token mask median 2.4 us, max 77 us; applying 32 rows' masks 39 us (CPU kernel)
-    llguidance 1.9.1: tokenizer info 0.54 s; compile + first mask 2-7 ms;
-                      next-token mask median 61 us, max 281 us
+                      tokenizer info   compile: 3-field nested / 40 fields   next-token mask (median / max)
+    xgrammar 0.2.9    0.2-1.2 s        6-33 ms / 18-680 ms                  2.3-4 us / 29-77 us
+    llguidance 1.9.1  0.5-2.6 s        2-19 ms / 7-21 ms (+ first mask)     41-68 us / 0.3-16 ms
 
-llguidance compiles faster, but compilation is off the step loop and cached, while the mask is
-computed for every constrained row of every step: xgrammar's is ~25x cheaper, it is what vLLM
-and SGLang use, and its compiler releases the GIL (the step loop keeps running while a 5 s
-schema compiles). We keep xgrammar.
+(ranges: runs at different machine loads). llguidance compiles faster (it builds masks lazily),
+but compilation is off the step loop and cached, while a mask is computed for every constrained
+row of every step: xgrammar's is 15-25x cheaper, with no multi-millisecond outliers. It is also
+what vLLM and SGLang use, its compiler releases the GIL, and it ships a CPU bitmask kernel. We keep
+xgrammar.
 
 Validation (no tokenizer needed) runs where the request arrives, so a bad constraint is a 400
 naming the field before anything reaches the engine. xgrammar ignores a few JSON Schema
@@ -30,8 +30,6 @@ from pagedserve.sampling_params import StructuredOutputsParams
 # context-free grammar cannot express in general.
 UNSUPPORTED_KEYWORDS = ("uniqueItems", "contains", "minContains", "maxContains", "dependentRequired",
                         "dependentSchemas", "not", "if", "then", "else")
-# Whitespace runs inside JSON are capped: a small model can otherwise fill max_tokens with spaces.
-MAX_WHITESPACE = 16
 
 _NAME_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _DATA = ("enum", "const", "default", "examples")  # JSON values, not schemas
@@ -117,8 +115,9 @@ def build_grammar(so: StructuredOutputsParams, param: str = "structured_outputs"
         if kind == "json":
             schema = _load_schema(so.json, field)
             _check_schema(schema, field)
+            # No cap on whitespace runs (xgrammar's max_whitespace_cnt): it made masks ~25x slower here.
             return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=not so.disable_any_whitespace,
-                                                max_whitespace_cnt=MAX_WHITESPACE, strict_mode=True)
+                                                strict_mode=True)
         if kind == "regex":
             if not isinstance(so.regex, str) or not so.regex:
                 _fail(field, "must be a non-empty string")
@@ -135,7 +134,7 @@ def build_grammar(so: StructuredOutputsParams, param: str = "structured_outputs"
             return xgr.Grammar.from_ebnf(so.grammar)
         # json_object: any JSON object (the built-in JSON grammar would also allow arrays and scalars).
         return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=not so.disable_any_whitespace,
-                                            max_whitespace_cnt=MAX_WHITESPACE, strict_mode=False)
+                                            strict_mode=False)
     except InvalidRequestError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError with "<file>:<line>: message"

@@ -10,7 +10,9 @@
   place to the logits on their device before any penalty or sampling: logprobs are those of the
   masked distribution (disallowed tokens have -inf). Unconstrained batches skip all of it.
 - EOS (the engine's EOS ids are the grammar's stop tokens) is only allowed where the grammar
-  accepts; once the matcher terminates, the sequence ends with finish_reason "stop".
+  accepts, and ends the sequence with finish_reason "stop" (also under ignore_eos).
+- A sampled token reaches its matcher at the sequence's next mask, not at once: on a GPU that
+  work overlaps the next forward pass instead of adding to every step.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class StructuredOutputManager:
         self.pending: dict[str, tuple[object, Future]] = {}  # request id -> (request, compile future)
         self.grammars: dict[str, object] = {}  # admitted request id -> CompiledGrammar
         self.matchers: dict[int, object] = {}  # seq id -> GrammarMatcher
+        self.unaccepted: dict[int, int] = {}  # seq id -> its last token, fed to the matcher at its next mask
+        self.stop_ids = frozenset(stop_token_ids)
         self._bitmask: torch.Tensor | None = None
         self._batch = None  # xgrammar BatchGrammarMatcher: fills many rows in one call, in parallel
         self._xgr_apply_ok = True
@@ -123,9 +127,11 @@ class StructuredOutputManager:
         self.grammars.pop(req.request_id, None)
         for seq in req.seqs:
             self.matchers.pop(seq.seq_id, None)
+            self.unaccepted.pop(seq.seq_id, None)
 
     # -- the step ------------------------------------------------------------------
     def _matcher(self, req, seq):
+        """`seq`'s matcher, advanced through all of its tokens."""
         m = self.matchers.get(seq.seq_id)
         if m is None:
             import xgrammar as xgr
@@ -134,6 +140,12 @@ class StructuredOutputManager:
             for t in seq.output_token_ids:  # a fork or a rebuilt state: replay what was generated
                 m.accept_token(t)
             self.matchers[seq.seq_id] = m
+            self.unaccepted.pop(seq.seq_id, None)
+        else:
+            t = self.unaccepted.pop(seq.seq_id, None)
+            if t is not None and not m.accept_token(t):
+                # Only when every allowed token was also blocked (e.g. EOS before min_tokens).
+                log.warning("request %s: token %d violates its grammar", req.request_id, t)
         return m
 
     def apply_masks(self, logits: torch.Tensor, sampled: list) -> None:
@@ -160,7 +172,9 @@ class StructuredOutputManager:
             mask = mask.to(logits.device, non_blocking=True)
         if self._xgr_apply_ok:
             try:
-                xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows)
+                # All rows constrained (common in a JSON-only workload): no index list to build and copy.
+                xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size,
+                                                indices=None if len(rows) == n else rows)
                 return
             except Exception as e:  # noqa: BLE001 - e.g. no kernel for this device: use plain torch
                 log.warning("xgrammar's bitmask kernel failed (%s); masking with torch ops", e)
@@ -171,11 +185,13 @@ class StructuredOutputManager:
         logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
     def accept(self, req, seq, token: int) -> bool:
-        """Advance `seq`'s matcher by its new token (before it is appended); True when the grammar
-        has ended (the sequence must stop)."""
-        m = self._matcher(req, seq)
-        if not m.accept_token(token):
-            # Only when every allowed token was also blocked (e.g. EOS before min_tokens): end it.
-            log.warning("request %s: token %d violates its grammar; ending the sequence", req.request_id, token)
-            return True
-        return m.is_terminated()
+        """Record `seq`'s new token; True when it ends the grammar (the sequence must stop).
+
+        The matcher takes the token at the sequence's next mask, not now: on a GPU that work then
+        overlaps the next forward pass instead of adding to every step. The mask only allows a stop
+        token (EOS) where the grammar may end, so a stop token is the grammar's end.
+        """
+        if seq.seq_id in self.matchers:
+            self.unaccepted[seq.seq_id] = token
+        # else: a fork's first token; its matcher is built by replaying its tokens when first needed
+        return token in self.stop_ids
