@@ -68,6 +68,11 @@ class LLM:
                         results[order[out.request_id]] = out
                         if bar is not None:
                             bar.update(1)
+                for rid, why in self.engine.take_failed():
+                    if rid in order:
+                        from pagedserve.errors import RequestFailedError
+
+                        raise RequestFailedError(f"request {order[rid]} failed in the engine: {why}")
         except BaseException:
             # A failed step (or Ctrl-C) must not leave half-run requests behind to wedge later calls.
             for rid in order:

@@ -69,7 +69,7 @@ async def test_supervisor_restarts_a_killed_replica_which_rejoins(caplog):
     caplog.set_level(logging.INFO, logger="pagedserve")
     base = consecutive_free_ports(3)
     cluster = Cluster(2, "127.0.0.1", base, [], command=sim_replica, load_timeout=30,
-                      router_config=RouterConfig(health_interval=0.1))
+                      router_config=RouterConfig(health_interval=0.1, admin_api_key="adm"))
     run = asyncio.create_task(cluster.run())
     pool = cluster.router.pool
     try:
@@ -88,7 +88,7 @@ async def test_supervisor_restarts_a_killed_replica_which_rejoins(caplog):
                 r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
                 assert r.status_code == 200
             await wait_for(lambda: len(pool.healthy) == 2 and victim.proc.pid != old_pid, 30)
-            listed = (await client.get("/admin/backends")).json()["backends"]
+            listed = (await client.get("/admin/backends", headers={"authorization": "Bearer adm"})).json()["backends"]
             assert listed[0]["pid"] == victim.proc.pid and listed[0]["restarts"] == 1
     finally:
         pids = [r.proc.pid for r in cluster.replicas]

@@ -62,6 +62,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     answer_cache: AnswerCacheConfig | None = None  # exact-match replay of deterministic requests
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
 
 
 async def read_body(request: Request) -> bytes:
@@ -81,7 +82,8 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
     """The app owns its AsyncEngine: started on lifespan start-up, stopped (drained first by uvicorn) on shutdown."""
     metrics = ServerMetrics(opts.served_model_names[0])
     engine = AsyncEngine(config, observer=metrics, log_level=logging.getLogger().getEffectiveLevel())
-    serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests)
+    serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests,
+                            opts.trust_request_chat_template)
     api_key = opts.api_key
 
     async def load() -> None:
@@ -91,7 +93,7 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         try:
             tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model, config.tokenizer))
             info = await engine.wait_ready()
-            serving.tokenizer = await tok_task
+            serving.set_tokenizer(await tok_task)
         except Exception as e:  # noqa: BLE001 - a server that cannot load its model exits non-zero
             log.error("start-up failed: %s", e)
             if on_fatal is not None:
@@ -164,7 +166,7 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         check_auth(request)
         return await serving.chat(await read_body(request), request)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
         check_auth(request)
         info = engine.info
@@ -175,30 +177,34 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         return json_response({"object": "list", "data": data})
 
     # -- operations -------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if serving.ready:
             return json_response({"status": "ok", "model": serving.model_name, "engine_pid": engine.pid})
         if engine.state == "dead":
-            return error_response(NotReadyError(f"the engine process died: {engine.error}"))
+            return error_response(NotReadyError(f"the engine process died: {engine.error}" +
+                                                (f"; restart #{engine.restarts + 1} under way" if engine.restarting
+                                                 else "")))
         return error_response(NotReadyError("the model is still loading" if engine.state in ("created", "loading")
                                             else "the server is shutting down"))
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_endpoint():
         metrics.engine_up.set(1 if serving.ready else 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/version")
+    @app.api_route("/version", methods=["GET", "HEAD"])
     async def version():
         return json_response({"version": __version__})
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
+        check_auth(request)  # tokenizing is work a client can size: same key as /v1/*
         return await serving.tokenize(await read_body(request))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
+        check_auth(request)
         return await serving.detokenize(await read_body(request))
 
     return app
@@ -232,9 +238,11 @@ def serve(engine_kwargs: dict, opts: ServerOptions, *, shutdown_timeout: float =
             server.should_exit = True
 
     app = build_app(config, opts, on_fatal)
+    from pagedserve.http_limits import uvicorn_kwargs
+
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_config=None, access_log=access_log,
                                timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
-                               timeout_keep_alive=30)
+                               timeout_keep_alive=30, **uvicorn_kwargs())
     server = uvicorn.Server(uv_config)
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler makes a drained
     # SIGTERM/SIGINT shutdown exit 0 instead of dying from the re-raised signal.
