@@ -180,23 +180,29 @@ def _post(h: bytes, body: bytes, path: str = "/v1/completions") -> bytes:
 
 
 def send_raw(host: str, port: int, data: bytes, timeout: float = 30.0) -> tuple[int | None, bytes, bytes]:
-    """Send raw bytes; returns (status or None if no answer, headers, body)."""
+    """Send raw bytes; returns (status or None if no answer, headers, body). Reads one response (by its
+    content-length) or until the server closes; the write side stays open (a half-close reads as a
+    client disconnect to uvicorn, which may then drop the request)."""
     with socket.create_connection((host, port), timeout=timeout) as s:
         try:
             s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the server may close early (oversize heads/bodies); read what it answered
-        chunks = []
+        raw = b""
         try:
             while True:
                 c = s.recv(65536)
                 if not c:
                     break
-                chunks.append(c)
+                raw += c
+                head, sep, body = raw.partition(b"\r\n\r\n")
+                if sep:
+                    length = [int(v) for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])
+                              if k.strip().lower() == b"content-length" and v.strip().isdigit()]
+                    if (length and len(body) >= length[0]) or data.startswith(b"HEAD "):
+                        break
         except OSError:
             pass
-    raw = b"".join(chunks)
     if not raw.startswith(b"HTTP/"):
         return None, b"", raw
     head, _, body = raw.partition(b"\r\n\r\n")
