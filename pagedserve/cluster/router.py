@@ -343,7 +343,7 @@ class Router:
             await send(msg)
 
         try:
-            body = await _read_body(receive)
+            body = await _read_body(receive, declared=_content_length(scope))
         except _TooLarge as e:
             return await self._send_error(send, 413, str(e), "invalid_request_error")
         if body is None:
@@ -606,7 +606,7 @@ class Router:
 
     async def _admin(self, scope, receive, send) -> None:
         try:
-            body = await _read_body(receive, 1 << 20)
+            body = await _read_body(receive, 1 << 20, _content_length(scope))
         except _TooLarge as e:
             return await self._send_error(send, 413, str(e), "invalid_request_error")
         if body is None:
@@ -782,8 +782,18 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_body(receive, limit: int = MAX_BODY_BYTES) -> bytes | None:
-    """The whole request body (None if the client went away first); _TooLarge past `limit` bytes."""
+def _content_length(scope) -> int | None:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            return int(v) if v.isdigit() and len(v) < 19 else None
+    return None
+
+
+async def _read_body(receive, limit: int = MAX_BODY_BYTES, declared: int | None = None) -> bytes | None:
+    """The whole request body (None if the client went away first); _TooLarge past `limit` bytes,
+    at once when the declared Content-Length says so (without waiting for the bytes)."""
+    if declared is not None and declared > limit:
+        raise _TooLarge(f"the request body has {declared} bytes; the limit is {limit}")
     msg = await receive()
     if msg["type"] == "http.disconnect":
         return None
