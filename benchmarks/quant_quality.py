@@ -103,7 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="HF dir or Hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--methods", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"])
+    p.add_argument("--methods", nargs="+", default=["none", "int8", "int4"],
+                   choices=["none", "int8", "int4", "fp8", "fp8_kv"],
+                   help="fp8: e4m3 W8A8 (emulated on the CPU: same arithmetic, not fast); fp8_kv: fp8 weights and "
+                        "an fp8 KV cache")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64: 576 = 9 x 64)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"greedy prompts (max {len(PROMPTS)})")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
     for method in args.methods:
         if method == "int4":
             llm = LLM(str(awq_dir_for(args.model, args.group_size)), quantization="awq", **kw)
+        elif method in ("fp8", "fp8_kv"):
+            os.environ.setdefault("PAGEDSERVE_FP8_EMULATE", "1")  # used only where the device has no fp8 (CPU)
+            llm = LLM(args.model, quantization="fp8", kv_cache_dtype="fp8" if method == "fp8_kv" else "auto", **kw)
         else:
             llm = LLM(args.model, quantization=None if method == "none" else method, **kw)
         device = str(llm.engine.device)

@@ -25,7 +25,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    quantization: str | None = None  # none | int8 (on load) | awq (pre-quantized; auto-detected from config.json)
+    quantization: str | None = None  # none | int8 | fp8 (on load) | awq (pre-quantized; auto-detected from config.json)
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8 (= fp8_e4m3): half the bytes per KV token
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
@@ -50,11 +51,14 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 2", param="max_model_len")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy", "pt"):
             raise ConfigError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
-        if self.quantization not in (None, "none", "int8", "awq"):
-            raise ConfigError(f"quantization must be none, int8 or awq, got {self.quantization!r}",
+        if self.quantization not in (None, "none", "int8", "awq", "fp8"):
+            raise ConfigError(f"quantization must be none, int8, fp8 or awq, got {self.quantization!r}",
                               param="quantization",
-                              hint="int8 quantizes a bf16/fp32 checkpoint on load; awq loads a pre-quantized "
-                                   "AWQ int4 checkpoint")
+                              hint="int8/fp8 quantize a bf16/fp32 checkpoint on load (fp8: Ada/Hopper GPUs); "
+                                   "awq loads a pre-quantized AWQ int4 checkpoint")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ConfigError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {self.kv_cache_dtype!r}",
+                              param="kv_cache_dtype", hint="fp8 (= fp8_e4m3) halves the KV cache on Ada/Hopper GPUs")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
                               param="tensor_parallel_size")

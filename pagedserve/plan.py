@@ -28,8 +28,11 @@ GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Quantized linear layers as pagedserve stores them (pagedserve/model/quantization.py):
 # int8: 1 byte a weight + one scale a row in the compute dtype;
-# int4 AWQ: 0.5 byte a weight + per group of AWQ_GROUP inputs one scale (compute dtype) and a 4-bit zero.
-QUANT_METHODS = (None, "none", "int8", "awq", "int4")
+# int4 AWQ: 0.5 byte a weight + per group of AWQ_GROUP inputs one scale (compute dtype) and a 4-bit zero;
+# fp8: 1 byte a weight (e4m3) + one fp32 scale a row.
+QUANT_METHODS = (None, "none", "int8", "fp8", "awq", "int4")
+# --kv-cache-dtype: bytes per cached K or V element (None: the compute dtype's).
+KV_DTYPE_BYTES = {"auto": None, "fp8": 1, "fp8_e4m3": 1}
 AWQ_GROUP = 128
 
 
@@ -137,11 +140,13 @@ class ModelShape(DecoderShape):
 def weight_bytes(shape: ModelShape, dtype_bytes: int, quantization: str | None = None, tp: int = 1) -> int:
     """Per-GPU weight memory."""
     if quantization not in QUANT_METHODS:
-        raise ConfigError(f"quantization must be one of none, int8, awq/int4, got {quantization!r}",
+        raise ConfigError(f"quantization must be one of none, int8, fp8, awq/int4, got {quantization!r}",
                           param="quantization")
     n = shape.linear_params()
     if quantization == "int8":
         linear = n + shape.linear_rows() * dtype_bytes
+    elif quantization == "fp8":
+        linear = n + shape.linear_rows() * 4
     elif quantization in ("awq", "int4"):
         linear = n * (0.5 + (dtype_bytes + 0.5) / AWQ_GROUP)
     else:
@@ -175,6 +180,7 @@ class PlanInput:
     seq_len: int | None = None  # tokens a typical sequence holds; default max_model_len (worst case)
     replicas: int = 1
     tensor_parallel_size: int = 1
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -185,6 +191,7 @@ class Plan:
     quantization: str | None
     tensor_parallel_size: int
     replicas: int
+    kv_cache_dtype: str
     gpus_needed: int
     params_b: float
     budget_gib: float | None
@@ -235,7 +242,10 @@ def make_plan(p: PlanInput) -> Plan:
     seq_len = min(p.seq_len or max_len, max_len)
     mnbt = p.max_num_batched_tokens or 2048  # the engine's default token budget
     weights = weight_bytes(m, db, p.quantization, tp)
-    kv_tok = m.kv_bytes_per_token(db, tp, kv_heads)
+    if p.kv_cache_dtype not in KV_DTYPE_BYTES:
+        raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPE_BYTES)}, got {p.kv_cache_dtype!r}",
+                          param="kv_cache_dtype")
+    kv_tok = m.kv_bytes_per_token(KV_DTYPE_BYTES[p.kv_cache_dtype] or db, tp, kv_heads)
     per_block = kv_tok * p.block_size
     if p.gpu is None:
         budget = None
@@ -276,7 +286,7 @@ def make_plan(p: PlanInput) -> Plan:
                    f"({capacity} tokens of KV per replica)")
     return Plan(
         model=m.name, device=device, dtype=dtype, quantization=p.quantization, tensor_parallel_size=tp,
-        replicas=p.replicas, gpus_needed=0 if p.gpu is None else tp * p.replicas,
+        replicas=p.replicas, kv_cache_dtype=p.kv_cache_dtype, gpus_needed=0 if p.gpu is None else tp * p.replicas,
         params_b=m.num_params() / 1e9, budget_gib=None if budget is None else budget / GiB,
         weights_gib=weights / GiB, overhead_gib=overhead / GiB, kv_pool_gib=max(pool, 0) / GiB,
         kv_bytes_per_token=kv_tok, kv_gib_per_sequence=per_seq_gib, num_blocks=blocks, token_capacity=capacity,
@@ -318,7 +328,9 @@ def _kv_fixes(p: PlanInput, m: ModelShape, per_seq_gib: float, pool: int, want: 
         if fit_len >= p.block_size:
             fixes.append(f"shorter context: --max-model-len {fit_len} lets {want} sequences fit per replica")
     if p.quantization in (None, "none") and p.gpu is not None:
-        fixes.append("quantize the weights (--quantization int8 or awq) to free memory for KV")
+        fixes.append("quantize the weights (--quantization int8 or awq; fp8 on Ada/Hopper) to free memory for KV")
+    if p.kv_cache_dtype == "auto" and p.gpu is not None and p.gpu.compute_capability >= (8, 9):
+        fixes.append("store the KV cache in fp8: --kv-cache-dtype fp8 holds twice the tokens")
     if p.gpu is not None:
         fixes.append(f"more replicas or GPUs: each replica holds {int(pool / GiB // max(per_seq_gib, 1e-9))} "
                      f"sequences of {seq_len} tokens")
@@ -410,7 +422,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu", default=None, help=f"one of {', '.join(g.name for g in GPUS.values())}, or 'cpu'")
     p.add_argument("--gpu-memory", type=float, default=None, help="GPU memory in GiB (instead of --gpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_BYTES])
-    p.add_argument("--quantization", default=None, choices=["none", "int8", "awq", "int4"])
+    p.add_argument("--quantization", default=None, choices=["none", "int8", "fp8", "awq", "int4"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPE_BYTES),
+                   help="fp8: one byte per cached K/V value (twice the tokens)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", type=float, default=None, help="KV pool in GiB (CPU; default 1)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -440,7 +454,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, concurrency=args.concurrency, seq_len=args.seq_len, replicas=args.replicas,
-        tensor_parallel_size=args.tensor_parallel_size))
+        tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
 
 
 def format_plan(plan: Plan) -> str:
@@ -457,7 +471,8 @@ def format_plan(plan: Plan) -> str:
         ("runtime overhead", f"{plan.overhead_gib:.2f} GiB (CUDA context + activation peak)"
                              if plan.budget_gib is not None else "n/a on CPU"),
         ("KV pool", f"{plan.kv_pool_gib:.2f} GiB = {plan.num_blocks} blocks = {plan.token_capacity} tokens"),
-        ("KV per token", f"{plan.kv_bytes_per_token / 1024:.1f} KiB"),
+        ("KV per token", f"{plan.kv_bytes_per_token / 1024:.1f} KiB"
+                         + (f" ({plan.kv_cache_dtype})" if plan.kv_cache_dtype != "auto" else "")),
         ("KV per sequence", f"{plan.kv_gib_per_sequence * 1024:.1f} MiB at {plan.seq_len} tokens"),
         ("max concurrency", f"{plan.max_concurrency} per replica, {plan.cluster_concurrency} over "
                             f"{plan.replicas} replica(s) (sequences of {plan.seq_len} tokens)"),

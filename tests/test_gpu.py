@@ -170,3 +170,135 @@ def test_int8_on_gpu_matches_cpu_int8(dirs):
     for p in _prompts(3):
         a, b = prefill_logits(gpu.engine, p).cpu(), prefill_logits(cpu.engine, p)
         assert (a - b).abs().max().item() < 2e-3
+
+
+# -- FP8 (Ada/Hopper): _scaled_mm weights, fp8 KV cache; large-M dense path of int8/AWQ ---------------------
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                               reason="needs compute capability >= 8.9")
+
+
+@needs_fp8
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_fp8_gemm_7b_shapes(m):
+    """Per-token quant kernel + torch._scaled_mm on 7B-sized matrices vs the same arithmetic in fp32."""
+    from pagedserve.model.fp8 import fp8_linear_cuda, fp8_linear_reference, per_token_quant, quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(m)
+    for n, k in ((11008, 4096), (4096, 11008)):
+        w = (torch.randn(n, k, generator=g) * 0.02).cuda()
+        x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+        qw, sw = quantize_fp8_rows(w)
+        qx, sx = per_token_quant(x)
+        rqx, rsx = quantize_fp8_rows(x)
+        assert torch.equal(qx.view(torch.uint8), rqx.view(torch.uint8)) and torch.allclose(sx.squeeze(1), rsx)
+        y = fp8_linear_cuda(x, qw, sw)
+        ref = fp8_linear_reference(x.float(), qw, sw)
+        assert y.dtype == torch.bfloat16
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+        dense = torch.nn.functional.linear(x.float(), w)
+        assert ((y.float() - dense).norm() / dense.norm()).item() < 0.06  # fp8 error of W and x
+
+
+@pytest.mark.parametrize("m", [256, 600])
+def test_quant_dense_path_7b_shapes(m):
+    """Large M: int8 / AWQ through dequantize + cuBLAS (what quant_dispatch picks from 256 rows)."""
+    from pagedserve.model.awq_format import dequantize, rtn_quantize
+    from pagedserve.model.quantization import quantize_int8
+    from pagedserve.model.triton_quant import awq_linear_dense, int8_linear_dense
+
+    g = torch.Generator().manual_seed(m)
+    n, k = 11008, 4096
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+    q, s = quantize_int8(w)
+    ref = torch.nn.functional.linear(x.float(), (q.float() * s[:, None]).cuda())
+    y = int8_linear_dense(x, q.cuda(), s.to("cuda", torch.bfloat16))
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    qw, qz, sc = rtn_quantize(w, 128)
+    ref = torch.nn.functional.linear(x.float(), dequantize(qw, qz, sc.bfloat16()).cuda())
+    y = awq_linear_dense(x, qw.cuda(), qz.cuda(), sc.to("cuda", torch.bfloat16))
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+
+
+@needs_fp8
+def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkeypatch):
+    """--quantization fp8 on the GPU (fp32 model: _scaled_mm's bf16 output is the only extra rounding) vs
+    the CPU's emulated fp8 engine; the per-channel fp8 checkpoint of the same model gives the very same
+    weights, so the same logits; the per-tensor one stays close; CUDA graphs equal eager."""
+    from pagedserve.bench.quality import prefill_logits
+    from pagedserve.model.fp8_format import write_fp8_checkpoint
+
+    monkeypatch.setenv("PAGEDSERVE_FP8_EMULATE", "1")
+    _, path = dirs["qwen2"]  # q/k/v biases
+    kw = dict(max_model_len=256, kv_cache_memory=0.5)
+    gpu = LLM(model=str(path), dtype="float32", quantization="fp8", **kw)
+    cpu = LLM(model=str(path), device="cpu", dtype="float32", quantization="fp8", max_model_len=256,
+              kv_cache_memory=0.05)
+    chan = LLM(model=str(write_fp8_checkpoint(path, tmp_path / "c", scheme="channel")), dtype="float32", **kw)
+    tens = LLM(model=str(write_fp8_checkpoint(path, tmp_path / "t", scheme="tensor")), dtype="float32", **kw)
+    eager = LLM(model=str(path), dtype="float32", quantization="fp8", enforce_eager=True, **kw)
+    assert chan.engine.quantization == tens.engine.quantization == "fp8"
+    for p in _prompts(3):
+        a, b = prefill_logits(gpu.engine, p), prefill_logits(cpu.engine, p).cuda()
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+        assert torch.allclose(prefill_logits(chan.engine, p), a, atol=1e-4, rtol=1e-4)
+        c = prefill_logits(tens.engine, p)
+        assert ((c - a).norm() / a.norm()).item() < 0.1
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    toks = [[o.outputs[0].token_ids for o in e.generate(_prompts(4), params, use_tqdm=False)] for e in (gpu, eager)]
+    assert toks[0] == toks[1]
+
+
+@needs_fp8
+def test_fp8_kv_cache_on_gpu(dirs):
+    """--kv-cache-dtype fp8: twice the blocks of a bf16 cache in the same memory; logits within fp8 error of
+    the bf16 cache; CUDA graphs (decode over the fp8 cache) give the eager tokens."""
+    from pagedserve.bench.quality import prefill_logits
+
+    _, path = dirs["llama"]
+    kw = dict(model=str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory=0.5)
+    base, fp8 = LLM(**kw), LLM(kv_cache_dtype="fp8", **kw)
+    eager = LLM(kv_cache_dtype="fp8", enforce_eager=True, **kw)
+    assert fp8.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert fp8.engine.num_kv_blocks == pytest.approx(2 * base.engine.num_kv_blocks, abs=2)
+    for p in _prompts(3):
+        a, b = prefill_logits(fp8.engine, p), prefill_logits(base.engine, p)
+        assert 0 < ((a - b).norm() / b.norm()).item() < 0.15
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    toks = [[o.outputs[0].token_ids for o in e.generate(_prompts(4), params, use_tqdm=False)] for e in (fp8, eager)]
+    assert toks[0] == toks[1]
+
+
+@needs_fp8
+def test_fp8_vs_bf16_on_a_real_shape(tmp_path):
+    """Qwen2.5-0.5B's shape (24 layers), dummy weights (the same seeded draws for both engines): fp8 weights
+    + fp8 KV against bf16. Random weights give near-flat logits, the hardest case for greedy agreement;
+    bounds are loose, the printed numbers are the measurement (the 7B shape is in benchmarks/gpu_quant.py)."""
+    import json as _json
+
+    from pagedserve.bench.quality import prefill_logits, teacher_forced_agreement
+    from pagedserve.plan import KNOWN_MODELS
+    from tests.tiny_models import tokenizer
+
+    cfg = dict(KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"])
+    cfg.pop("torch_dtype", None)
+    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6,
+               eos_token_id=0, bos_token_id=1)
+    (tmp_path / "config.json").write_text(_json.dumps(cfg))
+    tokenizer().save_pretrained(tmp_path)
+    kw = dict(model=str(tmp_path), load_format="dummy", dtype="bfloat16", max_model_len=1024, kv_cache_memory=2.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, cfg["vocab_size"], (4, 128), generator=g).tolist()
+    ref = LLM(**kw)
+    ref_logits = [prefill_logits(ref.engine, p) for p in prompts]
+    cont = [list(o.outputs[0].token_ids) for o in ref.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)]
+    del ref
+    for name, extra in (("fp8", {}), ("fp8+fp8kv", {"kv_cache_dtype": "fp8"})):
+        llm = LLM(quantization="fp8", **kw, **extra)
+        rel = max(((prefill_logits(llm.engine, p) - r).norm() / r.norm()).item() for p, r in zip(prompts, ref_logits))
+        tf = [teacher_forced_agreement(llm.engine, p, c) for p, c in zip(prompts, cont)]
+        agree = sum(a for a, _ in tf) / sum(t for _, t in tf)
+        print(f"{name}: logit rel err {rel:.3e}, teacher-forced greedy agreement {agree:.1%}")
+        assert rel < 0.25 and agree >= 0.5
+        del llm

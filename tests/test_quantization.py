@@ -219,7 +219,7 @@ def test_bad_awq_configs_refused(tmp_path, qc, msg):
 
 
 def test_bad_quantization_requests_refused(tmp_path):
-    with pytest.raises(ConfigError, match="none, int8 or awq"):
+    with pytest.raises(ConfigError, match="none, int8, fp8 or awq"):
         EngineConfig(quantization="fp4")
     dense = str(save(build_hf("llama"), tmp_path / "dense"))
     with pytest.raises(ConfigError, match="pre-quantized AWQ checkpoint"):

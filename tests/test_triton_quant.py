@@ -130,3 +130,36 @@ def test_awq_gemm_refuses_bad_group():
     qw, qz, sc = rtn_quantize(torch.randn(8, 96), 96)
     with pytest.raises(ValueError, match="group size 96"):
         TQ.awq_linear_triton(torch.randn(1, 96, device=DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE))
+
+
+# -------------------------------------------------- dense path (large M): dequantize, then cuBLAS
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_awq_dequantize_kernel(group, dtype):
+    n, k = 200, 256  # n: not a multiple of the 128-wide tile; K: several 32-row tiles per group
+    x, qw, qz, sc, b, ref = _awq_case(3, n, k, group, dtype, 7)
+    w = TQ.awq_dequantize_triton(qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), dtype)
+    assert w.shape == (k, n) and w.dtype == dtype
+    exact = dequantize(qw, qz, sc).t()  # [K, N] fp32
+    torch.testing.assert_close(w.cpu().float(), exact, rtol=_RTOL[dtype], atol=1e-6)
+    y = TQ.awq_linear_dense(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE))
+    # The weight is rounded to `dtype` before the GEMM here: allow that rounding too.
+    err = ((y.cpu().float() - (ref + b.float())).abs().max() / ref.abs().max()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+def test_int8_dense_path_and_dispatch(monkeypatch):
+    from pagedserve.model import quant_dispatch as qd
+
+    g = torch.Generator().manual_seed(9)
+    q, s = quantize_int8(torch.randn(40, 96, generator=g))
+    x = torch.randn(5, 96, generator=g)
+    ref = F.linear(x, q.float() * s[:, None])
+    y = TQ.int8_linear_dense(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE))
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+    assert qd.dense_from_m("int8", 4096, 4096) == qd.DEFAULT_DENSE_FROM_M["int8"]
+    monkeypatch.setitem(qd.DENSE_FROM_M, ("awq", 4096, 4096), 48)
+    assert qd.use_dense("awq", 48, 4096, 4096) and not qd.use_dense("awq", 47, 4096, 4096)
+    assert not qd.use_dense("awq", 47, 4096, 11008)  # other shapes keep the default
+    monkeypatch.setenv("PAGEDSERVE_QUANT_DENSE_M", "8")
+    assert qd.use_dense("int8", 8, 4096, 11008) and not qd.use_dense("int8", 7, 4096, 11008)

@@ -25,7 +25,10 @@ from pagedserve.model.attention import get_attention_backend
 from pagedserve.model.llama import ModelArgs
 from pagedserve.model.loader import (init_dummy_weights, iter_weights, load_tokenizer, read_hf_config,
                                      resolve_model_dir)
-from pagedserve.model.quantization import awq_linear_factory, quantize_model, resolve_quantization
+from pagedserve.model.fp8 import check_fp8_device, fp8_linear_factory, kv_cache_torch_dtype
+from pagedserve.model.fp8_format import normalize_fp8_tensor
+from pagedserve.model.quantization import (awq_linear_factory, is_prequantized_fp8, quantize_model,
+                                           resolve_quantization)
 from pagedserve.model.registry import resolve_architecture
 from pagedserve.model.runner import ModelRunner
 from pagedserve.model.sampler import SampleRow, sample
@@ -111,6 +114,17 @@ class LLMEngine:
         self.quantization = resolve_quantization(config.quantization, self.hf_config)
         if self.quantization == "awq":
             self.args.make_linear = awq_linear_factory(self.hf_config)
+        fp8_ckpt = self.quantization == "fp8" and is_prequantized_fp8(self.hf_config)
+        if self.quantization == "fp8":
+            check_fp8_device(self.device)
+            if fp8_ckpt:
+                if config.tensor_parallel_size > 1:
+                    raise ConfigError("fp8 checkpoints are not supported with tensor_parallel_size > 1",
+                                      param="tensor_parallel_size",
+                                      hint="use a single rank, or --quantization fp8 on a bf16 checkpoint")
+                self.args.make_linear = fp8_linear_factory()
+        if config.kv_cache_dtype != "auto" and self.device.type == "cuda":  # the torch (CPU) backend emulates fp8
+            check_fp8_device(self.device, param="kv_cache_dtype", what="--kv-cache-dtype fp8")
         self.tp = None  # TPGroup with tensor_parallel_size > 1: this process is rank 0 (or a worker's rank)
         if config.tensor_parallel_size > 1:
             from pagedserve.distributed.executor import init_tensor_parallel
@@ -127,16 +141,24 @@ class LLMEngine:
 
         backend = get_attention_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
-        # int8 quantizes after loading: load and quantize on the host, so the GPU never holds the dense weights.
-        build_device = torch.device("cpu") if self.quantization == "int8" else self.device
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        # int8/fp8 quantize after loading: load and quantize on the host, so the GPU never holds the dense
+        # weights. Dummy weights (performance work) are drawn and quantized on the device: drawing 7B random
+        # numbers on the host takes minutes.
+        quantize_on_load = self.quantization == "int8" or (self.quantization == "fp8" and not fp8_ckpt)
+        build_device = torch.device("cpu") if quantize_on_load and config.load_format != "dummy" else self.device
         with torch.device(build_device):
             model = model_cls(self.args, backend, max_len=self.max_model_len, tp=self.tp).to(self.dtype)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:
-            model.load_hf_weights(iter_weights(self.model_dir))
-        if self.quantization == "int8":
-            log.info("quantization int8: %d linear layers quantized per channel", quantize_model(model, "int8"))
+            tensors = iter_weights(self.model_dir)
+            if fp8_ckpt:  # per-tensor scales broadcast per channel, static input scales dropped
+                tensors = (r for n, t in tensors if (r := normalize_fp8_tensor(n, t)) is not None)
+            model.load_hf_weights(tensors)
+        if quantize_on_load:
+            log.info("quantization %s: %d linear layers quantized per channel", self.quantization,
+                     quantize_model(model, self.quantization))
             model.to(self.device)
         model.eval()
         self.model = model
@@ -144,7 +166,7 @@ class LLMEngine:
         self.num_kv_blocks = self._num_kv_blocks()
         a = self.args
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers,
-                                  model.args.num_kv_heads, a.head_dim, self.dtype, self.device)
+                                  model.args.num_kv_heads, a.head_dim, self.dtype, self.device, kv_dtype=self.kv_dtype)
         if self.tp is not None:  # no CUDA graphs with TP yet (NCCL capture untested)
             from pagedserve.distributed.executor import attach
 
@@ -204,7 +226,7 @@ class LLMEngine:
 
     def kv_bytes_per_block(self) -> int:
         a, kv_heads = self.args, self.model.args.num_kv_heads  # this rank's heads under tensor parallelism
-        return 2 * a.num_layers * self.config.block_size * kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.config.block_size * kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -247,7 +269,7 @@ class LLMEngine:
                                                    1, [seq]), m))
             left -= m
         tmp = ModelRunner(self.model, next_block, bs, self.args.num_layers, self.model.args.num_kv_heads,
-                          self.args.head_dim, self.dtype, dev)
+                          self.args.head_dim, self.dtype, dev, kv_dtype=self.kv_dtype)
         tmp.execute(batch)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
@@ -281,8 +303,9 @@ class LLMEngine:
                  f" ({self.quantization})" if self.quantization else "",
                  self.kv_bytes_per_block() / bs / 1024, self.kv_bytes_per_block() * -(-self.max_model_len // bs)
                  / (1 << 20), self.max_model_len)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max concurrency at max_model_len=%d: %.1f",
-                 self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at max_model_len=%d: "
+                 "%.1f", self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
+                 str(self.kv_dtype).replace("torch.", ""),
                  self.max_model_len, cap / self.max_model_len)
 
     # -- requests ------------------------------------------------------------

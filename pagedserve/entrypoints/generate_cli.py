@@ -20,9 +20,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs (debugging)")
-    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "awq"],
-                   help="weights: int8 (quantize a bf16/fp32 checkpoint on load) or awq (pre-quantized int4 "
-                        "checkpoint; detected from config.json without this flag)")
+    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "fp8", "awq"],
+                   help="weights: int8 or fp8 (quantize a bf16/fp32 checkpoint on load; fp8 needs compute "
+                        "capability >= 8.9) or awq (pre-quantized int4 checkpoint); AWQ and fp8 checkpoints "
+                        "are detected from config.json without this flag")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="KV cache storage: auto (the model's dtype) or fp8 (e4m3, per-tensor scale 1.0; "
+                        "twice the tokens; compute capability >= 8.9)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N ranks (GPUs; on CPU, N processes sharing the cores)")
 
@@ -33,7 +37,8 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
                 seed=args.seed, load_format=args.load_format, enforce_eager=args.enforce_eager,
-                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def add_parser(sub) -> None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pagedserve.model.fp8 import FP8, quantize_kv
+
 
 @dataclass
 class AttentionMetadata:
@@ -43,9 +45,14 @@ class AttentionMetadata:
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V ([T, KVH, D]) into the paged cache."""
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter new K/V ([T, KVH, D]) into the paged cache. An fp8 cache stores clamp(x / scale) in e4m3
+    (index_copy_ has no float8 kernel on CPU, so the bytes are copied through uint8 views)."""
     kvh, d = k.shape[1], k.shape[2]
+    if k_cache.dtype == FP8:
+        k_cache.view(torch.uint8).view(-1, kvh, d).index_copy_(0, slot_mapping, quantize_kv(k, k_scale).view(torch.uint8))
+        v_cache.view(torch.uint8).view(-1, kvh, d).index_copy_(0, slot_mapping, quantize_kv(v, v_scale).view(torch.uint8))
+        return
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -250,14 +257,28 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 
 class TorchAttentionBackend:
-    """Reference backend: plain torch ops, runs anywhere (the CPU default)."""
+    """Reference backend: plain torch ops, runs anywhere (the CPU default).
+
+    An fp8 KV cache (--kv-cache-dtype fp8) holds K / k_scale and V / v_scale in e4m3; reads convert to
+    the query's dtype and fold the scales in: softmax(q.(k_scale k8)) (v_scale v8) = v_scale x
+    attention with softmax scale x k_scale. Per-tensor scales, 1.0 unless calibrated (vLLM's default)."""
 
     name = "torch"
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D] for the flat batch -> [T, H, D]."""
+        if k_cache.dtype == FP8:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+            out = self._attend(q, k, v, k_cache, v_cache, meta, scale * self.k_scale)
+            return out if self.v_scale == 1.0 else out * self.v_scale
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = meta.num_decode
         decode = None
         if nd:

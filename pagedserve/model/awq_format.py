@@ -38,7 +38,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if q.min() < 0 or q.max() > 15:
         raise ValueError("int4 values must lie in 0..15")
     cols = q.to(torch.int64).view(r, c // PACK, PACK)
-    out = torch.zeros(r, c // PACK, dtype=torch.int64)
+    out = torch.zeros(r, c // PACK, dtype=torch.int64, device=q.device)
     for i, j in enumerate(AWQ_ORDER):
         out |= cols[:, :, j] << (4 * i)
     # Values above 2**31 - 1 wrap to negative int32, bit for bit.

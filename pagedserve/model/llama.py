@@ -295,6 +295,8 @@ class LlamaForCausalLM(nn.Module):
                     f"checkpoint tensor {name!r}: a fused output slice of {size} is not a multiple of {div}")
             with torch.no_grad():
                 dst = p if size is None else p.narrow(dim, offset // div, size // div)
+                if parts[-1] == "weight_scale" and w.numel() == 1:  # fp8 per-tensor scale: one for every row
+                    w = w.reshape(()).expand(dst.shape)
                 if tuple(dst.shape) != tuple(w.shape):
                     raise UnsupportedModelError(
                         f"checkpoint tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}"

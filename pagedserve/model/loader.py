@@ -120,6 +120,12 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if not p.is_floating_point():  # packed int4/int8 weights: any bits are valid values
                 p.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, p.shape, generator=g, dtype=torch.int64).to(p.dtype))
+            elif p.element_size() == 1:  # fp8 weights (no normal_ for float8): N(0, 1) in e4m3, scale 0.02 below
+                src = torch.empty(p.shape, device=p.device)
+                p.copy_((src.normal_(0.0, 1.0, generator=g) if p.device.type == "cpu" else src.normal_(0.0, 1.0))
+                        .to(p.dtype))
+            elif name.endswith("weight_scale"):
+                p.fill_(0.02)
             elif "norm" in name:
                 p.fill_(1.0)
             elif p.device.type == "cpu":

@@ -10,7 +10,8 @@ The embedding and the LM head stay in the compute dtype, as in vLLM: they are a 
 model's weights, and the logits are the most quantization-sensitive matmul. Quantized tensors are
 parameters (requires_grad=False), so parameter-byte counts (the startup log) see their real size.
 
-Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py). On CPU,
+Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py) up to a measured
+batch size, then dequantize-to-bf16 + cuBLAS (quant_dispatch.py says where). On CPU,
 dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
 (AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
 CPU speed does not improve (the dense fp32 path also gets oneDNN's packed GEMM, these do not).
@@ -27,7 +28,7 @@ from torch import nn
 
 from pagedserve.errors import ConfigError, UnsupportedModelError
 
-METHODS = ("int8", "awq")
+METHODS = ("int8", "awq", "fp8")
 _DENSE_CHUNK = 1 << 24  # elements of dequantized weight held at once by the CPU AWQ path
 
 
@@ -65,8 +66,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _on_gpu(x):
-            from pagedserve.model.triton_quant import int8_linear_triton
+            from pagedserve.model.quant_dispatch import use_dense
+            from pagedserve.model.triton_quant import int8_linear_dense, int8_linear_triton
 
+            if use_dense("int8", x.numel() // self.in_features, self.out_features, self.in_features):
+                return int8_linear_dense(x, self.weight, self.scale, self.bias)
             return int8_linear_triton(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
@@ -116,8 +120,11 @@ class AWQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _on_gpu(x):
-            from pagedserve.model.triton_quant import awq_linear_triton
+            from pagedserve.model.quant_dispatch import use_dense
+            from pagedserve.model.triton_quant import awq_linear_dense, awq_linear_triton
 
+            if use_dense("awq", x.numel() // self.in_features, self.out_features, self.in_features):
+                return awq_linear_dense(x, self.qweight, self.qzeros, self.scales, self.bias)
             return awq_linear_triton(x, self.qweight, self.qzeros, self.scales, self.bias)
         return self._forward_reference(x)
 
@@ -174,13 +181,22 @@ class AWQConfig:
 
 def resolve_quantization(requested: str | None, hf_config: dict) -> str | None:
     """The method to use given --quantization and the checkpoint's own `quantization_config`."""
+    from pagedserve.model.fp8_format import Fp8CheckpointConfig, is_fp8_config
+
     requested = None if requested in (None, "none") else requested
     qc = hf_config.get("quantization_config")
     ckpt = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else None
+    if ckpt and is_fp8_config(qc):
+        if requested not in (None, "fp8"):
+            raise ConfigError(f"--quantization {requested} conflicts with this fp8 checkpoint", param="quantization",
+                              hint="drop --quantization or pass --quantization fp8")
+        Fp8CheckpointConfig.from_hf(qc)
+        return "fp8"
     if ckpt and ckpt != "awq":
         raise UnsupportedModelError(
             f"the checkpoint is quantized with {ckpt!r}, which pagedserve cannot load; "
-            "supported: AWQ int4 checkpoints, or a bf16/fp32 checkpoint with --quantization int8")
+            "supported: AWQ int4 and fp8 (vLLM / llm-compressor) checkpoints, or a bf16/fp32 checkpoint "
+            "with --quantization int8 or fp8")
     if ckpt == "awq":
         if requested not in (None, "awq"):
             raise ConfigError(f"--quantization {requested} conflicts with this AWQ checkpoint", param="quantization",
@@ -192,6 +208,12 @@ def resolve_quantization(requested: str | None, hf_config: dict) -> str | None:
                           "quantization_config with quant_method 'awq')", param="quantization",
                           hint="use an AWQ model, or --quantization int8 to quantize this one on load")
     return requested
+
+
+def is_prequantized_fp8(hf_config: dict) -> bool:
+    from pagedserve.model.fp8_format import is_fp8_config
+
+    return is_fp8_config(hf_config.get("quantization_config"))
 
 
 def awq_linear_factory(hf_config: dict):
@@ -207,10 +229,14 @@ def awq_linear_factory(hf_config: dict):
 def quantize_model(model: nn.Module, method: str) -> int:
     """Swap the model's plain nn.Linear modules (the block projections) for quantized ones; returns how many.
 
-    The LM head (`model.lm_head`) stays dense. Only "int8" quantizes after loading; AWQ models are
-    built quantized."""
+    The LM head (`model.lm_head`) stays dense. "int8" and "fp8" quantize after loading; AWQ models
+    (and pre-quantized fp8 checkpoints) are built quantized."""
+    if method == "fp8":
+        from pagedserve.model.fp8 import quantize_model_fp8
+
+        return quantize_model_fp8(model)
     if method != "int8":
-        raise ValueError(f"quantize_model handles int8 only, got {method!r}")
+        raise ValueError(f"quantize_model handles int8 and fp8 only, got {method!r}")
     head = getattr(model, "lm_head", None)
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear and child is not head]

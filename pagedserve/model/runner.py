@@ -82,16 +82,18 @@ def use_onednn_linears(model: nn.Module) -> int:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, num_layers: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.block_size = block_size
         self.device = device
         if onednn_linear_usable(dtype, device):
             log.info("CPU linears through oneDNN (packed fp32 GEMM): %d layers", use_onednn_linears(model))
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        kv_dtype = kv_dtype or dtype  # float8_e4m3fn with --kv-cache-dtype fp8
         # Zeroed, not empty: masked-out slots are multiplied by 0 and must not hold NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(num_layers)
         ]
         self.graphs = None  # DecodeGraphs once captured (CUDA only)
@@ -109,6 +111,8 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for k, v in self.kv_caches:
+            if k.element_size() == 1:  # fp8: index kernels are not built for float8 everywhere; copy the bytes
+                k, v = k.view(torch.uint8), v.view(torch.uint8)
             k[dst] = k[src]
             v[dst] = v[src]
 

@@ -60,8 +60,8 @@ def _mm(a, b, DOT_FP32: tl.constexpr):
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+    stride_cb, stride_cs, stride_ch, k_scale, v_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, D_PAD: tl.constexpr, FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -73,8 +73,11 @@ def _write_kv_kernel(
         off = slot % BLOCK_SIZE
         dst = blk * stride_cb + off * stride_cs + h * stride_ch + d
         kv = tl.load(k_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + d, mask=dmask)
-        tl.store(k_cache_ptr + dst, kv.to(k_cache_ptr.dtype.element_ty), mask=dmask)
         vv = tl.load(v_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=dmask)
+        if FP8:  # e4m3 stores x / scale, saturated at +-448 (an overflow must not become NaN)
+            kv = tl.minimum(tl.maximum(kv.to(tl.float32) / k_scale, -448.0), 448.0)
+            vv = tl.minimum(tl.maximum(vv.to(tl.float32) / v_scale, -448.0), 448.0)
+        tl.store(k_cache_ptr + dst, kv.to(k_cache_ptr.dtype.element_ty), mask=dmask)
         tl.store(v_cache_ptr + dst, vv.to(v_cache_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -88,7 +91,8 @@ def _write_kv_kernel(
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) (* k_scale for an fp8 cache)
+    v_scale,  # 1.0, or an fp8 cache's V scale: multiplies the output
     stride_qb, stride_qh,
     stride_ob, stride_oh,
     stride_cb, stride_cs, stride_ch,
@@ -128,8 +132,8 @@ def _decode_kernel(
         phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         kv_off = phys * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         kvmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
         s = _mm(q, tl.trans(k), DOT_FP32)
         s = s * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
@@ -142,6 +146,7 @@ def _decode_kernel(
         m_i = m_new
 
     omask = gmask[:, None] & dmask[None, :]
+    acc = acc * v_scale
     if SPLIT:
         # partials laid out [B, H, S, (D)], contiguous
         row = (b.to(tl.int64) * NUM_HEADS + heads) * num_splits + split
@@ -188,7 +193,7 @@ def _decode_reduce_kernel(
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, q_start_ptr, seq_lens_ptr, out_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch,
     stride_bt,
@@ -233,8 +238,8 @@ def _prefill_kernel(
             pos = n0 + n_off
             phys = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
             kv_off = phys * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kvh * stride_ch
-            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0).to(q.dtype)
             s = _mm(q, tl.trans(k), DOT_FP32)
             s = s * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -251,8 +256,8 @@ def _prefill_kernel(
             phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
             kv_off = phys * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kvh * stride_ch
             kvmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0)
+            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
             s = _mm(q, tl.trans(k), DOT_FP32)
             s = s * qk_scale
             causal = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
@@ -268,7 +273,7 @@ def _prefill_kernel(
             m_i = m_new
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = acc / l_safe[:, None]
+        out = acc * v_scale / l_safe[:, None]
         tl.store(out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
@@ -296,8 +301,9 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V ([T, KVH, D]) into the paged cache; slots < 0 are skipped."""
+                    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter new K/V ([T, KVH, D]) into the paged cache; slots < 0 are skipped. An fp8 (e4m3) cache
+    stores clamp(x / scale); the attention kernels multiply the scales back in."""
     t, kvh, d = k.shape
     if t == 0:
         return
@@ -306,8 +312,9 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     _write_kv_kernel[(t, kvh)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale),
         HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], D_PAD=triton.next_power_of_2(d),
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
     )
 
 
@@ -350,8 +357,10 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   max_seq_len: int | None = None, num_splits: int | None = None,
                                   block_n: int | None = None, out: torch.Tensor | None = None,
-                                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                                  num_warps: int = 4, num_stages: int = 3,
+                                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [B, H, D] (one query per sequence) -> out [B, H, D]; see `paged_decode_attention_ref`.
+    An fp8 cache is read as (k_scale x K, v_scale x V), converted to q's dtype in registers.
 
     num_splits: None picks one from the batch size and max_seq_len (a host int;
     None falls back to the block table's width, an upper bound that needs no
@@ -385,7 +394,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _decode_kernel[(b, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_acc, part_m, part_l,
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -409,7 +418,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
                                    seq_lens: torch.Tensor, max_query_len: int, scale: float,
                                    block_m: int | None = None, block_n: int | None = None,
                                    out: torch.Tensor | None = None,
-                                   num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                                   num_warps: int = 4, num_stages: int = 2,
+                                   k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [Tp, H, D] holding P chunks back to back -> out [Tp, H, D]; see `paged_prefill_attention_ref`.
 
     query_start [P+1] and seq_lens [P] are device tensors; max_query_len is a
@@ -432,7 +442,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     grid = (p, triton.cdiv(max_query_len, block_m), h)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start, seq_lens, out,
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -448,26 +458,30 @@ class TritonAttentionBackend:
 
     name = "triton"
 
-    def __init__(self, decode_num_splits: int | None = None):
+    def __init__(self, decode_num_splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
         # None: pick per call from the batch size and the longest context.
         self.decode_num_splits = decode_num_splits
+        # Per-tensor scales of an fp8 KV cache (1.0 uncalibrated, as vLLM); unused for a 16-bit cache.
+        self.k_scale, self.v_scale = k_scale, v_scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D] for the flat batch -> [T, H, D]."""
-        write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+        fp8 = k_cache.dtype == torch.float8_e4m3fn
+        ks, vs = (self.k_scale, self.v_scale) if fp8 else (1.0, 1.0)
+        write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
             paged_decode_attention_triton(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                           meta.decode_seq_lens, scale, meta.decode_max_seq_len,
-                                          num_splits=self.decode_num_splits, out=out[:nd])
+                                          num_splits=self.decode_num_splits, out=out[:nd], k_scale=ks, v_scale=vs)
         if meta.num_prefill:
             qs = meta.prefill_query_start_list
             max_qlen = max(qs[i + 1] - qs[i] for i in range(len(qs) - 1))
             paged_prefill_attention_triton(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                                            meta.prefill_query_start, meta.prefill_seq_lens, max_qlen,
-                                           scale, out=out[nd:])
+                                           scale, out=out[nd:], k_scale=ks, v_scale=vs)
         return out
 
 

@@ -253,3 +253,58 @@ def _largest_pow2_divisor(g: int, cap: int) -> int:
     while g % b:
         b //= 2
     return b
+
+
+# -- dense path: dequantize the whole weight once per call, then cuBLAS (large M) ------------------------
+@triton.jit
+def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W^T [K, N] in the output's dtype: (q - z) * s, one [BLOCK_K, BLOCK_N] tile per program."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    WORDS: tl.constexpr = BLOCK_N // 8
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rc = pid_n * WORDS + tl.arange(0, WORDS)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    npk = N // 8
+    k_ok = k < K
+    c_ok = rc < npk
+    j = tl.arange(0, 8)
+    shift = ((j // 2) + (j % 2) * 4) * 4
+    packed = tl.load(qw_ptr + k[:, None] * npk + rc[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0)
+    q = tl.reshape((packed[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+    g = k // GROUP
+    zp = tl.load(qz_ptr + g[:, None] * npk + rc[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0)
+    z = tl.reshape((zp[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+    mask = k_ok[:, None] & (rn < N)[None, :]
+    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = (q - z).to(tl.float32) * s
+    tl.store(w_ptr + k[:, None] * N + rn[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def awq_dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The dense W^T [K, N] (x @ W^T layout) of an AWQ weight, rounded once to `dtype`."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    group = k // qzeros.shape[0]
+    w = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    bk, bn = 32, 128
+    _awq_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), w, n, k, group,
+        BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+    return w
+
+
+def int8_linear_dense(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large-M int8: the int8 weight converted to x's dtype (exact) for a cuBLAS GEMM; the per-row scale
+    multiplies the output (it is constant along K)."""
+    y = torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def awq_linear_dense(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large-M AWQ: dequantize to x's dtype (one Triton pass), then cuBLAS (vLLM does the same from 256 tokens)."""
+    y = torch.matmul(x, awq_dequantize_triton(qweight, qzeros, scales, x.dtype))
+    return y if bias is None else y + bias

@@ -1,0 +1,244 @@
+"""pagedserve against vLLM on the same GPU, offline, in one run: the peer measured beside us.
+
+    python benchmarks/peer_vllm.py                                   # 7B rows of the table below
+    python benchmarks/peer_vllm.py --shapes 7b --configs bf16,fp8 --batches 1,256 --no-longtail --no-long
+    python benchmarks/peer_vllm.py --dry-run                         # CPU: tiny shape, pagedserve only
+
+vLLM must be importable (on the GPU machine: `../shared/peers/vllm/README.md`, then
+PYTHONPATH=/tmp/peer-site and VLLM_USE_FLASHINFER_SAMPLER=0). Each (engine, shape, config)
+runs in its own process, so one engine's memory and compiled state never touch the other's,
+and the engines alternate per config.
+
+Models: Qwen2.5-7B / 0.5B shapes with dummy bf16 weights and the vocab cut to SmolLM2's
+49,152 (both engines load the same config.json). Prompts are token ids; greedy; ignore_eos.
+Workloads (vLLM's names for the knobs):
+- fixed: 128-token prompts, 128 new tokens, all requests at once, at each --batches size;
+- long tail: 256 requests, outputs 50-500 tokens;
+- long context: 4096-token prompts, 256 new tokens, at each --long-batches size.
+Configs: bf16; fp8 (`quantization="fp8"`: weights fp8 per channel, dynamic per-token
+activations); fp8kv (fp8 weights and `kv_cache_dtype="fp8"`).
+
+Prints one table (tok/s per engine and pagedserve / vLLM) and writes peer_vllm.json to
+--out (default $OUT, else ./out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "tiny": None}
+CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+
+
+def model_dir(shape: str) -> Path:
+    """The shape's config.json with the default model's tokenizer and vocab (49,152)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pagedserve.model.default_model import default_model_dir
+
+    tok_dir = default_model_dir()
+    if shape == "tiny":
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="shape-"))
+        cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128,
+               "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+               "rope_theta": 1e6, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    else:
+        from gpu_throughput import make_model_dir
+
+        d = make_model_dir(SHAPES[shape])
+        cfg = json.loads((d / "config.json").read_text())
+    for f in tok_dir.glob("tokenizer*"):
+        shutil.copy(f, d / f.name)
+    for f in ("special_tokens_map.json",):
+        if (tok_dir / f).exists():
+            shutil.copy(tok_dir / f, d / f)
+    tok = AutoTokenizer.from_pretrained(d)
+    cfg.update(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id or 1)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def workloads(args, vocab: int) -> list[tuple[str, list[list[int]], list[int]]]:
+    import random
+
+    rng = random.Random(0)
+
+    def ids(n: int, length: int) -> list[list[int]]:
+        return [[rng.randrange(2, vocab) for _ in range(length)] for _ in range(n)]
+
+    out = [(f"fixed b={b}", ids(b, args.prompt_len), [args.output_len] * b) for b in args.batches]
+    if args.longtail:
+        out.append((f"longtail n={args.longtail}", ids(args.longtail, args.prompt_len),
+                    [rng.randint(50, 500) for _ in range(args.longtail)]))
+    for b in args.long_batches:
+        out.append((f"ctx4k b={b}", ids(b, args.long_prompt_len), [args.long_output_len] * b))
+    return out
+
+
+# -- one engine in this process ------------------------------------------------------------
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def worker(engine: str, mdir: str, config: str, args) -> dict:
+    cfg = CONFIGS[config]
+    max_len = max(args.long_prompt_len + args.long_output_len, args.prompt_len + 500) + 64
+    loads = workloads(args, json.loads(Path(mdir, "config.json").read_text())["vocab_size"])
+    t_start = time.perf_counter()
+    if engine == "pagedserve":
+        from pagedserve import LLM, SamplingParams
+
+        kw = dict(model=mdir, load_format="dummy", dtype="bfloat16", max_model_len=max_len, max_num_seqs=512)
+        if not args.dry_run:
+            kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+        llm = LLM(**kw, **cfg)
+        make = lambda o: SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)  # noqa: E731
+        prompts_of = lambda ps: [{"prompt_token_ids": p} for p in ps]  # noqa: E731
+        count = lambda res: sum(len(r.outputs[0].token_ids) for r in res)  # noqa: E731
+        info = {"num_kv_blocks": llm.engine.num_kv_blocks, "block_size": llm.engine.config.block_size}
+    else:
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(model=mdir, load_format="dummy", dtype="bfloat16", max_model_len=max_len, max_num_seqs=512,
+                  gpu_memory_utilization=args.gpu_memory_utilization, seed=0, **cfg)
+        make = lambda o: SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)  # noqa: E731
+        prompts_of = lambda ps: [{"prompt_token_ids": p} for p in ps]  # noqa: E731
+        count = lambda res: sum(len(r.outputs[0].token_ids) for r in res)  # noqa: E731
+        info = {}
+        try:
+            cc = llm.llm_engine.vllm_config.cache_config
+            info = {"num_kv_blocks": cc.num_gpu_blocks, "block_size": cc.block_size}
+        except Exception:  # the attribute moved between versions: the number is informative only
+            pass
+    info["startup_s"] = time.perf_counter() - t_start
+    llm.generate(prompts_of([[5] * 32] * 8), [make(8)] * 8, use_tqdm=False)  # warm-up
+    rows = []
+    for name, prompts, outs in loads:
+        _sync()
+        t0 = time.perf_counter()
+        res = llm.generate(prompts_of(prompts), [make(o) for o in outs], use_tqdm=False)
+        _sync()
+        dt = time.perf_counter() - t0
+        got = count(res)
+        rows.append({"workload": name, "output_tokens": got, "expected_tokens": sum(outs), "seconds": dt,
+                     "tok_s": got / dt})
+        print(f"  {engine}/{config} {name}: {got / dt:,.0f} tok/s", file=sys.stderr, flush=True)
+    return {"engine": engine, "config": config, "info": info, "rows": rows}
+
+
+# -- the parent: alternate engines, one process each -------------------------------------------
+def run_child(engine: str, mdir: Path, shape: str, config: str, argv: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--worker", engine, "--model-dir", str(mdir), "--config", config]
+    print("$", " ".join(cmd[-6:]), flush=True)
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "config": config, "shape": shape, "error": f"timed out after {timeout:.0f} s"}
+    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        return {"engine": engine, "config": config, "shape": shape, "error": f"exit {p.returncode}"}
+    res = json.loads(line[len("RESULT "):])
+    res["shape"] = shape
+    return res
+
+
+def table(results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        if r["engine"] != "pagedserve" or "rows" not in r:
+            continue
+        peer = next((v for v in results if v["engine"] == "vllm" and v["config"] == r["config"]
+                     and v["shape"] == r["shape"] and "rows" in v), None)
+        for row in r["rows"]:
+            vrow = next((v for v in (peer or {}).get("rows", []) if v["workload"] == row["workload"]), None)
+            rows.append({"shape": r["shape"], "config": r["config"], "workload": row["workload"],
+                         "pagedserve_tok_s": row["tok_s"], "vllm_tok_s": vrow["tok_s"] if vrow else None,
+                         "ratio": row["tok_s"] / vrow["tok_s"] if vrow else None})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="7b")
+    ap.add_argument("--configs", default="bf16")
+    ap.add_argument("--engines", default="pagedserve,vllm")
+    ap.add_argument("--batches", default="1,32,256,512")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--longtail", type=int, default=256)
+    ap.add_argument("--no-longtail", action="store_true")
+    ap.add_argument("--long-batches", default="1,16,64")
+    ap.add_argument("--no-long", action="store_true")
+    ap.add_argument("--long-prompt-len", type=int, default=4096)
+    ap.add_argument("--long-output-len", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--timeout", type=float, default=480, help="seconds per engine process")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, small loads, pagedserve only")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    parent_argv = [a for a in sys.argv[1:]]
+    if args.dry_run:
+        args.shapes, args.engines, args.batches, args.long_batches = "tiny", "pagedserve", "1,4", "1"
+        args.prompt_len, args.output_len, args.longtail = 16, 8, 4
+        args.long_prompt_len, args.long_output_len = 64, 4
+    args.batches = [int(b) for b in str(args.batches).split(",") if b]
+    args.long_batches = [] if args.no_long else [int(b) for b in str(args.long_batches).split(",") if b]
+    if args.no_longtail:
+        args.longtail = 0
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.config, args)), flush=True)
+        return 0
+
+    out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for shape in args.shapes.split(","):
+        mdir = model_dir(shape)
+        for config in args.configs.split(","):
+            for engine in args.engines.split(","):
+                results.append(run_child(engine, mdir, shape, config, parent_argv, args.timeout))
+                (out_dir / "peer_vllm.json").write_text(json.dumps({"results": results}, indent=1))
+    rows = table(results)
+    report = {"results": results, "table": rows}
+    try:
+        import torch
+
+        report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:
+        pass
+    (out_dir / "peer_vllm.json").write_text(json.dumps(report, indent=1))
+    print(f"\n{'shape':<5} {'config':<6} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}")
+    for r in rows:
+        v = f"{r['vllm_tok_s']:,.0f}" if r["vllm_tok_s"] else "-"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        print(f"{r['shape']:<5} {r['config']:<6} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['shape']} {r['config']} {r['engine']}: {r['error']}")
+        elif "info" in r:
+            print(f"{r['shape']} {r['config']} {r['engine']}: {r['info']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
