@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -53,7 +54,8 @@ def tree_rss_mib(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, url: str, port: int, model: str, ref_text: str, cases: int, workers: int, seed: int):
+    def __init__(self, url: str, port: int, model: str, ref_text: str, cases: int, workers: int, seed: int,
+                 max_seconds: float | None = None):
         self.url, self.port, self.model, self.ref_text = url, port, model, ref_text
         self.cases, self.workers, self.seed = cases, workers, seed
         self.lock = threading.Lock()
@@ -66,10 +68,11 @@ class Soak:
         self.health_slowest = 0.0
         self.rss: list[tuple[float, float]] = []
         self.done = threading.Event()
+        self.deadline = time.monotonic() + max_seconds if max_seconds else None
 
     def _take(self) -> int | None:
         with self.lock:
-            if self.next_case >= self.cases:
+            if self.next_case >= self.cases or (self.deadline and time.monotonic() > self.deadline):
                 return None
             self.next_case += 1
             return self.next_case - 1
@@ -141,8 +144,8 @@ class Soak:
         last = -1
         while any(t.is_alive() for t in fuzzers):
             time.sleep(1)
-            if self.next_case // 500 != last:
-                last = self.next_case // 500
+            if self.next_case // 250 != last:
+                last = self.next_case // 250
                 print(f"  {self.next_case}/{self.cases} cases, {len(self.defects)} defects, "
                       f"{time.monotonic() - t0:.0f}s", flush=True)
         self.done.set()
@@ -158,11 +161,14 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=4, help="fuzzing threads (one more sends the valid load)")
     p.add_argument("--replicas", type=int, default=1, help="2: fuzz the router of `serve --replicas 2`")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop starting new cases after this long (a busy machine); the report says how many ran")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fuzz_soak[_replicas2].json)")
     args = p.parse_args()
     out = Path(args.out or ROOT / "benchmarks" / "results" /
                ("fuzz_soak.json" if args.replicas == 1 else f"fuzz_soak_replicas{args.replicas}.json"))
     extra = ["--replicas", str(args.replicas)] if args.replicas > 1 else []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     srv = ServerProcess(SERVE_ARGS + extra)
     srv.start()
     try:
@@ -177,7 +183,7 @@ def main() -> int:
                          trust_env=False).json()["choices"][0]["text"]
         print(f"fuzz soak: {args.cases} cases, {args.workers} workers, target "
               f"{'serve' if args.replicas == 1 else f'router + {args.replicas} replicas'} at {srv.url}")
-        soak = Soak(srv.url, srv.port, model, ref, args.cases, args.workers, args.seed)
+        soak = Soak(srv.url, srv.port, model, ref, args.cases, args.workers, args.seed, args.max_seconds)
         seconds = soak.run(srv.proc.pid)
     finally:
         srv.terminate()
@@ -193,7 +199,8 @@ def main() -> int:
                    "statuses": {str(k): v for k, v in soak.health_statuses.items()},
                    "slowest_s": round(soak.health_slowest, 3)},
         "rss_mib": {"start": rss[0], "max": max(rss), "end": rss[-1], "samples": soak.rss},
-        "seconds": round(seconds, 1), "cpus": os.cpu_count(),
+        "cases_requested": args.cases, "seconds": round(seconds, 1), "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg()[0],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
