@@ -77,13 +77,13 @@ def request_template(req_template: str | None, kwargs: dict | None, trusted: boo
 def render(tokenizer, convo: list[dict], *, template: str | None, add_generation_prompt: bool,
            continue_final_message: bool, kwargs: dict, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     """apply_chat_template(tokenize=False) under the bounds; runs in a worker thread."""
-    chosen = template if template is not None else tokenizer.get_chat_template()
-    _guard(chosen)
     # Names apply_chat_template itself takes must not arrive through chat_template_kwargs.
     extra: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _RESERVED}
     _local.range_left = RANGE_BUDGET
     _local.max_chars = max_chars
     try:
+        chosen = template if template is not None else tokenizer.get_chat_template()
+        _guard(chosen)  # also where a request template's syntax errors surface
         return tokenizer.apply_chat_template(convo, chat_template=chosen, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, **extra)
