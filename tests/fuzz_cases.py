@@ -125,6 +125,8 @@ def api_case(rng: random.Random, model: str) -> ApiCase:
         base.pop("top_logprobs", None)
     if valid and not chat and base.get("echo") and base.get("logprobs") is not None:
         base["echo"] = False
+    if valid and base.get("best_of") not in (None, base.get("n", 1)):
+        base.pop("best_of")  # OpenAI: best_of must be at least n (pagedserve: equal)
     if valid and base.get("use_beam_search") and (base.get("logprobs") not in (None, False) or base.get("stream")):
         base["use_beam_search"] = False
     text = json.dumps(base, allow_nan=True)

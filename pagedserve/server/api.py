@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from pagedserve import __version__
@@ -42,6 +42,11 @@ class AuthenticationError(PagedServeError):
 
 class RequestTooLargeError(InvalidRequestError):
     status = 413
+
+
+class ClientGoneError(PagedServeError):
+    status = 499  # nginx's "client closed request": the answer goes nowhere
+    type = "invalid_request_error"
 
 
 class HTTPError(PagedServeError):
@@ -70,11 +75,14 @@ async def read_body(request: Request) -> bytes:
     if cl is not None and cl.isdigit() and int(cl) > MAX_BODY_BYTES:
         raise RequestTooLargeError(f"the request body has {int(cl)} bytes; the limit is {MAX_BODY_BYTES}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestTooLargeError(f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestTooLargeError(f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-body, or its HTTP broke (uvicorn answered 400): nobody to answer
+        raise ClientGoneError("the client went away before sending the whole body") from None
     return b"".join(chunks)
 
 
