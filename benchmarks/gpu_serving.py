@@ -34,9 +34,10 @@ from gpu_throughput import make_model_dir  # noqa: E402
 from pagedserve.server.launch import ServerProcess  # noqa: E402
 
 
-def run_part(name: str, shape: str, serve_extra: list[str], args, out: Path) -> dict:
+def dummy_model_dir(shape: str, tokenizer_dir: str) -> Path:
+    """A dummy-weights model dir of `shape` with a real tokenizer (also used by bench_agreement.py)."""
     model_dir = make_model_dir(shape)
-    for f in Path(args.tokenizer_dir).glob("tokenizer*"):  # a real tokenizer: the bench writes text prompts
+    for f in Path(tokenizer_dir).glob("tokenizer*"):  # a real tokenizer: the bench writes text prompts
         shutil.copy(f, model_dir / f.name)
     # Random weights emit any id of the model's vocab; ids the tokenizer lacks decode to no text, which the
     # bench rightly counts as a broken stream. So the vocab is cut to the tokenizer's (Qwen 152k -> 49k).
@@ -45,6 +46,11 @@ def run_part(name: str, shape: str, serve_extra: list[str], args, out: Path) -> 
     cfg = json.loads(cfg_path.read_text())
     cfg["vocab_size"] = len(AutoTokenizer.from_pretrained(model_dir))
     cfg_path.write_text(json.dumps(cfg))
+    return model_dir
+
+
+def run_part(name: str, shape: str, serve_extra: list[str], args, out: Path) -> dict:
+    model_dir = dummy_model_dir(shape, args.tokenizer_dir)
     srv = ServerProcess(["--load-format", "dummy", "--served-model-name", shape, "--disable-log-requests",
                          "--max-num-seqs", str(args.max_num_seqs), *serve_extra], model=str(model_dir))
     print("$", " ".join(srv.cmd), flush=True)

@@ -39,15 +39,17 @@ SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct"
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
 
 
-def model_dir(shape: str) -> Path:
+def model_dir(shape: str, tokenizer_dir: str | None = None) -> Path:
     """The shape's config.json with the default model's tokenizer and vocab (49,152)."""
     import shutil
 
     from transformers import AutoTokenizer
 
-    from pagedserve.model.default_model import default_model_dir
+    if tokenizer_dir is None:
+        from pagedserve.model.default_model import default_model_dir
 
-    tok_dir = default_model_dir()
+        tokenizer_dir = str(default_model_dir())
+    tok_dir = Path(tokenizer_dir)
     if shape == "tiny":
         import tempfile
 
@@ -189,6 +191,7 @@ def main() -> int:
     ap.add_argument("--long-prompt-len", type=int, default=4096)
     ap.add_argument("--long-output-len", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files (default: the embedded model's)")
     ap.add_argument("--timeout", type=float, default=480, help="seconds per engine process")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, small loads, pagedserve only")
     ap.add_argument("--out", default=None)
@@ -213,7 +216,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for shape in args.shapes.split(","):
-        mdir = model_dir(shape)
+        mdir = model_dir(shape, args.tokenizer_dir)
         for config in args.configs.split(","):
             for engine in args.engines.split(","):
                 results.append(run_child(engine, mdir, shape, config, parent_argv, args.timeout))

@@ -68,6 +68,10 @@ class LLM:
                         results[order[out.request_id]] = out
                         if bar is not None:
                             bar.update(1)
+                if self.engine.request_errors:  # e.g. a grammar that did not compile
+                    _, err = self.engine.request_errors[0]
+                    self.engine.request_errors.clear()
+                    raise err
                 for rid, why in self.engine.take_failed():
                     if rid in order:
                         from pagedserve.errors import RequestFailedError

@@ -131,6 +131,18 @@ class SamplingParams:
                     _fail("logit_bias", f"values must be numbers in [-100, 100], got {v!r} for token {t}")
         if self.prompt_logprobs is not None:
             _fail("prompt_logprobs", "is not supported by pagedserve yet")
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            if not isinstance(so, StructuredOutputsParams):
+                _fail("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")
+            given = [k for k in ("json", "regex", "choice", "grammar") if getattr(so, k) is not None]
+            given += ["json_object"] if so.json_object else []
+            if len(given) != 1:
+                _fail("structured_outputs", "give exactly one of json, regex, choice, grammar or json_object"
+                      + (f" (got {', '.join(given)})" if given else " (got none)"))
+            if self.use_beam_search:
+                _fail("use_beam_search", "beam search cannot be combined with structured outputs "
+                      "(response_format / structured_outputs / guided_*)")
         if self.use_beam_search:
             width = self.beam_width if self.beam_width is not None else self.n
             if not is_int(width) or not 1 <= width <= 32:

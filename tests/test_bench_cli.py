@@ -89,6 +89,9 @@ def test_bench_serve_unreachable_server_is_one_clear_error(capsys):
     (["--concurrency", "0"], "must be > 0"),
     (["--slo", "ttft=fast"], "bad duration"),
     (["--concurrency", "1,2", "--num-prompts", "1,2,3"], "3 counts for 2 load levels"),
+    (["--workers", "0"], "--workers must be ≥ 1"),
+    (["--workers", "many"], "not a number or 'auto'"),
+    (["--request-rate", "inf", "--duration", "5"], "needs --num-prompts"),
 ])
 def test_bench_serve_bad_flags(argv, message, capsys):
     assert main(["bench", "serve", "--url", "http://127.0.0.1:9", *argv]) == 1

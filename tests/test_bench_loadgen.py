@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.bench.client import BenchRequest, ClientPool
+from pagedserve.bench.client import BenchRequest, StreamPool
 from pagedserve.bench.metrics import percentile, summarize
 from pagedserve.bench.runner import LevelSpec, RequestSettings, run_level
 
@@ -46,7 +46,7 @@ async def run(url, reqs, mode="concurrency", load=4, endpoint="completions", tim
     spec = LevelSpec(mode, load, len(reqs), **kw)
     settings = RequestSettings(url=f"{url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
                                model="mock", endpoint=endpoint, timeout=timeout)
-    pool = ClientPool(int(load) if mode == "concurrency" else 64, timeout)
+    pool = StreamPool(int(load) if mode == "concurrency" else 64, timeout)
     try:
         return await run_level(spec, settings, iter(reqs), pool)
     finally:

@@ -182,3 +182,81 @@ def test_random_dataset_is_token_exact(model_dir):
     assert {next(s).prompt_len for s in [exact.stream(2)] for _ in range(20)} == {200}
     # Seeds give repeatable, distinct streams (each sweep level gets fresh prompts).
     assert next(exact.stream(5)).prompt == next(exact.stream(5)).prompt != next(exact.stream(6)).prompt
+
+
+@pytest.mark.parametrize("lo, hi, want_log", [(202.0, 210.0, False), (20.0, 5000.0, True), (90.0, 130.0, False)])
+def test_value_axis_always_labels_numbers(lo, hi, want_log):
+    """A narrow range on a log axis has no decade tick, so it had no label: e.g. TTFT 202-210 ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pagedserve.bench.report import value_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [lo, (lo + hi) / 2, hi])
+    value_axis(ax, "y", [lo, hi])
+    fig.canvas.draw()
+    assert (ax.get_yscale() == "log") == want_log
+    shown = [float(t.get_text()) for t in ax.get_yticklabels() if t.get_text()
+             and ax.get_ylim()[0] <= t.get_position()[1] <= ax.get_ylim()[1]]
+    assert len(shown) >= 3, shown  # at least three readable numbers inside the visible range
+    assert all(lo * 0.5 <= v <= hi * 2 for v in shown)
+    plt.close(fig)
+
+
+def test_plots_render_narrow_and_wide_sweeps(tmp_path):
+    from pagedserve.bench.report import analyze, plot
+    from pagedserve.bench.runner import LevelResult, LevelSpec
+
+    for name, ttfts in (("narrow", [0.202, 0.205, 0.207, 0.210]), ("wide", [0.02, 0.08, 0.9, 5.0])):
+        loads = [1, 64, 256, 512]
+        results, summaries = [], []
+        for load, t in zip(loads, ttfts):
+            recs = [rec(i, ttft=t * (1 + i / 400), e2e=t + 1.0 + i / 100, out=128) for i in range(40)]
+            results.append(LevelResult(LevelSpec("concurrency", load, 40), recs, 2.0, 0.0))
+            summaries.append(summarize(recs, 2.0 + load / 100))
+        analysis = analyze("concurrency", loads, summaries, SLO(), 0.99)
+        paths = plot(str(tmp_path / name), "concurrency", loads, summaries, results, analysis)
+        assert [p.rsplit("/", 1)[1] for p in paths] == ["throughput_vs_load.png", "ttft_vs_load.png", "latency_cdf.png"]
+        assert all((tmp_path / name / p.rsplit("/", 1)[1]).stat().st_size > 5000 for p in paths)
+
+
+def test_client_bound_levels_are_never_the_knee():
+    """Throughput that stops rising because the CLIENT saturated is not a knee: the search stops below."""
+    loads = [1, 64, 256, 512]
+    summaries = []
+    for load, tput in zip(loads, [100.0, 5000.0, 9000.0, 9100.0]):  # a 'plateau' at 256 -> 512
+        s = summarize([rec(i) for i in range(8)], 1.0)
+        s["output_throughput"] = tput
+        summaries.append(s)
+    free = analyze("concurrency", loads, summaries, SLO(), 0.99)
+    assert free["load"] == 256 and free["reason"] == "plateau"
+    bound = analyze("concurrency", loads, summaries, SLO(), 0.99, client_bound=[False, False, True, True])
+    assert bound["load"] == 64 and bound["reason"] == "client" and bound["ok"] == [True, True, False, False]
+    assert "load generator itself was the limit" in bound["recommendation"] and "--workers" in bound["recommendation"]
+    none = analyze("concurrency", loads, summaries, SLO(), 0.99, client_bound=[True] * 4)
+    assert none["index"] is None and "load generator itself limited" in none["recommendation"]
+
+
+def test_saturation_verdicts():
+    from pagedserve.bench.runner import LevelSpec
+    from pagedserve.bench.saturation import summarize_client
+
+    spec = LevelSpec("concurrency", 256, 10)
+    calm = {"cpu_s": 1.0, "wall_s": 10.0, "cpu_fraction": 0.1, "cpu_peak_fraction": 0.3, "lags": [0.001] * 100}
+    hot = dict(calm, cpu_peak_fraction=0.92)
+    assert not summarize_client([calm, calm], [], spec)["client_bound"]
+    c = summarize_client([calm, hot], [], spec)  # one busy worker is enough
+    assert c["client_bound"] and c["workers"] == 2 and "one of its 2 worker processes" in c["warnings"][0]
+    mild = dict(calm, lags=[0.03] * 100)  # 30 ms lag while idle: a warning, not client-bound
+    c = summarize_client([mild], [], spec)
+    assert c["warnings"] and not c["client_bound"]
+    c = summarize_client([dict(calm, lags=[0.06] * 100)], [], spec)
+    assert c["client_bound"]
+    slow_send = [rec(i) for i in range(10)]
+    for r in slow_send:
+        r.send_delay = 0.2
+    assert summarize_client([calm], slow_send, spec)["client_bound"]
+    assert summarize_client([calm], [], spec, failures=["worker 1 died"])["client_bound"]

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
-import httpx
+from pagedserve.cluster import upstream
 
 # Error kinds, in the order reports list them.
 ERROR_KINDS = ("timeout", "http", "broken_stream", "stream_error", "connection", "other")
@@ -95,45 +97,69 @@ def build_body(req: BenchRequest, model: str, endpoint: str, ignore_eos: bool, t
     return body
 
 
-async def send_request(client: httpx.AsyncClient, url: str, body: dict, record: RequestRecord,
-                       t_origin: float, timeout: float, headers: dict | None = None) -> RequestRecord:
+# The per-chunk fast path. A chunk is parsed with json.loads only when it carries `usage`
+# or `error` (once per stream); otherwise two byte-level regex probes tell whether it carries
+# text and a finish reason. Unescaped `"key"` sequences can only be JSON structure (a quote
+# inside a string value is escaped), so the probes are exact for one-choice OpenAI chunks;
+# the finish reason is read from the last event that has choices, once the stream ended;
+# `"text"` / `"content"` must be followed by a non-empty string (the chat role chunk's
+# `"content":""`, `"content":null` and chat logprobs' `"content":[...]` carry no text).
+# benchmarks/bench_client_hotpath.py measures it: see the README's "Load testing".
+_TEXT = {False: re.compile(rb'"text"\s*:\s*"(?!")'), True: re.compile(rb'"content"\s*:\s*"(?!")')}
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]+)"')
+_FULL = re.compile(rb'"(?:usage|error)"\s*:\s*[^n\s]')  # present and not null
+
+
+def _text_of(payload: bytes, chat: bool) -> str:
+    """The text of a text-carrying chunk (decoded only when the text is needed)."""
+    c0 = (json.loads(payload).get("choices") or [{}])[0]
+    return ((c0.get("delta") or {}).get("content") if chat else c0.get("text")) or ""
+
+
+async def send_request(pool: "StreamPool", url: str, body: dict, record: RequestRecord,
+                       t_origin: float, timeout: float, keep_text: bool = False) -> RequestRecord:
     """Send one streamed request and fill `record`. Never raises for a failed request:
-    every failure lands in `record.error_kind` so reports count it."""
+    every failure lands in `record.error_kind` so reports count it. The generated text is
+    decoded only when `keep_text` is set or the server sent no usage (tokenizer fallback)."""
     chat = "messages" in body
-    pieces: list[str] = []
+    has_text, needs_json = _TEXT[chat].search, _FULL.search
+    clock = time.perf_counter_ns
+    stamps: list[int] = []  # perf_counter_ns of each text-carrying chunk
+    texts: list[bytes] = []  # their payloads, decoded at the end only if the text is needed
     done = False
-    t0 = time.perf_counter()
-    record.start = t0 - t_origin
-    last = t0
-
-    async def trace(event: str, info: dict) -> None:
-        if event == "http11.send_request_headers.started" and record.send_delay is None:
-            record.send_delay = time.perf_counter() - t0
-
+    last = b""  # the last event with choices: its finish_reason is read once, at the end
+    resp = None
+    t0 = clock()
+    record.start = t0 / 1e9 - t_origin
     try:
         async with _deadline(timeout):
-            async with client.stream("POST", url, json=body, headers=headers, extensions={"trace": trace}) as resp:
-                record.status = resp.status_code
-                if resp.status_code != 200:
-                    text = (await resp.aread()).decode("utf-8", "replace")
-                    record.error_kind = f"http_{resp.status_code}"
-                    record.error = text[:300]
-                    return record
-                buf = b""
-                async for data in resp.aiter_bytes():
-                    buf += data
-                    if b"\n" not in data:
+            resp = await pool.post(url, json.dumps(body).encode())
+            record.send_delay = max(0.0, resp.sent_at - t0 / 1e9)
+            record.status = resp.status
+            if resp.status != 200:
+                text = (await resp.aread()).decode("utf-8", "replace")
+                record.error_kind = f"http_{resp.status}"
+                record.error = text[:300]
+                return record
+            buf = b""
+            while (data := await resp.next_chunk()) is not None:
+                if buf:
+                    data = buf + data
+                if b"\n" not in data:
+                    buf = data
+                    continue
+                *lines, buf = data.split(b"\n")
+                now = clock()
+                for line in lines:
+                    if not line.startswith(b"data:"):
                         continue
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if not line.startswith(b"data:"):
-                            continue
-                        payload = line[5:].strip()
-                        if payload == b"[DONE]":
-                            done = True
-                            continue
-                        if not payload:
-                            continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        continue
+                    if not payload:
+                        continue
+                    if needs_json(payload):
                         obj = json.loads(payload)
                         if obj.get("error"):
                             err = obj["error"]
@@ -141,49 +167,51 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, record: 
                         if obj.get("usage"):
                             record.prompt_tokens = obj["usage"].get("prompt_tokens")
                             record.output_tokens = obj["usage"].get("completion_tokens")
-                        choices = obj.get("choices")
-                        if not choices:
+                        if not obj.get("choices"):
                             continue
-                        c0 = choices[0]
-                        text = (c0.get("delta") or {}).get("content") if chat else c0.get("text")
-                        if text:
-                            now = time.perf_counter()
-                            if record.ttft is None:
-                                record.ttft = now - t0
-                            else:
-                                record.itl.append(now - last)
-                            last = now
-                            record.chunks += 1
-                            pieces.append(text)
-                        if c0.get("finish_reason"):
-                            record.finish_reason = c0["finish_reason"]
-        record.e2e = time.perf_counter() - t0
+                    if has_text(payload):
+                        stamps.append(now)
+                        texts.append(payload)
+                    last = payload
+        record.e2e = (clock() - t0) / 1e9
+        if m := _FINISH.search(last):
+            record.finish_reason = m.group(1).decode()
         if not done and record.finish_reason is None:
             record.error_kind, record.error = "broken_stream", "stream ended without a finish reason or [DONE]"
-        elif record.ttft is None and (record.output_tokens or 0) > 0:
+        elif not stamps and (record.output_tokens or 0) > 0:
             record.error_kind, record.error = "broken_stream", "usage reports tokens but no text arrived"
         else:
             record.success = True
-    except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException) as e:
+    except (TimeoutError, asyncio.TimeoutError, upstream.ReadTimeout) as e:
         record.error_kind, record.error = "timeout", f"no complete answer within {timeout:g}s ({type(e).__name__})"
     except _StreamError as e:
         record.error_kind, record.error = "stream_error", str(e)[:300]
-    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+    except upstream.RemoteClosed as e:
         # Before the status line arrived it is a connection failure; after it, a broken stream.
         record.error_kind = "broken_stream" if record.status is not None else "connection"
         record.error = f"{type(e).__name__}: {e}"[:300]
-    except (httpx.ConnectError, httpx.WriteError, httpx.NetworkError) as e:
+    except (upstream.ConnectError, OSError) as e:
         record.error_kind, record.error = "connection", f"{type(e).__name__}: {e}"[:300]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         record.error_kind, record.error = "broken_stream", f"malformed SSE data: {e}"[:300]
     except Exception as e:  # noqa: BLE001 — a load test must count, not crash on, surprises
         record.error_kind, record.error = "other", f"{type(e).__name__}: {e}"[:300]
     finally:
-        record.generated_text = "".join(pieces)
+        if resp is not None:
+            resp.close()
+        if stamps:
+            record.ttft = (stamps[0] - t0) / 1e9
+            record.itl = [(b - a) / 1e9 for a, b in zip(stamps, stamps[1:])]
+            record.chunks = len(stamps)
         if record.e2e is None and not record.success:
-            record.e2e = time.perf_counter() - t0
+            record.e2e = (clock() - t0) / 1e9
     if record.output_tokens is not None:
         record.token_source = "usage"
+    if texts and (keep_text or (record.success and record.output_tokens is None)):
+        try:
+            record.generated_text = "".join(_text_of(p, chat) for p in texts)
+        except (ValueError, IndexError, AttributeError) as e:
+            record.success, record.error_kind, record.error = False, "broken_stream", f"malformed SSE data: {e}"[:300]
     return record
 
 
@@ -214,31 +242,42 @@ async def _fallback_deadline(seconds: float):
 _deadline = getattr(asyncio, "timeout", _fallback_deadline)  # asyncio.timeout is Python 3.11+
 
 
-class ClientPool:
-    """Several httpx clients, each owning at most `per_client` connections.
+class StreamPool:
+    """Keep-alive connections for the load generator: the router's lean httptools client
+    (pagedserve/cluster/upstream.py), which costs tens of microseconds per request where
+    httpx costs about half a millisecond plus its per-chunk async-generator layers
+    (measured in benchmarks/bench_client_hotpath.py). Any idle connection serves any stream."""
 
-    httpcore's connection pool scans every connection on each request and
-    response close, which is quadratic in the number of streams: one client with
-    600 open streams burns a whole core on bookkeeping. Sharding keeps each pool
-    small; stream `i` always uses client `i % n` (so a closed-loop worker keeps
-    its keep-alive connection).
-    """
+    def __init__(self, streams: int, timeout: float, api_key: str | None = None):
+        self.pool = upstream.UpstreamPool(connect_timeout=min(timeout, 30.0), read_timeout=None,
+                                          idle_timeout=60.0, max_idle_per_backend=max(64, streams))
+        self.headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
+        if api_key:
+            self.headers.append((b"authorization", f"Bearer {api_key}".encode("latin-1")))
+        self._split: dict[str, tuple[str, str]] = {}
 
-    def __init__(self, streams: int, timeout: float, api_key: str | None = None, per_client: int = 16):
-        import ssl
+    def _base_target(self, url: str) -> tuple[str, str]:
+        bt = self._split.get(url)
+        if bt is None:
+            u = urlsplit(url)
+            bt = self._split[url] = (f"{u.scheme}://{u.netloc}", (u.path or "/") + (f"?{u.query}" if u.query else ""))
+        return bt
 
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        n = max(1, -(-streams // per_client))
-        ctx = ssl.create_default_context()  # one SSL context for all shards (creating one costs ms)
-        self.clients = [
-            httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=per_client),
-                              timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-                              headers=headers, trust_env=False, verify=ctx)
-            for _ in range(n)
-        ]
+    async def post(self, url: str, body: bytes) -> upstream.Response:
+        base, target = self._base_target(url)
+        return await self.pool.request(base, "POST", target, self.headers, body)
 
-    def get(self, i: int) -> httpx.AsyncClient:
-        return self.clients[i % len(self.clients)]
+    async def get(self, url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+        """A small GET (control traffic: /v1/models, /metrics); (status, body)."""
+        base, target = self._base_target(url)
+        resp = None
+        try:
+            async with _deadline(timeout):
+                resp = await self.pool.request(base, "GET", target, self.headers[2:], b"")
+                return resp.status, await resp.aread()
+        finally:
+            if resp is not None:
+                resp.close()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self.clients))
+        self.pool.close()

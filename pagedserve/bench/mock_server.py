@@ -13,7 +13,10 @@ where n = max_tokens and k = tokens_per_chunk. Each token's text is " the"
 `usage.prompt_tokens` is the number of whitespace-separated words of the prompt.
 
 GET /mock/timings returns, per prompt, when each chunk really left (seconds
-after the request arrived), for tests on a busy machine.
+after the request arrived), for tests on a busy machine; `arrived_at`, `first_at`
+and `last_at` are the same instants on the machine's monotonic clock
+(time.perf_counter on Linux), so a client on the same machine can compare its own
+send times with them (a burst queued before the server reads it is part of TTFT).
 
 Markers in the prompt (or the last chat message) trigger failures:
 `[[http500]]`, `[[http429]]` answer with that status; `[[hang]]` never answers;
@@ -146,7 +149,15 @@ class MockServer:
         rid, created = f"mock-{self.requests}", int(time.time())
         obj_name = "chat.completion.chunk" if chat else "text_completion"
 
+        rendered: dict[tuple, bytes] = {}  # a stream repeats the same few chunks: JSON-encode each once
+
         def chunk(text: str | None, finish: str | None = None, with_usage: bool = False) -> bytes:
+            key = (text, finish, with_usage)
+            if key not in rendered:
+                rendered[key] = render(text, finish, with_usage)
+            return rendered[key]
+
+        def render(text: str | None, finish: str | None, with_usage: bool) -> bytes:
             if text is None:
                 choices = []
             elif chat:
@@ -186,11 +197,13 @@ class MockServer:
                 return True
             writer.write(chunk(" the" * toks, "length" if last else None))
             await writer.drain()
-            sent = time.perf_counter() - t0
+            now = time.perf_counter()
+            sent = now - t0
             if i == 0:
-                tm = self.timings[prompt] = {"first": sent, "chunks": []}
+                tm = self.timings[prompt] = {"first": sent, "chunks": [], "arrived_at": t0, "first_at": now}
             tm["chunks"].append(sent)
             tm["last"] = sent
+            tm["last_at"] = now
             if marker == "break":
                 writer.transport.abort()
                 return False
@@ -218,18 +231,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="mock")
     p.add_argument("--loading-requests", type=int, default=0,
                    help="answer the first N generation requests 503 'still loading'")
+    p.add_argument("--processes", type=int, default=1,
+                   help="serve from N processes on one port (SO_REUSEPORT), so the mock outruns a fast client")
+    p.add_argument("--timings-dir", default=None,
+                   help="on SIGTERM each process writes its /mock/timings to DIR/<pid>.json (several processes)")
     a = p.parse_args(argv)
+    import os
+    import signal
+    import socket
+
+    sock = socket.socket()
+    if a.processes > 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((a.host, a.port))
+    port = sock.getsockname()[1]
+    children = []
+    for _ in range(a.processes - 1):
+        pid = os.fork()
+        if pid == 0:  # a child: its own socket on the same port; the kernel spreads connections
+            sock.close()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((a.host, port))
+            children = None
+            break
+        children.append(pid)
+    srv = MockServer(a.ttft, a.itl, a.tokens_per_chunk, not a.no_usage, a.model, a.loading_requests)
+
+    def stop(*_) -> None:
+        for pid in children or ():
+            os.kill(pid, signal.SIGTERM)
+        for pid in children or ():
+            os.waitpid(pid, 0)
+        if a.timings_dir:
+            with open(os.path.join(a.timings_dir, f"{os.getpid()}.json"), "w") as f:
+                json.dump(srv.timings, f)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
 
     async def serve() -> None:
-        srv = MockServer(a.ttft, a.itl, a.tokens_per_chunk, not a.no_usage, a.model, a.loading_requests)
-        port = await srv.start(a.host, a.port)
-        print(f"READY {port}", flush=True)
+        sock.listen(4096)
+        srv._server = await asyncio.start_server(srv._handle, sock=sock)
+        if children is not None:
+            print(f"READY {port}", flush=True)
         await asyncio.Event().wait()
 
     try:
         asyncio.run(serve())
     except KeyboardInterrupt:
-        pass
+        stop()
     return 0
 
 

@@ -58,9 +58,14 @@ def load_text(mode: str, load: float) -> str:
 
 
 def analyze(mode: str, loads: list[float], summaries: list[dict], slo: SLO, slo_target: float,
-            min_gain: float = 0.05) -> dict:
-    """Knee and one-line production recommendation for a sweep."""
-    oks = [level_ok(s, slo, slo_target) for s in summaries]
+            min_gain: float = 0.05, client_bound: list[bool] | None = None) -> dict:
+    """Knee and one-line production recommendation for a sweep.
+
+    A client-bound level (pagedserve/bench/saturation.py) counts as failing, with reason
+    'client': its throughput may be the load generator's ceiling, so the knee search stops
+    below it rather than report a plateau the client caused."""
+    bound = client_bound or [False] * len(summaries)
+    oks = [(False, "client") if b else level_ok(s, slo, slo_target) for s, b in zip(summaries, bound)]
     knee = find_knee(loads, [s["output_throughput"] for s in summaries], [o for o, _ in oks],
                      [r for _, r in oks], min_gain)
     knee["recommendation"] = recommend(mode, loads, summaries, knee, slo, slo_target, min_gain)
@@ -71,6 +76,10 @@ def analyze(mode: str, loads: list[float], summaries: list[dict], slo: SLO, slo_
 def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: float, min_gain: float) -> str:
     unit = "concurrent requests" if mode == "concurrency" else "requests/s"
     nxt = knee.get("next_index")
+    if knee["index"] is None and knee["break_reason"] == "client":
+        return (f"No usable level: the load generator itself limited (or failed at) {load_text(mode, loads[nxt])} "
+                f"{unit} (see the warnings), so these numbers describe the client, not the server; rerun with "
+                f"more --workers or on a machine with more free cores.")
     if knee["index"] is None:
         s = summaries[nxt]
         why = (f"{(1 - s['success_rate']) * 100:.1f}% of requests fail" if knee["break_reason"] == "errors"
@@ -89,6 +98,10 @@ def recommend(mode: str, loads, summaries, knee: dict, slo: SLO, slo_target: flo
     if knee["reason"] == "plateau":
         return head + (f"; at {nl} throughput grows < {min_gain:.0%} while TTFT P99 becomes "
                        f"{fmt(get(t, ('ttft_ms', 'p99')), 'ms')} ms — add replicas rather than load.")
+    if knee["reason"] == "client":
+        return head + (f"; at {nl} the load generator itself was the limit (see the warnings), so the knee "
+                       f"search stopped below it — rerun the heavier levels with more --workers to see whether "
+                       f"the server scales further.")
     if knee["reason"] == "errors":
         return head + f"; at {nl}, {(1 - t['success_rate']) * 100:.1f}% of requests fail ({_errs(t)})."
     return head + (f"; at {nl} only {t['slo_attainment'] * 100:.0f}% of requests meet the SLO "
@@ -111,12 +124,16 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
     table = Table(title="pagedserve bench serve", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column(load_header(mode).replace(" ", "\n"), justify="right", no_wrap=True)
     table.add_column("Reqs", justify="right")
+    bound = [bool(c.get("client_bound")) for c in clients] if clients else [False] * len(summaries)
+    if clients:
+        table.add_column("Client", justify="left", no_wrap=True)
     for name, _, _, _ in cols:
         table.add_column(name, justify="right", no_wrap=True)
     for i, (load, s) in enumerate(zip(loads, summaries)):
         mark = "◀" if analysis["index"] == i else ("✗" if not analysis["ok"][i] else " ")
         style = "bold" if analysis["index"] == i else ("dim" if not analysis["ok"][i] else None)
-        table.add_row(f"{load_text(mode, load)} {mark}", str(s["requests"]),
+        flag = (["bound"] if bound[i] else ["ok"]) if clients else []
+        table.add_row(f"{load_text(mode, load)} {mark}", str(s["requests"]), *flag,
                       *(fmt(get(s, path), kind) for _, path, kind, _ in cols), style=style)
     console.print(table)
     for load, s in zip(loads, summaries):
@@ -127,7 +144,8 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
         for k, v in s["token_sources"].items():
             srcs[k] = srcs.get(k, 0) + v
     console.print(f"tokens counted from {', '.join(f'{k} ({v} requests)' for k, v in srcs.items()) or '-'}; "
-                  f"TPOT = (E2E − TTFT) / (output tokens − 1); ◀ knee, ✗ fails the error budget or SLO")
+                  f"TPOT = (E2E − TTFT) / (output tokens − 1); ◀ knee, ✗ fails the error budget or SLO"
+                  + ("; Client 'bound': the load generator limited the level (never a knee)" if any(bound) else ""))
     if summaries and summaries[0]["slo"]:
         console.print(f"SLO: {summaries[0]['slo']}; goodput = requests/s that met all of it")
     if not clients:
@@ -136,8 +154,10 @@ def print_report(console, mode: str, loads, summaries, analysis: dict, clients: 
     cpu = max((c.get("cpu_peak_fraction") or c["cpu_fraction"] for c in clients), default=0.0)
     lag = max((c["loop_lag_p99_ms"] or 0.0 for c in clients), default=0.0)
     sd = max((c.get("send_delay_p99_ms") or 0.0 for c in clients), default=0.0)
-    console.print(f"client overhead: CPU {cpu:.0%} of one core in the busiest second, event-loop lag P99 "
-                  f"{lag:.1f} ms, send delay P99 {sd:.1f} ms (worst level)")
+    nw = max((c.get("workers", 1) for c in clients), default=1)
+    console.print(f"client overhead ({nw} {'worker process' if nw == 1 else 'worker processes'}): CPU {cpu:.0%} of "
+                  f"one core in the busiest second, event-loop lag P99 {lag:.1f} ms, send delay P99 {sd:.1f} ms "
+                  f"(worst level)")
     if servers and any(servers):
         parts = []
         for load, s, srv in zip(loads, summaries, servers):
@@ -213,6 +233,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +249,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     def finish(ax, name):
         if logx:
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_xticks(X, [load_text(mode, loads[i]) for i in order])
         ax.grid(True, alpha=0.3)
@@ -244,6 +266,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     ax.plot(X, [s["output_throughput"] for s in S], "o-", label="output tok/s")
     ax.plot(X, [s["total_token_throughput"] for s in S], "s--", alpha=0.6, label="total tok/s")
     ax.set_ylabel("tokens / s")
+    value_axis(ax, "y", [s["output_throughput"] for s in S] + [s["total_token_throughput"] for s in S], log=False)
     ax.set_title("Throughput vs load")
     finish(ax, "throughput_vs_load.png")
 
@@ -251,11 +274,7 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     ax.plot(X, [get(s, ("ttft_ms", "p50")) for s in S], "o-", label="TTFT P50")
     ax.plot(X, [get(s, ("ttft_ms", "p99")) for s in S], "s-", label="TTFT P99")
     ax.set_ylabel("ms")
-    ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    value_axis(ax, "y", [get(s, ("ttft_ms", p)) for s in S for p in ("p50", "p99")])
     ax.set_title("Time to first token vs load")
     finish(ax, "ttft_vs_load.png")
 
@@ -270,14 +289,10 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
                 v = sorted(x * 1000 for x in vals)
                 ax.step(v, [(k + 1) / len(v) for k in range(len(v))], where="post", color=color,
                         label=load_text(mode, loads[i]))
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     for ax, name in ((axes[0], "TTFT"), (axes[1], "E2E latency")):
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests ≤ x")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        value_axis(ax, "x", [x for line in ax.get_lines() for x in line.get_xdata()])
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{name} CDF")
     axes[1].legend(title=xlabel, fontsize=8, loc="lower right")
@@ -287,6 +302,25 @@ def plot(out_dir: str, mode: str, loads, summaries, results, analysis: dict) -> 
     plt.close(fig)
     paths.append(str(p))
     return paths
+
+
+def value_axis(ax, which: str, values, log: bool = True) -> None:
+    """Readable numbers on a value axis. Log scale only when the values span ≥ 10x, with major
+    ticks at 1-2-5 steps (so at least three labels); otherwise linear, plain numbers, no
+    offset. A narrow range on a log axis (e.g. 202-210 ms) has no decade tick and so showed
+    no label at all."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    vals = [float(v) for v in values if v is not None and v > 0 and math.isfinite(v)]
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    label = FuncFormatter(lambda v, _: f"{v:g}")
+    if log and vals and max(vals) / min(vals) >= 10:
+        (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=6))
+    axis.set_major_formatter(label)
 
 
 __all__ = ["analyze", "print_report", "to_json", "to_csv", "plot", "percentile"]

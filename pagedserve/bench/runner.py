@@ -5,14 +5,15 @@ as soon as the previous one ends. An open-loop level sends requests at
 gamma-distributed intervals with mean 1/rate (burstiness 1 = Poisson; < 1 is
 burstier, > 1 more regular), optionally capped by `max_concurrency`.
 
-The generator watches itself: a probe task measures event-loop lag (how late a
-10 ms sleep wakes up) and the process's CPU time is read around the level. A
-single asyncio loop can use one core at most, so high client CPU or high lag
-means the numbers describe the client, not the server; `client_warnings` says so.
+This module runs a level in ONE event loop: the whole load in-process
+(`--workers 1`), or one worker's share (pagedserve/bench/workers.py). Each loop
+watches itself (pagedserve/bench/saturation.py): a level whose client was the
+bottleneck is flagged client-bound.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
@@ -20,15 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import httpx
-
-from pagedserve.bench.client import BenchRequest, ClientPool, RequestRecord, build_body, send_request
-from pagedserve.bench.metrics import percentile
-
-CLIENT_CPU_WARN = 0.80  # fraction of one core
-LOOP_LAG_WARN = 0.020  # seconds (P99)
-DISPATCH_LAG_WARN = 0.010  # seconds (P99, rate mode)
-SEND_DELAY_WARN = 0.050  # seconds (P99) from a request's start to its headers on the wire
+from pagedserve.bench.client import BenchRequest, RequestRecord, StreamPool, build_body, send_request
+from pagedserve.bench.saturation import LoopMonitor, client_warnings, summarize_client  # noqa: F401
+from pagedserve.cluster import upstream
 
 
 @dataclass
@@ -57,6 +52,7 @@ class RequestSettings:
     temperature: float = 0.0
     timeout: float = 300.0
     extra_body: dict | None = None
+    keep_text: bool = False  # decode every request's generated text (--save-text)
 
 
 @dataclass
@@ -69,46 +65,6 @@ class LevelResult:
     server: dict | None = None  # the server's own latency means over the level (from /metrics)
 
 
-class LoopMonitor:
-    """Samples event-loop lag (how much later than asked a short sleep returns) and the
-    process's CPU time, so bursts of client work show up even in a long, mostly idle level."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-        self.lags: list[float] = []
-        self.cpu: list[tuple[float, float]] = []  # (wall, process CPU) samples
-        self._task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        while True:
-            t = time.perf_counter()
-            self.cpu.append((t, time.process_time()))
-            await asyncio.sleep(self.interval)
-            self.lags.append(max(0.0, time.perf_counter() - t - self.interval))
-
-    def peak_cpu(self, window: float = 1.0) -> float:
-        """Highest CPU use (fraction of one core) over any `window` seconds of samples."""
-        best, j = 0.0, 0
-        for i in range(len(self.cpu)):
-            while self.cpu[i][0] - self.cpu[j][0] > window:
-                j += 1
-            dt = self.cpu[i][0] - self.cpu[j][0]
-            if dt >= window * 0.5:
-                best = max(best, (self.cpu[i][1] - self.cpu[j][1]) / dt)
-        return best
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-
 def gamma_intervals(rate: float, burstiness: float, rng: random.Random) -> Iterator[float]:
     """Inter-arrival times with mean 1/rate and coefficient of variation 1/sqrt(burstiness)."""
     if math.isinf(rate):
@@ -119,83 +75,109 @@ def gamma_intervals(rate: float, burstiness: float, rng: random.Random) -> Itera
         yield rng.gammavariate(burstiness, theta)
 
 
-async def prewarm(pool: ClientPool, url: str, streams: int) -> None:
-    """Open `streams` keep-alive connections (one per closed-loop worker) before the clock starts.
+class Source:
+    """Where a level's requests come from: `take()` -> (index, scheduled time or None, request) or None.
 
-    Without it the first wave of requests pays TCP set-up and httpx's first-use costs
-    (tens of ms on a busy machine), which is the client's cost, not the server's.
-    Any answer opens a connection, so the GET's status does not matter.
+    This one draws from an iterator (the in-process path): a shared budget of
+    `num_prompts`, no new request after `duration`, and in rate mode a gamma arrival
+    schedule. Worker processes get their share from the parent (pagedserve/bench/workers.py).
+    """
+
+    def __init__(self, spec: LevelSpec, requests: Iterator[BenchRequest], t_origin: float):
+        self.requests, self.t_origin = requests, t_origin
+        self.budget = spec.num_prompts if spec.num_prompts is not None else math.inf
+        self.duration = spec.duration or math.inf
+        self.intervals = gamma_intervals(spec.load, spec.burstiness, random.Random(spec.seed)) \
+            if spec.mode == "rate" else None
+        self.count = 0
+        self.t_next = 0.0
+
+    async def take(self) -> tuple[int, float | None, BenchRequest] | None:
+        if self.count >= self.budget or time.perf_counter() - self.t_origin >= self.duration:
+            return None
+        sched = None
+        if self.intervals is not None:
+            sched, self.t_next = self.t_next, self.t_next + next(self.intervals)
+            if sched >= self.duration:
+                return None
+        try:
+            req = next(self.requests)
+        except StopIteration:
+            return None
+        self.count += 1
+        return self.count - 1, sched, req
+
+
+async def prewarm(pool: StreamPool, url: str, streams: int) -> None:
+    """Open `streams` keep-alive connections (one per closed-loop stream) before the clock starts.
+
+    Without it the first wave of requests pays TCP set-up and first-use costs (tens of ms
+    on a busy machine), which is the client's cost, not the server's. Any answer opens a
+    connection, so the GET's status does not matter.
     """
     base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
 
-    async def one(i: int) -> None:
+    async def one() -> None:
         try:
-            await pool.get(i).get(base + "/v1/models", timeout=10.0)
-        except httpx.HTTPError:
+            await pool.get(base + "/v1/models")
+        except (upstream.UpstreamError, TimeoutError, asyncio.TimeoutError, OSError):
             pass
 
-    await asyncio.gather(*(one(i) for i in range(streams)))
+    await asyncio.gather(*(one() for _ in range(streams)))
 
 
-async def run_level(spec: LevelSpec, settings: RequestSettings, requests: Iterator[BenchRequest],
-                    pool: ClientPool, on_done: Callable[[RequestRecord, int], None] | None = None) -> LevelResult:
-    """Run one level to completion; `on_done(record, in_flight)` is called after every request."""
-    if spec.mode == "concurrency":
-        await prewarm(pool, settings.url, int(spec.load))
-    metrics_before = await scrape_server_metrics(pool, settings.url)
+async def drive_level(spec: LevelSpec, settings: RequestSettings, source, pool: StreamPool, t_origin: float,
+                      on_done: Callable[[RequestRecord, int], None] | None = None,
+                      stop: asyncio.Event | None = None, streams: int | None = None,
+                      max_concurrency: int | None = None) -> tuple[list[RequestRecord], dict, bool]:
+    """The timed part of a level in this event loop, from `t_origin` (a perf_counter time, maybe in
+    the future). Returns (records, the monitor's raw numbers, interrupted). Setting `stop` cancels
+    the requests in flight and returns the completed ones (Ctrl-C's partial table)."""
     records: list[RequestRecord] = []
     in_flight = 0
     monitor = LoopMonitor()
+    if (wait := t_origin - time.perf_counter()) > 0:
+        await asyncio.sleep(wait)
     monitor.start()
-    cpu0, wall0 = time.process_time(), time.time()
-    t_origin = time.perf_counter()
-    deadline = t_origin + spec.duration if spec.duration else math.inf
-    budget = spec.num_prompts if spec.num_prompts is not None else math.inf
-    counter = 0
+    if streams is None:
+        streams = int(spec.load) if spec.mode == "concurrency" else 0
+    cap = spec.max_concurrency if max_concurrency is None else max_concurrency
 
-    def next_request() -> tuple[int, BenchRequest] | None:
-        nonlocal counter
-        if counter >= budget or time.perf_counter() >= deadline:
-            return None
-        counter += 1
-        return counter - 1, next(requests)
-
-    async def one(i: int, req: BenchRequest, shard: int, scheduled: float | None = None) -> None:
+    async def one(i: int, req: BenchRequest, scheduled: float | None = None) -> None:
         nonlocal in_flight
         rec = RequestRecord(i, scheduled=scheduled, expected_prompt_len=req.prompt_len, max_tokens=req.output_len)
         body = build_body(req, settings.model, settings.endpoint, settings.ignore_eos, settings.temperature,
                           settings.extra_body)
         in_flight += 1
         try:
-            await send_request(pool.get(shard), settings.url, body, rec, t_origin, settings.timeout)
+            await send_request(pool, settings.url, body, rec, t_origin, settings.timeout, settings.keep_text)
         finally:
             in_flight -= 1
         records.append(rec)
         if on_done:
             on_done(rec, in_flight)
 
-    try:
-        if spec.mode == "concurrency":
-            async def worker(w: int) -> None:
-                while (item := next_request()) is not None:
-                    await one(*item, shard=w)
+    async def closed_loop() -> None:
+        async def stream() -> None:
+            while (item := await source.take()) is not None:
+                await one(item[0], item[2])
 
-            await asyncio.gather(*(worker(w) for w in range(int(spec.load))))
-        else:
-            sem = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
-            tasks: set[asyncio.Task] = set()
-            intervals = gamma_intervals(spec.load, spec.burstiness, random.Random(spec.seed))
-            t_next = 0.0
-            while (item := next_request()) is not None:
-                delay = t_origin + t_next - time.perf_counter()
+        await asyncio.gather(*(stream() for _ in range(streams)))
+
+    async def open_loop() -> None:
+        sem = asyncio.Semaphore(cap) if cap else None
+        tasks: set[asyncio.Task] = set()
+        try:
+            while (item := await source.take()) is not None:
+                delay = t_origin + item[1] - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if sem:
                     await sem.acquire()
 
-                async def guarded(item=item, scheduled=t_next) -> None:
+                async def guarded(item=item) -> None:
                     try:
-                        await one(*item, shard=item[0], scheduled=scheduled)
+                        await one(item[0], item[2], item[1])
                     finally:
                         if sem:
                             sem.release()
@@ -203,32 +185,59 @@ async def run_level(spec: LevelSpec, settings: RequestSettings, requests: Iterat
                 task = asyncio.create_task(guarded())
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                t_next += next(intervals)
             if tasks:
                 await asyncio.gather(*tasks)
+        finally:
+            for t in list(tasks):
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    body = asyncio.ensure_future(closed_loop() if spec.mode == "concurrency" else open_loop())
+    interrupted = False
+    try:
+        if stop is None:
+            await body
+        else:
+            waiter = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({body, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not body.done():
+                interrupted = True
+                body.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await body
+            else:
+                body.result()
     finally:
-        await monitor.stop()
-    wall = time.perf_counter() - t_origin
-    cpu = time.process_time() - cpu0
-    end = max((r.start + (r.e2e or 0.0) for r in records), default=wall)
+        raw = await monitor.stop()
     records.sort(key=lambda r: r.index)
-    client = {
-        "cpu_s": cpu,
-        "cpu_fraction": cpu / wall if wall > 0 else 0.0,  # of one core; asyncio runs on one
-        "cpu_peak_fraction": max(monitor.peak_cpu(), 0.0),  # busiest second
-        "loop_lag_p50_ms": _ms(percentile(monitor.lags, 50)),
-        "loop_lag_p99_ms": _ms(percentile(monitor.lags, 99)),
-        "loop_lag_max_ms": _ms(max(monitor.lags, default=None)),
-    }
-    delays = [r.send_delay for r in records if r.send_delay is not None]
-    client["send_delay_p50_ms"] = _ms(percentile(delays, 50))
-    client["send_delay_p99_ms"] = _ms(percentile(delays, 99))
-    if spec.mode == "rate":
-        lags = [r.start - r.scheduled for r in records if r.scheduled is not None]
-        client["dispatch_lag_p99_ms"] = _ms(percentile(lags, 99))
-        client["offered_rate"] = len(records) / max(max((r.start for r in records), default=0.0), 1e-9)
-    client["warnings"] = client_warnings(client, spec)
-    server = server_side(metrics_before, await scrape_server_metrics(pool, settings.url)) if metrics_before else None
+    return records, raw, interrupted
+
+
+async def run_level(spec: LevelSpec, settings: RequestSettings, requests: Iterator[BenchRequest],
+                    pool: StreamPool, on_done: Callable[[RequestRecord, int], None] | None = None,
+                    stop: asyncio.Event | None = None) -> LevelResult:
+    """Run one level in this process; `on_done(record, in_flight)` is called after every request."""
+    if spec.mode == "concurrency":
+        await prewarm(pool, settings.url, int(spec.load))
+    metrics_before = await scrape_server_metrics(pool, settings.url)
+    wall0 = time.time()
+    t_origin = time.perf_counter()
+    records, raw, interrupted = await drive_level(spec, settings, Source(spec, requests, t_origin), pool,
+                                                  t_origin, on_done, stop)
+    return finish_level(spec, records, [raw], wall0, time.perf_counter() - t_origin,
+                        server_side(metrics_before, await scrape_server_metrics(pool, settings.url))
+                        if metrics_before else None, interrupted=interrupted)
+
+
+def finish_level(spec: LevelSpec, records: list[RequestRecord], raw: list[dict], wall0: float, wall: float,
+                 server: dict | None, failures: list[str] | None = None, interrupted: bool = False) -> LevelResult:
+    """A LevelResult from the (merged) records and the workers' raw self-measurements."""
+    end = max((r.start + (r.e2e or 0.0) for r in records), default=wall)
+    client = summarize_client(raw, records, spec, failures)
+    if interrupted:
+        client["interrupted"] = True
     return LevelResult(spec, records, end, wall0, client, server)
 
 
@@ -236,7 +245,7 @@ _PROM = re.compile(r"^vllm:(time_to_first_token_seconds|e2e_request_latency_seco
                    r"_(sum|count)(?:\{[^}]*\})?\s+(\S+)", re.M)
 
 
-async def scrape_server_metrics(pool: ClientPool, url: str) -> dict | None:
+async def scrape_server_metrics(pool: StreamPool, url: str) -> dict | None:
     """Sums and counts of the server's vLLM-named latency histograms from GET /metrics, or None.
 
     Comparing their means over a level with the client's own shows how much of the
@@ -244,13 +253,13 @@ async def scrape_server_metrics(pool: ClientPool, url: str) -> dict | None:
     """
     base = url.split("/v1/")[0] if "/v1/" in url else url.rsplit("/", 1)[0]
     try:
-        r = await pool.get(0).get(base + "/metrics", timeout=10.0)
-    except httpx.HTTPError:
+        status, text = await pool.get(base + "/metrics")
+    except (upstream.UpstreamError, TimeoutError, asyncio.TimeoutError, OSError):
         return None
-    if r.status_code != 200:
+    if status != 200:
         return None
     out: dict[str, float] = {}
-    for name, kind, value in _PROM.findall(r.text):
+    for name, kind, value in _PROM.findall(text.decode("utf-8", "replace")):
         try:
             out[f"{name}_{kind}"] = out.get(f"{name}_{kind}", 0.0) + float(value)
         except ValueError:
@@ -271,31 +280,3 @@ def server_side(before: dict | None, after: dict | None) -> dict | None:
             out[key] = total / n * 1000.0
             out[key.replace("_mean_ms", "_count")] = int(n)
     return out or None
-
-
-def _ms(x: float | None) -> float | None:
-    return None if x is None else x * 1000.0
-
-
-def client_warnings(client: dict, spec: LevelSpec) -> list[str]:
-    """Plain-language warnings when the load generator, not the server, limited a level."""
-    out = []
-    cpu = max(client["cpu_fraction"], client.get("cpu_peak_fraction") or 0.0)
-    lag = (client["loop_lag_p99_ms"] or 0.0) / 1000.0
-    if cpu >= CLIENT_CPU_WARN:
-        out.append(f"{spec.label}: the client is the bottleneck — its event loop used {cpu:.0%} of a core "
-                   f"in its busiest second (loop lag P99 {lag * 1000:.0f} ms); TTFT/ITL are inflated and "
-                   f"throughput understated. Use fewer streams per client or run several clients.")
-    elif lag >= LOOP_LAG_WARN:
-        out.append(f"{spec.label}: event-loop lag P99 {lag * 1000:.0f} ms while client CPU is only {cpu:.0%}: "
-                   f"the client is starved of CPU (sharing cores with the server?); latencies include up to "
-                   f"{lag * 1000:.0f} ms of client delay.")
-    sd = client.get("send_delay_p99_ms")
-    if sd is not None and sd / 1000.0 >= SEND_DELAY_WARN:
-        out.append(f"{spec.label}: requests spent up to {sd:.0f} ms (P99) inside the client before their first "
-                   f"byte was sent (connection set-up, CPU); TTFT and E2E include it.")
-    dl = client.get("dispatch_lag_p99_ms")
-    if dl is not None and dl / 1000.0 >= DISPATCH_LAG_WARN and not spec.max_concurrency:
-        out.append(f"{spec.label}: requests left up to {dl:.0f} ms (P99) after their scheduled arrival; "
-                   f"the offered rate was {client['offered_rate']:.2f}/s.")
-    return out

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per level, or a comma list with one count per level "
                         "(default: 4 × concurrency, ≥ 16; rate mode 200; unlimited with --duration)")
     g.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending new requests after it")
+    g.add_argument("--workers", default="auto",
+                   help="load-generator processes, each with its own event loop and connections: N or 'auto' "
+                        "(one per 64 concurrent streams, at most the usable cores − 1; 1 = in this process)")
     g.add_argument("--warmup", type=int, default=1, help="unmeasured requests before the sweep (default 1)")
     g.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds warm-up requests retry while the server answers 503 (loading)")
@@ -101,14 +104,30 @@ async def resolve_model(url: str, api_key: str | None, timeout: float) -> str:
     raise ConfigError(f"GET {base}/models answered {r.status_code}", hint="pass --model NAME")
 
 
+def resolve_workers(text: str, mode: str, loads: list, max_concurrency: int | None, counts: list | None) -> int:
+    from pagedserve.bench.workers import auto_workers
+
+    if str(text).strip().lower() == "auto":
+        return auto_workers(mode, loads, max_concurrency, counts)
+    try:
+        n = int(text)
+    except ValueError:
+        raise InvalidRequestError(f"--workers: {text!r} is not a number or 'auto'", param="workers") from None
+    if n < 1:
+        raise InvalidRequestError("--workers must be ≥ 1", param="workers")
+    return n
+
+
 async def main(args: argparse.Namespace) -> int:
+    import signal
+
     from rich.console import Console
 
     from pagedserve.bench import report
-    from pagedserve.bench.client import ClientPool, RequestRecord, build_body, endpoint_url, send_request
-    from pagedserve.bench.datasets import load_tokenizer, make_dataset
+    from pagedserve.bench.client import RequestRecord, StreamPool, build_body, endpoint_url, send_request
+    from pagedserve.bench.datasets import make_dataset
     from pagedserve.bench.metrics import parse_slo, summarize
-    from pagedserve.bench.runner import LevelSpec, RequestSettings, run_level
+    from pagedserve.bench.runner import LevelSpec, RequestSettings
 
     import logging
 
@@ -127,15 +146,18 @@ async def main(args: argparse.Namespace) -> int:
                                   param="num_prompts", hint="give one count, or one per level")
     if args.burstiness <= 0:
         raise InvalidRequestError("--burstiness must be > 0", param="burstiness")
+    if mode == "rate" and counts is None and args.duration and any(math.isinf(x) for x in loads):
+        raise InvalidRequestError("--request-rate inf with --duration needs --num-prompts (an endless burst otherwise)",
+                                  param="num_prompts")
+    n_workers = resolve_workers(args.workers, mode, loads, args.max_concurrency, counts)
     url = endpoint_url(args.url, args.endpoint)
     model = args.model or await resolve_model(args.url, args.api_key, args.timeout)
     dataset = make_dataset(args.dataset, tokenizer_name=args.tokenizer, input_len=args.input_len,
                            output_len=args.output_len, range_ratio=args.range_ratio,
                            prefix_len=args.prefix_len, seed=args.seed)
     settings = RequestSettings(url=url, model=model, endpoint=args.endpoint, ignore_eos=args.ignore_eos,
-                               temperature=args.temperature, timeout=args.timeout)
+                               temperature=args.temperature, timeout=args.timeout, keep_text=args.save_text)
     tokenizer = getattr(dataset, "tok", None)
-
 
     def level_prompts(i: int, load: float) -> int | None:
         if counts is not None:
@@ -145,9 +167,28 @@ async def main(args: argparse.Namespace) -> int:
         return max(16, 4 * int(load)) if mode == "concurrency" else 200
 
     streams = max(int(x) for x in loads) if mode == "concurrency" else (args.max_concurrency or 256)
-    pool = ClientPool(streams, args.timeout, args.api_key)
+    pool = StreamPool(min(streams, 64) if n_workers > 1 else streams, args.timeout, args.api_key)
+    workers = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:  # first Ctrl-C: stop the level, keep what completed; a second one: at once
+        stop.set()
+        err.print("[yellow]interrupted: stopping the load generator; the table shows what completed[/yellow]")
+        loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        sigint = True
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals here
+        sigint = False
     results, summaries = [], []
     try:
+        if n_workers > 1:
+            from pagedserve.bench.workers import WorkerPool
+
+            workers = WorkerPool(n_workers, args.timeout, args.api_key, streams)
+            err.print(f"load generator: {n_workers} worker processes (pids {', '.join(map(str, workers.pids))})")
         if args.warmup:
             warm = dataset.stream(args.seed + 10_000)
             ready_by = time.monotonic() + args.ready_timeout
@@ -157,8 +198,8 @@ async def main(args: argparse.Namespace) -> int:
                 body = build_body(req, model, args.endpoint, args.ignore_eos, args.temperature)
                 while True:  # 503 = still loading (a server answers HTTP before its model is ready): wait
                     rec = RequestRecord(-1)
-                    await send_request(pool.get(0), url, body, rec, time.perf_counter(), args.timeout)
-                    if rec.error_kind != "http_503" or time.monotonic() > ready_by:
+                    await send_request(pool, url, body, rec, time.perf_counter(), args.timeout)
+                    if rec.error_kind != "http_503" or time.monotonic() > ready_by or stop.is_set():
                         break
                     await asyncio.sleep(1.0)
                 if rec.error_kind == "connection":
@@ -166,12 +207,17 @@ async def main(args: argparse.Namespace) -> int:
                 if not rec.success:
                     err.print(f"[yellow]warm-up request failed: {rec.error_kind}: {rec.error}[/yellow]")
         for i, load in enumerate(loads):
+            if stop.is_set():
+                break
             n = level_prompts(i, load)
             stream = dataset.stream(args.seed + 1 + i)
             # Prompts are made before the clock starts; with --duration alone they are made on the fly.
             reqs = iter(list(itertools.islice(stream, n))) if n is not None else stream
             spec = LevelSpec(mode, load, n, args.duration, args.burstiness, args.max_concurrency, args.seed + i)
-            res = await _run_with_progress(spec, settings, reqs, pool, err, args.no_progress)
+            if workers is not None:
+                res = await _run_workers(spec, settings, reqs, pool, workers, err, args.no_progress, stop)
+            else:
+                res = await _run_with_progress(spec, settings, reqs, pool, err, args.no_progress, stop)
             _count_missing_tokens(res.records, tokenizer, args.tokenizer)
             s = summarize(res.records, res.duration, slo)
             results.append(res)
@@ -179,11 +225,25 @@ async def main(args: argparse.Namespace) -> int:
             for w in res.client["warnings"]:
                 err.print(f"[yellow]warning:[/yellow] {w}")
     finally:
+        if sigint:
+            loop.remove_signal_handler(signal.SIGINT)
+        if workers is not None:
+            workers.close()
         await pool.aclose()
 
-    analysis = report.analyze(mode, loads, summaries, slo, args.slo_target)
+    interrupted = stop.is_set()
+    if interrupted and not summaries:
+        err.print("interrupted before any level ran: nothing to report")
+        return 130
+    loads = loads[: len(summaries)]
+    analysis = report.analyze(mode, loads, summaries, slo, args.slo_target,
+                              client_bound=[r.client.get("client_bound", False) for r in results])
     report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results], [r.server for r in results])
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {"url": url, "model": model}
+    if interrupted:
+        out.print(f"[bold yellow]interrupted:[/bold yellow] partial results — {len(summaries)} level(s), the last one "
+                  f"cut short (requests in flight at Ctrl-C are not counted)")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {
+        "url": url, "model": model, "workers": n_workers, "interrupted": interrupted}
     if args.save_json:
         report.to_json(args.save_json, config, mode, results, summaries, analysis, args.save_text)
         out.print(f"wrote {args.save_json}")
@@ -191,17 +251,54 @@ async def main(args: argparse.Namespace) -> int:
         out.print("wrote " + ", ".join(report.to_csv(args.save_csv, mode, results, summaries)))
     if args.plot:
         out.print("wrote " + ", ".join(report.plot(args.plot, mode, loads, summaries, results, analysis)))
-    return 0
+    return 130 if interrupted else 0
 
 
-async def _run_with_progress(spec, settings, reqs, pool, console, disabled: bool):
+async def _run_workers(spec, settings, reqs, pool, workers, console, disabled: bool, stop):
+    """One level over the worker processes; the parent only deals prompts, scrapes /metrics and merges."""
+    from pagedserve.bench.runner import finish_level, scrape_server_metrics, server_side
+
+    before: dict = {}
+
+    async def scrape_before() -> None:
+        before["m"] = await scrape_server_metrics(pool, settings.url)
+
+    t = time.perf_counter()
+    if disabled or not console.is_terminal:
+        res = await workers.run_level(spec, settings, reqs, stop, before_start=scrape_before)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("errors {task.fields[errors]}"), console=console, refresh_per_second=4) as progress:
+            task = progress.add_task(spec.label, total=spec.num_prompts, errors=0)
+            errors = 0
+
+            def on_records(batch) -> None:
+                nonlocal errors
+                errors += sum(not r.success for r in batch)
+                progress.update(task, advance=len(batch), errors=errors)
+
+            res = await workers.run_level(spec, settings, reqs, stop, on_records, scrape_before)
+    server = None
+    if before.get("m"):
+        server = server_side(before["m"], await scrape_server_metrics(pool, settings.url))
+    level = finish_level(spec, res.records, res.raw, res.wall0, res.wall, server, res.failures, res.interrupted)
+    if disabled or not console.is_terminal:
+        ok = sum(r.success for r in level.records)
+        who = f"{len(res.raw)} of {len(res.raw) + len(res.failures)} workers" if res.failures else f"{len(res.raw)} workers"
+        console.print(f"{spec.label}: {ok}/{len(level.records)} ok in {time.perf_counter() - t:.1f}s ({who})")
+    return level
+
+
+async def _run_with_progress(spec, settings, reqs, pool, console, disabled: bool, stop=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pagedserve.bench.runner import run_level
 
     if disabled or not console.is_terminal:
         t = time.perf_counter()
-        res = await run_level(spec, settings, reqs, pool)
+        res = await run_level(spec, settings, reqs, pool, stop=stop)
         ok = sum(r.success for r in res.records)
         console.print(f"{spec.label}: {ok}/{len(res.records)} ok in {time.perf_counter() - t:.1f}s")
         return res
@@ -216,7 +313,7 @@ async def _run_with_progress(spec, settings, reqs, pool, console, disabled: bool
             errors += not rec.success
             progress.update(task, advance=1, inflight=in_flight, errors=errors)
 
-        return await run_level(spec, settings, reqs, pool, on_done)
+        return await run_level(spec, settings, reqs, pool, on_done, stop)
 
 
 def _count_missing_tokens(records, tokenizer, tokenizer_name) -> None:
@@ -274,7 +371,8 @@ def report_run(args: argparse.Namespace) -> int:
         results.append(res)
         summaries.append(summarize(records, res.duration, slo))
         loads.append(load)
-    analysis = report.analyze(mode, loads, summaries, slo, target)
+    bound = [bool(r.client.get("client_bound", r.client.get("warnings"))) for r in results]
+    analysis = report.analyze(mode, loads, summaries, slo, target, client_bound=bound)
     out = Console() if sys.stdout.isatty() else Console(width=160)
     report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results if r.client],
                         [r.server for r in results])

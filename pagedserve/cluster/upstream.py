@@ -132,12 +132,13 @@ class Response:
     (None at the end) or `aread`. Always `close()` it (the connection goes back to the pool
     only after a complete keep-alive response)."""
 
-    __slots__ = ("status", "headers", "_conn", "_pool", "_key", "_timeout")
+    __slots__ = ("status", "headers", "sent_at", "_conn", "_pool", "_key", "_timeout")
 
-    def __init__(self, conn: _Conn, pool: "UpstreamPool", key, timeout):
+    def __init__(self, conn: _Conn, pool: "UpstreamPool", key, timeout, sent_at: float = 0.0):
         self._conn, self._pool, self._key, self._timeout = conn, pool, key, timeout
         self.status = conn.status
         self.headers = conn.headers
+        self.sent_at = sent_at  # perf_counter() when the request was written (after any connect)
 
     async def next_chunk(self) -> bytes | None:
         c = self._conn
@@ -240,6 +241,7 @@ class UpstreamPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key)
+            sent_at = time.perf_counter()
             conn.transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 conn.transport.write(body)
@@ -257,7 +259,7 @@ class UpstreamPool:
                 conn.transport.close()
                 raise
             conn.used += 1
-            return Response(conn, self, key, self.read_timeout)
+            return Response(conn, self, key, self.read_timeout, sent_at)
         raise RemoteClosed("connection closed by the backend")  # pragma: no cover
 
     def close(self) -> None:

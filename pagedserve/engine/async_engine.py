@@ -201,6 +201,10 @@ class _EngineCore:
                         return
             if engine.has_unfinished_requests():
                 outs = engine.step()
+                for rid, e in engine.request_errors:  # failed after acceptance (a grammar that did not compile)
+                    self.out_conn.send(("err", rid, type(e).__name__, e.message, e.param))
+                    self.num_logprobs.pop(rid, None)
+                engine.request_errors.clear()
                 for rid, why in engine.take_failed():
                     self.finish_sent.pop(rid, None)
                     self.num_logprobs.pop(rid, None)

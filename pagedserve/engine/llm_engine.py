@@ -34,6 +34,7 @@ from pagedserve.model.runner import ModelRunner
 from pagedserve.model.sampler import SampleRow, sample
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured.manager import StructuredOutputManager
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -181,6 +182,9 @@ class LLMEngine:
         self.faults = FaultInjector.from_env()  # tests only; inert unless PAGEDSERVE_FAULT_INJECT is set
         self._seq_ids = itertools.count()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Structured outputs: grammars compile off the step loop; requests wait there until ready.
+        self.structured = StructuredOutputManager(self.tokenizer, self.args.vocab_size, self.eos_token_ids)
+        self.request_errors: list[tuple[str, InvalidRequestError]] = []  # failed after add_request: drain them
         self.load_seconds = time.time() - t0
         self._log_startup()
 
@@ -374,7 +378,8 @@ class LLMEngine:
                 f"this request may need {need} KV blocks ({req.num_slots} x {n + max_tokens} tokens) but the "
                 f"cache has {self.num_kv_blocks}", param="max_tokens", hint="lower max_tokens or n")
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if params.structured_outputs is None or self._submit_grammar(req):
+            self.scheduler.add(req)
         return req
 
     def _new_seq(self, index: int, ids: list[int], params: SamplingParams) -> Sequence:
@@ -390,10 +395,29 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed((params.seed + seq.index) % 2**63)
 
+    def _submit_grammar(self, req: Request) -> bool:
+        try:
+            return self.structured.submit(req)
+        except InvalidRequestError:
+            self.requests.pop(req.request_id, None)
+            raise
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar is now compiled to the scheduler; fail those that did not compile."""
+        ready, failed = self.structured.poll()
+        for req in ready:
+            self.scheduler.add(req)
+        for req, err in failed:
+            self.requests.pop(req.request_id, None)
+            req.status = Status.FINISHED
+            self.request_errors.append((req.request_id, err))
+
     def abort_request(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        if req.params.structured_outputs is not None:
+            self.structured.release(req)
         for seq in req.live_seqs:
             seq.finish_reason = "abort"
         self.scheduler.remove(req)
@@ -401,7 +425,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.structured.pending)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -421,8 +445,11 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.structured.pending:
+            self._admit_compiled()
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self.structured.wait(0.01)  # only grammars compiling: do not spin
             return []
         now = time.time()
         for e in out.scheduled:
@@ -432,6 +459,8 @@ class LLMEngine:
         self.block_manager.pending_copies.clear()
         self.faults.on_step(out.scheduled)
         logits, sampled = self.runner.execute(out.scheduled)
+        if self.structured.grammars:
+            self.structured.apply_masks(logits, sampled)  # before penalties and sampling
         for e in out.scheduled:
             e.seq.num_computed += e.num_tokens
             self.block_manager.commit(e.seq)
@@ -599,6 +628,7 @@ class LLMEngine:
 
     def _append(self, req: Request, seq: Sequence, token: int, lp_info, slp, now: float) -> None:
         p = req.params
+        grammar_done = p.structured_outputs is not None and self.structured.accept(req, seq, token)
         seq.token_ids.append(token)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
@@ -614,6 +644,8 @@ class LLMEngine:
                 seq.output_text += seq.detokenizer.step(token)
                 if p.stop_list and seq.num_output_tokens >= p.min_tokens:
                     self._check_stop_strings(seq, p, before)
+        if grammar_done and not seq.finished:
+            seq.finish_reason = "stop"
         if not seq.finished and (seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finished:
@@ -721,6 +753,8 @@ class LLMEngine:
     def _finish_request(self, req: Request, now: float) -> None:
         req.status = Status.FINISHED
         req.metrics.finished_time = now
+        if req.params.structured_outputs is not None:
+            self.structured.release(req)
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
 

@@ -54,6 +54,33 @@ class StreamOptions(_Base):
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
+class JsonSchemaFormat(_Base):
+    """OpenAI's response_format.json_schema (`schema` is a BaseModel attribute, hence the alias)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Base):
+    """vLLM's `structured_outputs` extra body (`json` is a BaseModel attribute, hence the alias)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class _SamplingFields(_Base):
     model: str | None = None
     temperature: float | None = None
@@ -77,6 +104,15 @@ class _SamplingFields(_Base):
     user: str | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # Structured outputs, under OpenAI's and vLLM's (current and older) names; see server/constraints.py.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: there is one backend (xgrammar)
+    guided_whitespace_pattern: str | None = None  # accepted and ignored
 
 
 class CompletionRequest(_SamplingFields):
@@ -101,17 +137,12 @@ class ChatMessage(_Base):
     tool_call_id: str | None = None
 
 
-class ResponseFormat(_Base):
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

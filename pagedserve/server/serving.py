@@ -28,6 +28,7 @@ from pagedserve.errors import (InvalidRequestError, ModelNotFoundError, NotReady
                                PromptTooLongError, QueueFullError)
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server import chat_template
+from pagedserve.server.constraints import check_constraint, constraint_from_request
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest, parse)
@@ -243,6 +244,17 @@ class OpenAIServing:
             self.max_token_chars = 0
         self.tokenizer = tokenizer
 
+    async def add_constraint(self, req, params: SamplingParams) -> None:
+        """response_format / structured_outputs / guided_*: checked here (a 400 naming the field), then
+        carried to the engine as `params.structured_outputs`."""
+        found = constraint_from_request(req)
+        if found is None:
+            return
+        so, param = found
+        await check_constraint(so, param)
+        params.structured_outputs = so
+        params.validate()  # e.g. beam search cannot be constrained
+
     async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt",
                      max_len: int | None = None) -> list[int]:
         """Token ids of `text`; long texts are tokenized in a worker thread so /health stays fast.
@@ -337,6 +349,7 @@ class OpenAIServing:
         if len(texts) > 1024:
             raise InvalidRequestError("prompt: at most 1024 prompts per request", param="prompt")
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        await self.add_constraint(req, params)
         if id_lists is None:
             id_lists = [await self.encode(t) for t in texts]
         for ids in id_lists:
@@ -442,14 +455,12 @@ class OpenAIServing:
         self.check_ready()
         if req.tools and req.tool_choice != "none":
             raise InvalidRequestError("tools / function calling is not supported", param="tools")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequestError(f"response_format type {req.response_format.type!r} is not supported "
-                                      f"(only 'text')", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, logprobs)
+        await self.add_constraint(req, params)
         text = await self.apply_chat_template(req.messages, req.add_generation_prompt, req.continue_final_message,
                                               req.chat_template_kwargs, req.chat_template)
         ids = await self.encode(text, add_special_tokens=False, param="messages")  # the template has the specials

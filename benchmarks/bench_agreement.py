@@ -1,0 +1,343 @@
+"""Does `pagedserve bench serve` agree with a peer load generator on the same server?
+
+    # GPU: a 7B dummy-weights pagedserve server, our client vs vLLM's (`vllm bench serve`)
+    PYTHONPATH=/tmp/peer-site python benchmarks/bench_agreement.py --pagedserve-dummy Qwen/Qwen2.5-7B-Instruct
+    python benchmarks/bench_agreement.py --url http://127.0.0.1:8000 --model NAME --tokenizer DIR
+    python benchmarks/bench_agreement.py --server-cmd "vllm serve M --port {port}" --model M --tokenizer M
+    # CPU: the mock server (known timing), small numbers; and the client-ceiling self-check
+    python benchmarks/bench_agreement.py --concurrency 1,64,256 --output-len 32
+    python benchmarks/bench_agreement.py --self-check
+
+Agreement: per level (default 1, 64, 256, 512 streams; 128-token random prompts, 128 new
+tokens, ignore_eos, 4 x C prompts) our client (`--workers auto`) and the peer run against
+the same server, one after the other, and the table shows output throughput, TTFT P50/P99
+and TPOT P50 side by side with ours/peer ratios. Targets (issue 16): throughput within 3%,
+TTFT/TPOT within 5%. The peer is `vllm bench serve` when vLLM imports (put it on
+PYTHONPATH or pass --peer-pythonpath; its CLI entry point is vllm.entrypoints.cli.main).
+guidellm is the CPU alternative when it installs cleanly: the script asks pip (dry run)
+what it would install into a throwaway venv; guidellm 0.8 pulls a CUDA torch build
+(~6 GB of wheels), which is not clean on a CPU box, so the peer is skipped with that
+reason. Neither is ever a project dependency.
+
+Self-check (--self-check, CPU-measurable): against the mock server at several hundred
+streams, our client's output throughput vs the truth (the tokens the mock wrote over the
+span from the first request's arrival to its last write, on its own clock), with
+--workers 1 and --workers N: where one event loop is the ceiling, N workers lift it.
+
+Writes benchmarks/results/bench_agreement.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MOCK = ROOT / "pagedserve" / "bench" / "mock_server.py"
+RESULTS = ROOT / "benchmarks" / "results"
+THROUGHPUT_TOL, LATENCY_TOL = 0.03, 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode} before it was ready")
+        for path in ("/health", "/v1/models"):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + path, timeout=5).status_code == 200:
+                    return
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {url} was not ready within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def server(args):
+    """Yields (url, model name, tokenizer) for the server under test, started here unless --url."""
+    if args.url:
+        yield args.url.rstrip("/"), args.model, args.tokenizer
+        return
+    port = free_port()
+    if args.pagedserve_dummy:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from gpu_serving import dummy_model_dir
+
+        from pagedserve.model.default_model import default_model_dir
+
+        model_dir = dummy_model_dir(args.pagedserve_dummy, args.tokenizer or str(default_model_dir()))
+        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
+               str(port), "--load-format", "dummy", "--served-model-name", args.pagedserve_dummy,
+               "--disable-log-requests", "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.serve_args)]
+        model, tokenizer = args.pagedserve_dummy, str(model_dir)
+    elif args.server_cmd:
+        cmd, model, tokenizer = shlex.split(args.server_cmd.format(port=port)), args.model, args.tokenizer
+    else:
+        cmd = [sys.executable, str(MOCK), "--port", str(port), "--ttft", str(args.mock_ttft), "--itl",
+               str(args.mock_itl)]
+        model, tokenizer = "mock", args.tokenizer
+    print("$", " ".join(cmd), flush=True)
+    log = tempfile.NamedTemporaryFile("w+", prefix="agreement-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, args.ready_timeout)
+        yield url, model, tokenizer
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        print(f"server log: {log.name}")
+
+
+# -- our client --------------------------------------------------------------------------
+def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, workers: str, out: Path,
+             extra: list[str] = ()) -> dict:
+    path = out / f"ours_c{c}_w{workers}.json"
+    cmd = [sys.executable, "-m", "pagedserve.cli", "bench", "serve", "--url", url, "--concurrency", str(c),
+           "--num-prompts", str(n), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+           "--ignore-eos", "--warmup", "1", "--no-progress", "--workers", workers, "--save-json", str(path),
+           "--timeout", str(args.request_timeout), *(["--model", model] if model else []),
+           *(["--tokenizer", tokenizer] if tokenizer else []), *extra]
+    print("$", " ".join(cmd), flush=True)
+    t = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.level_timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench serve failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    lv = json.loads(path.read_text())["levels"][0]
+    s = lv["summary"]
+    return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
+            "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"], "completed": s["completed"],
+            "failed": s["failed"], "client_bound": lv["client"].get("client_bound"),
+            "workers": lv["client"].get("workers"), "client_cpu_peak": lv["client"].get("cpu_peak_fraction"),
+            "wall_s": time.monotonic() - t}
+
+
+# -- peers -------------------------------------------------------------------------------
+def peer_env(args) -> dict:
+    env = dict(os.environ)
+    if args.peer_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([args.peer_pythonpath, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def vllm_available(args) -> bool:
+    code = "import vllm.entrypoints.cli.main"
+    return subprocess.run([sys.executable, "-c", code], env=peer_env(args), capture_output=True).returncode == 0
+
+
+def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, out: Path) -> dict:
+    name = f"vllm_c{c}.json"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+           "--base-url", url, "--model", model, *(["--tokenizer", tokenizer] if tokenizer else []),
+           "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
+           str(args.output_len), "--ignore-eos", "--max-concurrency", str(c), "--num-prompts", str(n),
+           "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
+           "--save-result", "--result-dir", str(out), "--result-filename", name]
+    print("$", " ".join(cmd), flush=True)
+    t = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.level_timeout, env=peer_env(args))
+    if proc.returncode != 0:
+        raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    r = json.loads((out / name).read_text())
+    return {"output_throughput": r["output_throughput"], "ttft_p50_ms": r["median_ttft_ms"],
+            "ttft_p99_ms": r["p99_ttft_ms"], "tpot_p50_ms": r["median_tpot_ms"], "completed": r["completed"],
+            "failed": n - r["completed"], "wall_s": time.monotonic() - t}
+
+
+def guidellm_clean_install() -> tuple[bool, str]:
+    """Would `pip install guidellm` into a fresh venv stay clean (no torch / CUDA wheels)? Asks pip (dry run)."""
+    with tempfile.TemporaryDirectory(prefix="guidellm-check-") as d:
+        report = Path(d) / "report.json"
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                               "--report", str(report), "guidellm"], capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0 or not report.exists():
+            return False, f"pip cannot resolve guidellm: {proc.stderr.strip().splitlines()[-1:]}"
+        names = [i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]]
+    heavy = sorted(n for n in names if n == "torch" or n.startswith("nvidia-") or n == "triton")
+    if heavy:
+        return False, (f"guidellm would pull {len(names)} packages including {', '.join(heavy[:4])}"
+                       f"{'…' if len(heavy) > 4 else ''} (a CUDA torch build, GBs of wheels)")
+    return True, f"{len(names)} packages"
+
+
+def choose_peer(args) -> tuple[str | None, str]:
+    if args.peer in ("auto", "vllm") and vllm_available(args):
+        return "vllm", "vllm bench serve"
+    if args.peer == "vllm":
+        return None, "vLLM is not importable (pass --peer-pythonpath or put it on PYTHONPATH)"
+    if args.peer in ("auto", "guidellm"):
+        ok, why = guidellm_clean_install()
+        if not ok:
+            return None, f"vLLM is not importable and guidellm does not install cleanly: {why}"
+        return None, (f"guidellm would install cleanly ({why}) but this script has no guidellm runner yet; "
+                      f"install vLLM's client instead")
+    return None, "no peer requested (--peer none)"
+
+
+# -- reports -----------------------------------------------------------------------------
+METRICS = (("output_throughput", "out tok/s", THROUGHPUT_TOL), ("ttft_p50_ms", "TTFT P50 ms", LATENCY_TOL),
+           ("ttft_p99_ms", "TTFT P99 ms", LATENCY_TOL), ("tpot_p50_ms", "TPOT P50 ms", LATENCY_TOL))
+
+
+def print_agreement(rows: list[dict], peer: str | None) -> None:
+    head = f"{'C':>5}"
+    for _, label, _ in METRICS:
+        head += f" | {label:>12} ours" + (f" {'peer':>9} {'ratio':>6}" if peer else "")
+    print(head)
+    for r in rows:
+        line = f"{r['concurrency']:>5}"
+        for key, _, tol in METRICS:
+            a = r["ours"][key]
+            line += f" | {a:>17.1f}"
+            if peer:
+                b = r["peer"][key]
+                ratio = a / b if a and b else float("nan")
+                ok = abs(ratio - 1) <= tol
+                r.setdefault("ratios", {})[key] = ratio
+                r.setdefault("within_target", {})[key] = ok
+                line += f" {b:>9.1f} {ratio:>5.3f}{'' if ok else '!'}"
+        if r["ours"].get("client_bound"):
+            line += "  (our client flagged client-bound)"
+        print(line)
+    if peer:
+        print(f"ratio = ours / {peer}; '!' = outside the target (throughput ±{THROUGHPUT_TOL:.0%}, "
+              f"TTFT/TPOT ±{LATENCY_TOL:.0%})")
+
+
+def agreement(args) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="agreement-"))
+    peer, why = choose_peer(args)
+    print(f"peer: {peer or 'skipped'} — {why}", flush=True)
+    rows = []
+    with server(args) as (url, model, tokenizer):
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            n = args.prompts_per_stream * c
+            row = {"concurrency": c, "num_prompts": n,
+                   "ours": run_ours(url, model, tokenizer, c, n, args, args.workers, out)}
+            if peer == "vllm":
+                row["peer"] = run_vllm(url, model or "mock", tokenizer, c, n, args, out)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print_agreement(rows, peer)
+    return {"peer": peer, "peer_note": why, "levels": rows}
+
+
+def mock_truth(timings_dir: Path) -> dict:
+    """What the mock's processes really did: requests served and the span from the first arrival to the
+    last write (their clocks are one: the machine's monotonic clock)."""
+    timings = {}
+    for f in timings_dir.glob("*.json"):
+        timings.update(json.loads(f.read_text()))
+    span = max(t["last_at"] for t in timings.values()) - min(t["arrived_at"] for t in timings.values())
+    return {"requests": len(timings), "span_s": span}
+
+
+def self_check(args) -> dict:
+    """Our client's throughput vs the mock's truth at several hundred streams, 1 worker vs N."""
+    out = Path(tempfile.mkdtemp(prefix="selfcheck-"))
+    rows = []
+    for c in [int(x) for x in args.self_check_streams.split(",")]:
+        for workers in ["1", args.self_check_workers]:
+            tdir = Path(tempfile.mkdtemp(prefix="mock-timings-", dir=out))
+            mock = subprocess.Popen([sys.executable, str(MOCK), "--port", "0", "--ttft", str(args.mock_ttft),
+                                     "--itl", str(args.mock_itl), "--processes", str(args.mock_processes),
+                                     "--timings-dir", str(tdir)], stdout=subprocess.PIPE, text=True)
+            try:
+                url = f"http://127.0.0.1:{int(mock.stdout.readline().split()[1])}"
+                n = args.prompts_per_stream * c
+                ours = run_ours(url, "mock", args.tokenizer, c, n, args, workers, out, ["--warmup", "0"])
+            finally:
+                mock.terminate()
+                mock.wait(30)
+            truth = mock_truth(tdir)
+            assert truth["requests"] == n, truth  # every request the client sent, once
+            true_tput = truth["requests"] * args.output_len / truth["span_s"]
+            rows.append({"streams": c, "workers": ours["workers"], "ours": ours["output_throughput"],
+                         "truth": true_tput, "ratio": ours["output_throughput"] / true_tput,
+                         "client_bound": ours["client_bound"], "client_cpu_peak": ours["client_cpu_peak"],
+                         "ttft_p50_ms": ours["ttft_p50_ms"], "tpot_p50_ms": ours["tpot_p50_ms"]})
+            print(json.dumps(rows[-1]), flush=True)
+    nominal = args.output_len / (args.mock_ttft + (args.output_len - 1) * args.mock_itl)
+    print(f"\nself-check: mock server ({args.mock_processes} processes) ttft {args.mock_ttft}s, itl {args.mock_itl}s, "
+          f"{args.output_len} tokens "
+          f"(nominal {nominal:.1f} tok/s per stream); truth = tokens the mock wrote / its busy span")
+    print(f"{'streams':>7} {'workers':>7} {'ours tok/s':>11} {'truth tok/s':>12} {'ratio':>6} {'client':>8} "
+          f"{'CPU peak':>8} {'TPOT P50':>9}")
+    for r in rows:
+        print(f"{r['streams']:>7} {r['workers']:>7} {r['ours']:>11.0f} {r['truth']:>12.0f} {r['ratio']:>6.3f} "
+              f"{'bound' if r['client_bound'] else 'ok':>8} {r['client_cpu_peak']:>8.0%} {r['tpot_p50_ms']:>9.1f}")
+    return {"mock": {"ttft": args.mock_ttft, "itl": args.mock_itl, "output_len": args.output_len,
+                     "processes": args.mock_processes}, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("server (default: the mock server)")
+    g.add_argument("--url", default=None, help="an already running server")
+    g.add_argument("--server-cmd", default=None, help="command that starts the server; {port} is filled in")
+    g.add_argument("--pagedserve-dummy", default=None, metavar="SHAPE",
+                   help="start `pagedserve serve` with dummy weights of this shape (as benchmarks/gpu_serving.py)")
+    g.add_argument("--serve-args", default="", help="extra `pagedserve serve` flags with --pagedserve-dummy")
+    g.add_argument("--max-num-seqs", type=int, default=512)
+    g.add_argument("--model", default=None)
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir for the prompts (default: the embedded model's)")
+    g.add_argument("--ready-timeout", type=float, default=600)
+    g.add_argument("--mock-ttft", type=float, default=0.2)
+    g.add_argument("--mock-itl", type=float, default=0.02)
+    g = ap.add_argument_group("load")
+    g.add_argument("--concurrency", default="1,64,256,512")
+    g.add_argument("--prompts-per-stream", type=int, default=4)
+    g.add_argument("--input-len", type=int, default=128)
+    g.add_argument("--output-len", type=int, default=128)
+    g.add_argument("--workers", default="auto", help="our client's --workers")
+    g.add_argument("--request-timeout", type=float, default=600)
+    g.add_argument("--level-timeout", type=float, default=1800)
+    g = ap.add_argument_group("peer")
+    g.add_argument("--peer", choices=["auto", "vllm", "guidellm", "none"], default="auto")
+    g.add_argument("--peer-pythonpath", default=os.environ.get("PAGEDSERVE_PEER_PYTHONPATH") or next(
+        (p for p in ("/tmp/peer-site", str(ROOT.parent / "shared" / "peers" / "vllm")) if Path(p).is_dir()), None))
+    g = ap.add_argument_group("self-check")
+    g.add_argument("--self-check", action="store_true", help="only the mock-server client-ceiling check")
+    g.add_argument("--self-check-streams", default="256,512")
+    g.add_argument("--self-check-workers", default="auto")
+    g.add_argument("--mock-processes", type=int, default=max(1, (os.cpu_count() or 2) // 4),
+                   help="mock server processes (SO_REUSEPORT) so the mock is not the ceiling (default cores/4)")
+    ap.add_argument("--out", default=str(RESULTS / "bench_agreement.json"))
+    args = ap.parse_args()
+    doc = {"args": vars(args), "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    if args.self_check:
+        doc["self_check"] = self_check(args)
+        if args.out == str(RESULTS / "bench_agreement.json"):
+            args.out = str(RESULTS / "bench_agreement_selfcheck.json")
+    else:
+        doc["agreement"] = agreement(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Engine-side structured outputs: compile off the step loop, mask constrained rows, advance matchers.
+
+- Grammars compile on a small thread pool (xgrammar's compiler releases the GIL), cached by the
+  constraint. A request whose grammar is not ready is held here, not in the scheduler's queue, so
+  it never blocks admission or steps of other requests; `poll` hands it to the scheduler once ready.
+- One xgrammar matcher per sequence, created on first use by replaying the sequence's output
+  tokens. So n > 1 forks (children start where the parent stood) and preemption by recompute
+  (tokens are kept, only the KV is recomputed) need no special state copying.
+- Each step, the rows that sample for constrained requests get a next-token bitmask, applied in
+  place to the logits on their device before any penalty or sampling: logprobs are those of the
+  masked distribution (disallowed tokens have -inf). Unconstrained batches skip all of it.
+- EOS (the engine's EOS ids are the grammar's stop tokens) is only allowed where the grammar
+  accepts; once the matcher terminates, the sequence ends with finish_reason "stop".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import torch
+
+from pagedserve.errors import InvalidRequestError
+from pagedserve.structured.grammar import build_grammar, cache_key
+
+log = logging.getLogger("pagedserve.structured")
+
+CACHE_SIZE = 512  # compiled grammars kept (LRU)
+# Threads for compiling and batched mask filling: a quarter of the cores, so that on a small CPU
+# host the model's own threads keep theirs (a compile then slows steps, never stops them).
+THREADS = max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int], workers: int = 2):
+        self.vocab_size = vocab_size
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grammar")
+        # Built once, in the background: engine start-up does not wait for it.
+        self._compiler = self._pool.submit(self._make_compiler, tokenizer, vocab_size, sorted(stop_token_ids))
+        self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self.pending: dict[str, tuple[object, Future]] = {}  # request id -> (request, compile future)
+        self.grammars: dict[str, object] = {}  # admitted request id -> CompiledGrammar
+        self.matchers: dict[int, object] = {}  # seq id -> GrammarMatcher
+        self._bitmask: torch.Tensor | None = None
+        self._batch = None  # xgrammar BatchGrammarMatcher: fills many rows in one call, in parallel
+        self._xgr_apply_ok = True
+        self.compile_seconds: dict[tuple, float] = {}  # key -> cold compile time (benchmarks, logs)
+
+    @staticmethod
+    def _make_compiler(tokenizer, vocab_size: int, stop_ids: list[int]):
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        return xgr.GrammarCompiler(info, max_threads=THREADS, cache_enabled=False)
+
+    # -- compilation ---------------------------------------------------------------
+    def _compile(self, so, key: tuple):
+        import time
+
+        t0 = time.perf_counter()
+        grammar = build_grammar(so)  # InvalidRequestError for a bad constraint
+        compiler = self._compiler.result()
+        try:
+            compiled = compiler.compile_grammar(grammar)
+        except Exception as e:  # noqa: BLE001 - rare: the grammar parsed but does not compile
+            raise InvalidRequestError(f"structured_outputs: cannot compile the constraint: {e}",
+                                      param="structured_outputs") from None
+        self.compile_seconds[key] = time.perf_counter() - t0
+        return compiled
+
+    def compile_async(self, so) -> Future:
+        """The (cached) compile future of a constraint; failures stay cached too (same answer each time)."""
+        key = cache_key(so)
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                return fut
+            fut = self._pool.submit(self._compile, so, key)
+            self._cache[key] = fut
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return fut
+
+    def submit(self, req) -> bool:
+        """Start compiling `req`'s grammar; True when it is ready now (a cache hit): admit at once.
+        A cached failure raises its InvalidRequestError here."""
+        fut = self.compile_async(req.params.structured_outputs)
+        if fut.done():
+            self.grammars[req.request_id] = fut.result()
+            return True
+        self.pending[req.request_id] = (req, fut)
+        return False
+
+    def poll(self) -> tuple[list, list]:
+        """Requests whose compilation finished: (ready ones, [(failed one, error)])."""
+        ready, failed = [], []
+        for rid, (req, fut) in list(self.pending.items()):
+            if not fut.done():
+                continue
+            del self.pending[rid]
+            err = fut.exception()
+            if err is None:
+                self.grammars[rid] = fut.result()
+                ready.append(req)
+            else:
+                if not isinstance(err, InvalidRequestError):
+                    err = InvalidRequestError(f"structured_outputs: {type(err).__name__}: {err}",
+                                              param="structured_outputs")
+                failed.append((req, err))
+        return ready, failed
+
+    def wait(self, timeout: float) -> None:
+        """Nothing else to run: sleep until a pending grammar is ready (or `timeout`), without spinning."""
+        if self.pending:
+            wait([f for _, f in self.pending.values()], timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def release(self, req) -> None:
+        self.pending.pop(req.request_id, None)
+        self.grammars.pop(req.request_id, None)
+        for seq in req.seqs:
+            self.matchers.pop(seq.seq_id, None)
+
+    # -- the step ------------------------------------------------------------------
+    def _matcher(self, req, seq):
+        m = self.matchers.get(seq.seq_id)
+        if m is None:
+            import xgrammar as xgr
+
+            m = xgr.GrammarMatcher(self.grammars[req.request_id])
+            for t in seq.output_token_ids:  # a fork or a rebuilt state: replay what was generated
+                m.accept_token(t)
+            self.matchers[seq.seq_id] = m
+        return m
+
+    def apply_masks(self, logits: torch.Tensor, sampled: list) -> None:
+        """Mask, in place, the logits rows (one per entry of `sampled`) of constrained requests."""
+        rows = [i for i, e in enumerate(sampled) if e.request.request_id in self.grammars]
+        if not rows:
+            return
+        import xgrammar as xgr
+
+        n, words = logits.shape[0], (logits.shape[1] + 31) // 32
+        bm = self._bitmask
+        if bm is None or bm.shape[0] < n or bm.shape[1] != words:
+            bm = self._bitmask = torch.full((max(n, 64), words), -1, dtype=torch.int32,
+                                            pin_memory=logits.device.type == "cuda")
+        matchers = [self._matcher(sampled[i].request, sampled[i].seq) for i in rows]
+        if len(rows) == 1:
+            matchers[0].fill_next_token_bitmask(bm, rows[0])
+        else:
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher(max_threads=THREADS)
+            self._batch.batch_fill_next_token_bitmask(matchers, bm, indices=rows)
+        mask = bm[:n]
+        if logits.device.type != "cpu":
+            mask = mask.to(logits.device, non_blocking=True)
+        if self._xgr_apply_ok:
+            try:
+                xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows)
+                return
+            except Exception as e:  # noqa: BLE001 - e.g. no kernel for this device: use plain torch
+                log.warning("xgrammar's bitmask kernel failed (%s); masking with torch ops", e)
+                self._xgr_apply_ok = False
+        idx = torch.tensor(rows, device=logits.device)
+        bits = (mask[idx, :, None] >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
+        allowed = bits.reshape(len(rows), -1)[:, :logits.shape[1]].bool()
+        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+
+    def accept(self, req, seq, token: int) -> bool:
+        """Advance `seq`'s matcher by its new token (before it is appended); True when the grammar
+        has ended (the sequence must stop)."""
+        m = self._matcher(req, seq)
+        if not m.accept_token(token):
+            # Only when every allowed token was also blocked (e.g. EOS before min_tokens): end it.
+            log.warning("request %s: token %d violates its grammar; ending the sequence", req.request_id, token)
+            return True
+        return m.is_terminated()
