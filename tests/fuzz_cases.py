@@ -117,6 +117,13 @@ def api_case(rng: random.Random, model: str) -> ApiCase:
         del base[rng.choice(sorted(base))]
     if mutated and base.get("use_beam_search") is True:
         base["max_tokens"] = 2
+    # Keep generation short whatever the mutation did (a request without a bound may run to max_model_len,
+    # minutes on a busy CPU); `null` and missing fields are exercised by the other fields.
+    if not (isinstance(base.get("max_tokens"), int) and 1 <= base["max_tokens"] <= 4):
+        if chat and not isinstance(base.get("max_completion_tokens"), int):
+            base["max_completion_tokens"] = 4
+        elif not chat:
+            base["max_tokens"] = 4
     if chat and rng.random() < 0.05:
         base["chat_template"] = "{% for i in range(100000) %}{{ i }}{% endfor %}"
         mutated.append("chat_template")
