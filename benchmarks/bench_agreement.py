@@ -14,10 +14,12 @@ the same server, one after the other, and the table shows output throughput, TTF
 and TPOT P50 side by side with ours/peer ratios. Targets (issue 16): throughput within 3%,
 TTFT/TPOT within 5%. The peer is `vllm bench serve` when vLLM imports (put it on
 PYTHONPATH or pass --peer-pythonpath; its CLI entry point is vllm.entrypoints.cli.main).
-guidellm is the CPU alternative when it installs cleanly: the script asks pip (dry run)
-what it would install into a throwaway venv; guidellm 0.8 pulls a CUDA torch build
-(~6 GB of wheels), which is not clean on a CPU box, so the peer is skipped with that
-reason. Neither is ever a project dependency.
+Otherwise (a CPU box) the script installs vLLM's client on demand into a temporary
+directory: the vllm wheel without dependencies plus the few pure-Python modules its
+`bench serve` imports (no CUDA torch; --no-install-vllm-client to skip). guidellm is
+the last resort when it installs cleanly: pip (dry run) says what it would install;
+guidellm 0.8 pulls a CUDA torch build (~6 GB of wheels), so it is skipped with that
+reason. None of them is ever a project dependency.
 
 Self-check (--self-check, CPU-measurable): against the mock server at several hundred
 streams, our client's output throughput vs the truth (the tokens the mock wrote over the
@@ -32,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -72,6 +75,10 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
 @contextlib.contextmanager
 def server(args):
     """Yields (url, model name, tokenizer) for the server under test, started here unless --url."""
+    if args.tokenizer is None and not args.pagedserve_dummy:  # both clients need one to make the prompts
+        from pagedserve.model.default_model import default_model_dir
+
+        args.tokenizer = str(default_model_dir())
     if args.url:
         yield args.url.rstrip("/"), args.model, args.tokenizer
         return
@@ -127,11 +134,40 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
         raise SystemExit(f"bench serve failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     lv = json.loads(path.read_text())["levels"][0]
     s = lv["summary"]
-    return {"output_throughput": s["output_throughput"], "ttft_p50_ms": s["ttft_ms"]["p50"],
+    return {"output_throughput": s["output_throughput"], "ttft_mean_ms": s["ttft_ms"]["mean"],
+            "ttft_p50_ms": s["ttft_ms"]["p50"],
             "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"], "completed": s["completed"],
             "failed": s["failed"], "client_bound": lv["client"].get("client_bound"),
             "workers": lv["client"].get("workers"), "client_cpu_peak": lv["client"].get("cpu_peak_fraction"),
             "wall_s": time.monotonic() - t}
+
+
+def server_scrape(url: str) -> dict | None:
+    """Sums/counts of the server's vLLM-named latency histograms (GET /metrics), or None."""
+    import httpx
+
+    from pagedserve.bench.runner import _PROM
+
+    try:
+        r = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    out: dict[str, float] = {}
+    for name, kind, value in _PROM.findall(r.text) if r.status_code == 200 else ():
+        out[f"{name}_{kind}"] = out.get(f"{name}_{kind}", 0.0) + float(value)
+    return out or None
+
+
+def with_server_view(url: str, run) -> dict:
+    """Run one client; add the server's own mean TTFT over that run (the reference both clients are judged by)."""
+    from pagedserve.bench.runner import server_side
+
+    before = server_scrape(url)
+    res = run()
+    view = server_side(before, server_scrape(url)) if before else None
+    if view and "ttft_mean_ms" in view:
+        res["server_ttft_mean_ms"] = view["ttft_mean_ms"]
+    return res
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -161,9 +197,51 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     if proc.returncode != 0:
         raise SystemExit(f"vllm bench serve failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     r = json.loads((out / name).read_text())
-    return {"output_throughput": r["output_throughput"], "ttft_p50_ms": r["median_ttft_ms"],
+    return {"output_throughput": r["output_throughput"], "ttft_mean_ms": r["mean_ttft_ms"],
+            "ttft_p50_ms": r["median_ttft_ms"],
             "ttft_p99_ms": r["p99_ttft_ms"], "tpot_p50_ms": r["median_tpot_ms"], "completed": r["completed"],
             "failed": n - r["completed"], "wall_s": time.monotonic() - t}
+
+
+VLLM_CLIENT_DIR = Path(tempfile.gettempdir()) / "pagedserve-vllm-client"
+_MODULE_TO_PACKAGE = {"zmq": "pyzmq", "cpuinfo": "py-cpuinfo", "yaml": "pyyaml", "PIL": "pillow"}
+
+
+def install_vllm_client(target: Path, version: str) -> tuple[bool, str]:
+    """vLLM's load generator without vLLM's engine dependencies (no CUDA torch): the vllm wheel with
+    --no-deps into `target`, then, one at a time, each module `vllm bench serve --help` still lacks
+    (versions pinned as in ../shared/peers/vllm/requirements.txt when listed there). Never touches the
+    project's environment; PYTHONPATH=target puts it in reach."""
+    req = ROOT.parent / "shared" / "peers" / "vllm" / "requirements.txt"
+    pins = {}
+    if req.exists():
+        for line in req.read_text().splitlines():
+            name, _, ver = line.strip().partition("==")
+            if ver and not name.startswith("#"):
+                pins[name.lower().replace("_", "-")] = line.strip()
+
+    def pip(spec: str) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), spec],
+                       capture_output=True, text=True, timeout=900, check=True)
+
+    env = dict(os.environ, PYTHONPATH=str(target))
+    try:
+        if not (target / "vllm").is_dir():
+            print(f"installing vLLM {version}'s client into {target} (no dependencies) …", flush=True)
+            pip(f"vllm=={version}")
+        for _ in range(60):
+            proc = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--help"],
+                                  capture_output=True, text=True, env=env, timeout=300)
+            if proc.returncode == 0:
+                return True, f"vLLM {version}'s bench serve from {target}"
+            missing = re.findall(r"No module named '([^'.]+)", proc.stderr)
+            if not missing or missing[-1] == "vllm":
+                return False, f"vllm bench serve does not start: {proc.stderr.strip().splitlines()[-1:]}"
+            pkg = _MODULE_TO_PACKAGE.get(missing[-1], missing[-1])
+            pip(pins.get(pkg.lower().replace("_", "-"), pkg))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return False, f"installing vLLM's client failed: {e}"
+    return False, "vllm bench serve still lacks modules after 60 installs"
 
 
 def guidellm_clean_install() -> tuple[bool, str]:
@@ -184,9 +262,15 @@ def guidellm_clean_install() -> tuple[bool, str]:
 
 def choose_peer(args) -> tuple[str | None, str]:
     if args.peer in ("auto", "vllm") and vllm_available(args):
-        return "vllm", "vllm bench serve"
+        return "vllm", f"vllm bench serve (PYTHONPATH {args.peer_pythonpath or 'as is'})"
+    if args.peer in ("auto", "vllm") and args.install_vllm_client:
+        ok, why = install_vllm_client(VLLM_CLIENT_DIR, args.vllm_version)
+        if ok:
+            args.peer_pythonpath = str(VLLM_CLIENT_DIR)
+            return "vllm", why
+        print(f"vLLM's client: {why}", flush=True)
     if args.peer == "vllm":
-        return None, "vLLM is not importable (pass --peer-pythonpath or put it on PYTHONPATH)"
+        return None, "vLLM is not importable (pass --peer-pythonpath, or --install-vllm-client)"
     if args.peer in ("auto", "guidellm"):
         ok, why = guidellm_clean_install()
         if not ok:
@@ -221,6 +305,14 @@ def print_agreement(rows: list[dict], peer: str | None) -> None:
         if r["ours"].get("client_bound"):
             line += "  (our client flagged client-bound)"
         print(line)
+    if any("server_ttft_mean_ms" in r["ours"] for r in rows):
+        print("\nTTFT mean ms, each client vs the server's own mean over that client's run (/metrics):")
+        for r in rows:
+            o, p = r["ours"], r.get("peer", {})
+            line = f"{r['concurrency']:>5} | ours {o['ttft_mean_ms']:8.1f} (server {o.get('server_ttft_mean_ms', 0):8.1f})"
+            if p:
+                line += f" | {peer} {p['ttft_mean_ms']:8.1f} (server {p.get('server_ttft_mean_ms', 0):8.1f})"
+            print(line)
     if peer:
         print(f"ratio = ours / {peer}; '!' = outside the target (throughput ±{THROUGHPUT_TOL:.0%}, "
               f"TTFT/TPOT ±{LATENCY_TOL:.0%})")
@@ -235,9 +327,10 @@ def agreement(args) -> dict:
         for c in [int(x) for x in args.concurrency.split(",")]:
             n = args.prompts_per_stream * c
             row = {"concurrency": c, "num_prompts": n,
-                   "ours": run_ours(url, model, tokenizer, c, n, args, args.workers, out)}
+                   "ours": with_server_view(url, lambda: run_ours(url, model, tokenizer, c, n, args, args.workers,
+                                                                  out))}
             if peer == "vllm":
-                row["peer"] = run_vllm(url, model or "mock", tokenizer, c, n, args, out)
+                row["peer"] = with_server_view(url, lambda: run_vllm(url, model or "mock", tokenizer, c, n, args, out))
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
@@ -317,6 +410,9 @@ def main() -> None:
     g.add_argument("--level-timeout", type=float, default=1800)
     g = ap.add_argument_group("peer")
     g.add_argument("--peer", choices=["auto", "vllm", "guidellm", "none"], default="auto")
+    g.add_argument("--install-vllm-client", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"when vLLM is not importable, install its client (no deps) into {VLLM_CLIENT_DIR}")
+    g.add_argument("--vllm-version", default="0.26.0")
     g.add_argument("--peer-pythonpath", default=os.environ.get("PAGEDSERVE_PEER_PYTHONPATH") or next(
         (p for p in ("/tmp/peer-site", str(ROOT.parent / "shared" / "peers" / "vllm")) if Path(p).is_dir()), None))
     g = ap.add_argument_group("self-check")

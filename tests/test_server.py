@@ -351,7 +351,9 @@ BAD = [
     ("chat-json-schema-no-schema", CH, ch(response_format={"type": "json_schema"}), 400,
      "response_format.json_schema.schema"),
     ("chat-response-format-unknown", CH, ch(response_format={"type": "yaml"}), 400, "response_format.type"),
-    ("chat-tools", CH, ch(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    # tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (not set here)
+    ("chat-tools-auto-not-enabled", CH, ch(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tool_choice"),
     ("chat-too-long", CH, ch(messages=[{"role": "user", "content": "hello " * 600}]), 400, "messages"),
     ("chat-logprobs-int", CH, ch(logprobs=3), 400, "logprobs"),
     ("tokenize-nothing", "/tokenize", {"model": MODEL}, 400, "prompt"),

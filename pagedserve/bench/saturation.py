@@ -5,7 +5,7 @@ event-loop lag (how much later than asked a 10 ms sleep wakes up) and its CPU ti
 Per level the samples of all workers are merged (raw, so the percentiles are exact),
 together with the per-request send delay (start -> request written) and, in rate
 mode, the dispatch lag (scheduled arrival -> start). Above any threshold below the
-level is *client-bound* (loop lag only from LOOP_LAG_BOUND): its latencies include
+level is *client-bound* (loop and dispatch lag only from their _BOUND values): its latencies include
 the client's own delay and its throughput may be the client's ceiling, so the report
 flags it and the knee search never goes past it (pagedserve/bench/report.py).
 """
@@ -19,7 +19,8 @@ from pagedserve.bench.metrics import percentile
 CLIENT_CPU_WARN = 0.80  # fraction of one core, in any worker's busiest second
 LOOP_LAG_WARN = 0.020  # seconds (P99 over all workers' samples): a warning
 LOOP_LAG_BOUND = 0.050  # ... and from here on, client-bound even while its CPU is low (starved)
-DISPATCH_LAG_WARN = 0.010  # seconds (P99, rate mode without a concurrency cap)
+DISPATCH_LAG_WARN = 0.010  # seconds (P99, rate mode without a concurrency cap): a warning
+DISPATCH_LAG_BOUND = 0.050  # ... and from here on the offered rate is the client's, not the one asked for
 SEND_DELAY_WARN = 0.050  # seconds (P99) from a request's start to its bytes on the wire
 
 
@@ -103,14 +104,14 @@ def summarize_client(raw: list[dict], records: list, spec, failures: list[str] |
 
 
 def is_client_bound(client: dict, spec) -> bool:
-    """Every warning makes a level client-bound except mild loop lag with low CPU (a busy
-    machine delays a few wake-ups by 20-50 ms without capping the load the client offers)."""
+    """Every warning makes a level client-bound except mild lags (a busy machine delays a few
+    wake-ups or arrivals by 10-50 ms without capping the load the client offers)."""
     lag = (client.get("loop_lag_p99_ms") or 0.0) / 1000.0
     cpu = max(client["cpu_fraction"], client.get("cpu_peak_fraction") or 0.0)
     sd = (client.get("send_delay_p99_ms") or 0.0) / 1000.0
     dl = (client.get("dispatch_lag_p99_ms") or 0.0) / 1000.0
     return bool(cpu >= CLIENT_CPU_WARN or lag >= LOOP_LAG_BOUND or sd >= SEND_DELAY_WARN
-                or (dl >= DISPATCH_LAG_WARN and not spec.max_concurrency) or client.get("worker_failures"))
+                or (dl >= DISPATCH_LAG_BOUND and not spec.max_concurrency) or client.get("worker_failures"))
 
 
 def client_warnings(client: dict, spec) -> list[str]:

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.errors import InvalidRequestError, NotReadyError, PagedServeError
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.serving import OpenAIServing, error_response, json_response
+from pagedserve.server.tool_calling import ToolOptions
 
 log = logging.getLogger("pagedserve.server")
 
@@ -68,6 +69,7 @@ class ServerOptions:
     port: int = 8000
     answer_cache: AnswerCacheConfig | None = None  # exact-match replay of deterministic requests
     trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
+    tools: ToolOptions = field(default_factory=ToolOptions)  # --enable-auto-tool-choice, --tool-call-parser
 
 
 async def read_body(request: Request) -> bytes:
@@ -91,7 +93,7 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
     metrics = ServerMetrics(opts.served_model_names[0])
     engine = AsyncEngine(config, observer=metrics, log_level=logging.getLogger().getEffectiveLevel())
     serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests,
-                            opts.trust_request_chat_template)
+                            opts.tools, opts.trust_request_chat_template)
     api_key = opts.api_key
 
     async def load() -> None:

@@ -75,10 +75,13 @@ def request_template(req_template: str | None, kwargs: dict | None, trusted: boo
 
 
 def render(tokenizer, convo: list[dict], *, template: str | None, add_generation_prompt: bool,
-           continue_final_message: bool, kwargs: dict, max_chars: int = DEFAULT_MAX_CHARS) -> str:
+           continue_final_message: bool, kwargs: dict, max_chars: int = DEFAULT_MAX_CHARS,
+           tools: list[dict] | None = None) -> str:
     """apply_chat_template(tokenize=False) under the bounds; runs in a worker thread."""
     # Names apply_chat_template itself takes must not arrive through chat_template_kwargs.
     extra: dict[str, Any] = {k: v for k, v in kwargs.items() if k not in _RESERVED}
+    if tools:
+        extra["tools"] = tools  # the request's tools (tool_prompt.adapt), as the template expects them
     _local.range_left = RANGE_BUDGET
     _local.max_chars = max_chars
     try:

@@ -7,6 +7,7 @@ import os
 
 def add_parser(sub) -> None:
     from pagedserve.entrypoints.generate_cli import add_engine_args
+    from pagedserve.server.tool_parsers import TOOL_PARSERS
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve MODEL (an HF directory, a .gguf file or a Hub id in the local cache; "
@@ -31,6 +32,14 @@ def add_parser(sub) -> None:
                    help="seconds SIGTERM waits for in-flight requests to finish")
     g.add_argument("--enable-access-log", action="store_true", help="log every HTTP request (off by default)")
     g.add_argument("--disable-log-requests", action="store_true", help="no per-request completion log lines")
+    t = p.add_argument_group("tool calling")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='accept tool_choice "auto" (the default when a request has tools); needs --tool-call-parser')
+    t.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how to find tool calls in the model's text: hermes (Qwen2.5/Qwen3, Hermes, the default "
+                        "model), llama3_json (Llama 3.x)")
+    t.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help='do not show the tools to the chat template when tool_choice is "none"')
     from pagedserve.answer_cache import add_answer_cache_args
 
     add_answer_cache_args(p)
@@ -51,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model and args.model_opt and args.model != args.model_opt:
         raise ConfigError(f"two different models given: {args.model!r} and --model {args.model_opt!r}")
     model = args.model or args.model_opt
+    from pagedserve.server.tool_calling import ToolOptions
+
+    # Checked here so that `serve --replicas N` fails at once too, not in each replica.
+    tools = ToolOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.exclude_tools_when_tool_choice_none)
     if getattr(args, "replicas", 1) > 1:
         from pagedserve.cluster.launcher import run_cluster
 
@@ -66,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     opts = ServerOptions(served_model_names=args.served_model_name or [default_served_name(model)],
                          api_key=api_key, max_queue_len=args.max_queue_len,
                          log_requests=not args.disable_log_requests, host=args.host, port=args.port,
-                         answer_cache=config_from_args(args, salt=api_key or ""),
+                         answer_cache=config_from_args(args, salt=api_key or ""), tools=tools,
                          trust_request_chat_template=args.trust_request_chat_template)
     return serve(engine_kwargs(args, model), opts, shutdown_timeout=args.shutdown_timeout,
                  access_log=args.enable_access_log)

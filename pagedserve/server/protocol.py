@@ -156,6 +156,7 @@ class TokenizeRequest(_Base):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template: str | None = None

@@ -32,6 +32,8 @@ from pagedserve.server.constraints import check_constraint, constraint_from_requ
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest, parse)
+from pagedserve.server.tool_calling import ToolOptions, ToolOutput, ToolPlan, plan_tools
+from pagedserve.server.tool_prompt import adapt, history_tool_calls, template_source
 
 log = logging.getLogger("pagedserve.server")
 
@@ -137,7 +139,7 @@ class _Choice:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_names: list[str],
-                 max_queue_len: int | None = None, log_requests: bool = True,
+                 max_queue_len: int | None = None, log_requests: bool = True, tools: ToolOptions | None = None,
                  trust_request_chat_template: bool = False):
         self.engine = engine
         self.trust_request_chat_template = trust_request_chat_template
@@ -147,6 +149,7 @@ class OpenAIServing:
         self.model_name = served_names[0]
         self.max_queue_len = max_queue_len
         self.log_requests = log_requests
+        self.tool_options = tools or ToolOptions()
         self.tokenizer = None  # set when loaded
         self.created = int(time.time())
 
@@ -272,7 +275,7 @@ class OpenAIServing:
 
     async def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                                   continue_final_message: bool = False, kwargs: dict | None = None,
-                                  template: str | None = None) -> str:
+                                  template: str | None = None, tools: list[dict] | None = None) -> str:
         tok = self.tokenizer
         template, kwargs = chat_template.request_template(template, kwargs, self.trust_request_chat_template)
         if template is None and not getattr(tok, "chat_template", None):
@@ -298,10 +301,15 @@ class OpenAIServing:
             msg = {"role": m.role, "content": content or ""}
             if m.name is not None:
                 msg["name"] = m.name
+            if m.tool_calls:
+                msg["tool_calls"] = history_tool_calls(m.tool_calls, i)
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             convo.append(msg)
+        convo, tools = adapt(convo, tools, template_source(tok, {"chat_template": template} if template else kwargs))
         return await asyncio.to_thread(chat_template.render, tok, convo, template=template,
                                        add_generation_prompt=add_generation_prompt,
-                                       continue_final_message=continue_final_message, kwargs=kwargs)
+                                       continue_final_message=continue_final_message, kwargs=kwargs, tools=tools)
 
     def _submit(self, base: str, prompts: list[list[int]], params: SamplingParams, arrival: float) -> RequestStream:
         self.check_queue(len(prompts))
@@ -453,33 +461,46 @@ class OpenAIServing:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         self.check_model(req.model)
         self.check_ready()
-        if req.tools and req.tool_choice != "none":
-            raise InvalidRequestError("tools / function calling is not supported", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, logprobs)
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_options)
         await self.add_constraint(req, params)
+        if plan is not None and plan.constrained:
+            if params.structured_outputs is not None:
+                raise InvalidRequestError("tool_choice 'required' or a named function constrains the output "
+                                          "already; drop response_format / structured_outputs", param="tool_choice")
+            params.structured_outputs = await plan.checked_constraint()
+            params.validate()  # e.g. beam search cannot be constrained
         text = await self.apply_chat_template(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                              req.chat_template_kwargs, req.chat_template)
+                                              req.chat_template_kwargs, req.chat_template,
+                                              plan.template_tools if plan else None)
         ids = await self.encode(text, add_special_tokens=False, param="messages")  # the template has the specials
         self.check_prompt(ids, params, param="messages")
         base = f"chatcmpl-{uuid.uuid4().hex}"
         stream = self._submit(base, [ids], params, t0)
         ctx = _Ctx(base, stream, [ids], None, params.n, req.stream_options, t0)
         headers = {"X-Request-Id": base}
+        tooled = plan if plan is not None and plan.parses else None
         if req.stream:
-            chunks = partial(self._chat_chunks, want_lp=bool(req.logprobs))
+            if tooled is not None:
+                chunks = partial(self._tool_chunks, plan=tooled, want_lp=bool(req.logprobs))
+            else:
+                chunks = partial(self._chat_chunks, want_lp=bool(req.logprobs))
             return SSEResponse(self._sse(ctx, "chat.completion.chunk", chunks), headers)
         result = await race_disconnect(raw.receive, self._collect(ctx))
         if result is None:
             return Response(status_code=499)
         choices = []
         for (_, si), c in sorted(result.items()):
-            choices.append({"index": si, "message": {"role": "assistant", "content": "".join(c.text)},
+            message, reason = {"role": "assistant", "content": "".join(c.text)}, c.finish_reason
+            if tooled is not None:
+                message, reason = tooled.output().message(message["content"], reason)
+            choices.append({"index": si, "message": message,
                             "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                            "finish_reason": reason, "stop_reason": c.stop_reason})
         return json_response({"id": base, "object": "chat.completion", "created": int(t0), "model": self.model_name,
                               "choices": choices, "usage": ctx.usage()}, headers=headers)
 
@@ -510,6 +531,38 @@ class OpenAIServing:
             if parts:
                 yield "".join(parts)
 
+    async def _tool_chunks(self, ctx: "_Ctx", head: str, plan: ToolPlan, want_lp: bool) -> AsyncIterator[str]:
+        """Chat chunks whose text goes through the tool-call parser: content and tool-call deltas."""
+        outputs: dict[int, ToolOutput] = {i: plan.output() for i in range(ctx.n)}
+        pending_lp: dict[int, list] = {}
+        yield "".join(f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+                      f'"finish_reason":null}}]{ctx.usage_tail(False)}}}\n\n' for i in range(ctx.n))
+        async for outs in ctx.stream:
+            parts = []
+            for key, c, text, lps in ctx.absorb(outs):
+                si = key[1]
+                out = outputs[si]
+                if lps:
+                    pending_lp.setdefault(si, []).extend(lps)
+                deltas = out.feed(text)
+                reason = None
+                if c.finish_reason is not None:
+                    more, reason = out.finish(c.finish_reason)
+                    deltas += more
+                for d in deltas:
+                    lp = pending_lp.pop(si, None)
+                    lp = {"content": self._chat_logprobs(lp)} if want_lp and lp else None
+                    choice = {"index": si, "delta": d, "logprobs": lp, "finish_reason": None}
+                    parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
+                if reason is not None:
+                    lp = pending_lp.pop(si, None)
+                    lp = {"content": self._chat_logprobs(lp)} if want_lp and lp else None
+                    choice = {"index": si, "delta": {}, "logprobs": lp, "finish_reason": reason,
+                              "stop_reason": c.stop_reason}
+                    parts.append(f"{head}{dumps(choice)}]{ctx.usage_tail(True)}}}\n\n")
+            if parts:
+                yield "".join(parts)
+
     # -- /tokenize, /detokenize ----------------------------------------------------------
     async def tokenize(self, body: bytes) -> Response:
         req: TokenizeRequest = parse(TokenizeRequest, body)
@@ -520,8 +573,10 @@ class OpenAIServing:
         if req.messages is not None:
             if not req.messages:
                 raise InvalidRequestError("messages: must not be empty", param="messages")
+            tools = plan_tools(req.tools, "none", None, ToolOptions()) if req.tools else None
             text = await self.apply_chat_template(req.messages, req.add_generation_prompt,
-                                                  kwargs=req.chat_template_kwargs, template=req.chat_template)
+                                                  kwargs=req.chat_template_kwargs, template=req.chat_template,
+                                                  tools=tools.template_tools if tools else None)
             ids = await self.encode(text, add_special_tokens=False, param="messages", max_len=_TOKENIZE_MAX_LEN)
         else:
             ids = await self.encode(req.prompt, add_special_tokens=req.add_special_tokens, max_len=_TOKENIZE_MAX_LEN)
