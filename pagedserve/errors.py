@@ -49,6 +49,14 @@ class NotReadyError(PagedServeError):
     type = "service_unavailable"
 
 
+class RequestFailedError(PagedServeError):
+    """The engine hit an internal error while running this one request and aborted it (HTTP 500);
+    the other requests in the batch were not affected."""
+
+    status = 500
+    type = "internal_error"
+
+
 class ConfigError(PagedServeError, ValueError):
     """Engine/server configuration that cannot work (bad path, too little memory...)."""
 

@@ -72,6 +72,11 @@ class LLM:
                     _, err = self.engine.request_errors[0]
                     self.engine.request_errors.clear()
                     raise err
+                for rid, why in self.engine.take_failed():
+                    if rid in order:
+                        from pagedserve.errors import RequestFailedError
+
+                        raise RequestFailedError(f"request {order[rid]} failed in the engine: {why}")
         except BaseException:
             # A failed step (or Ctrl-C) must not leave half-run requests behind to wedge later calls.
             for rid in order:

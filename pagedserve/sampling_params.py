@@ -7,6 +7,9 @@ from pagedserve.errors import InvalidRequestError
 
 _MAX_N = 128
 _MAX_LOGPROBS = 20
+_MAX_TOKEN_ID = 2**31 - 1  # the engine checks the real vocabulary size; this keeps tensors' int64 safe
+_MAX_LOGIT_BIAS = 1024
+_MAX_LENGTH_PENALTY = 10.0  # len ** penalty stays finite for any max_model_len up to 2^100
 
 
 def _fail(param: str, msg: str) -> None:
@@ -60,6 +63,7 @@ class SamplingParams:
     beam_width: int | None = None  # default: n
     length_penalty: float = 1.0
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI)
     structured_outputs: StructuredOutputsParams | None = None
 
     stop_list: list[str] = field(init=False, default_factory=list, repr=False)
@@ -89,8 +93,9 @@ class SamplingParams:
             _fail("temperature", f"must be a number in [0, 100], got {self.temperature!r}")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             _fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or (self.top_k < 0 and self.top_k != -1):
-            _fail("top_k", f"must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if not is_int(self.top_k) or (self.top_k < 0 and self.top_k != -1) or self.top_k > _MAX_TOKEN_ID:
+            _fail("top_k", f"must be -1 (disabled), 0 (disabled) or a positive integer up to the vocabulary size, "
+                           f"got {self.top_k!r}")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             _fail("min_p", f"must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -109,10 +114,21 @@ class SamplingParams:
             _fail("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if len(self.stop_list) > 16 or not all(isinstance(s, str) and s for s in self.stop_list):
             _fail("stop", "must be a non-empty string or a list of at most 16 non-empty strings")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            _fail("stop_token_ids", "must be a list of non-negative integers")
+        if not all(is_int(t) and 0 <= t <= _MAX_TOKEN_ID for t in self.stop_token_ids):
+            _fail("stop_token_ids", "must be a list of token ids (non-negative integers below the vocabulary size)")
+        if not is_num(self.length_penalty) or not -_MAX_LENGTH_PENALTY <= self.length_penalty <= _MAX_LENGTH_PENALTY:
+            _fail("length_penalty", f"must be a number in [-{_MAX_LENGTH_PENALTY}, {_MAX_LENGTH_PENALTY}], "
+                                    f"got {self.length_penalty!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= _MAX_LOGPROBS):
             _fail("logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > _MAX_LOGIT_BIAS:
+                _fail("logit_bias", f"must map at most {_MAX_LOGIT_BIAS} token ids to numbers")
+            for t, v in self.logit_bias.items():
+                if not is_int(t) or not 0 <= t <= _MAX_TOKEN_ID:
+                    _fail("logit_bias", f"keys must be token ids (non-negative integers), got {t!r}")
+                if not is_num(v) or not -100 <= v <= 100:
+                    _fail("logit_bias", f"values must be numbers in [-100, 100], got {v!r} for token {t}")
         if self.prompt_logprobs is not None:
             _fail("prompt_logprobs", "is not supported by pagedserve yet")
         if self.structured_outputs is not None:
@@ -133,8 +149,8 @@ class SamplingParams:
                 _fail("beam_width", f"must be an integer in [1, 32], got {width!r}")
             if self.n > width:
                 _fail("n", f"({self.n}) must not exceed beam_width ({width})")
-            if not is_num(self.length_penalty):
-                _fail("length_penalty", "must be a number")
+            if self.logprobs is not None:
+                _fail("logprobs", "is not supported with use_beam_search")
             self.beam_width = width
 
     def clone(self, **changes) -> "SamplingParams":

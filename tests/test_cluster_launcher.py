@@ -69,7 +69,7 @@ async def test_supervisor_restarts_a_killed_replica_which_rejoins(caplog):
     caplog.set_level(logging.INFO, logger="pagedserve")
     base = consecutive_free_ports(3)
     cluster = Cluster(2, "127.0.0.1", base, [], command=sim_replica, load_timeout=30,
-                      router_config=RouterConfig(health_interval=0.1))
+                      router_config=RouterConfig(health_interval=0.1, admin_api_key="adm"))
     run = asyncio.create_task(cluster.run())
     pool = cluster.router.pool
     try:
@@ -88,7 +88,7 @@ async def test_supervisor_restarts_a_killed_replica_which_rejoins(caplog):
                 r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
                 assert r.status_code == 200
             await wait_for(lambda: len(pool.healthy) == 2 and victim.proc.pid != old_pid, 30)
-            listed = (await client.get("/admin/backends")).json()["backends"]
+            listed = (await client.get("/admin/backends", headers={"authorization": "Bearer adm"})).json()["backends"]
             assert listed[0]["pid"] == victim.proc.pid and listed[0]["restarts"] == 1
     finally:
         pids = [r.proc.pid for r in cluster.replicas]
@@ -155,3 +155,44 @@ time.sleep(60)
             time.sleep(0.1)
     finally:
         parent.kill()
+
+
+_DEAD_ENGINE_REPLICA = r'''
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+t0 = time.monotonic()
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        dead = time.monotonic() - t0 > 1.5  # ready, then its engine "dies" and is not restarted
+        body = json.dumps({"error": {"message": "the engine process died: engine process exited (exit code 1)",
+                                     "type": "service_unavailable", "param": None, "code": 503}} if dead
+                          else {"status": "ok"}).encode()
+        self.send_response(503 if dead else 200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+print("replica up", flush=True)
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+'''
+
+
+async def test_supervisor_restarts_a_live_replica_whose_engine_died(caplog):
+    """The process is alive and answers, but /health says its engine is dead (and not restarting):
+    the supervisor restarts it instead of leaving it at 503 for good (issue 14)."""
+    caplog.set_level(logging.INFO, logger="pagedserve")
+    base = consecutive_free_ports(2)
+    cmd = lambda i, port: [sys.executable, "-c", _DEAD_ENGINE_REPLICA, str(port)]  # noqa: E731
+    cluster = Cluster(1, "127.0.0.1", base, [], command=cmd, load_timeout=30, health_interval=0.2,
+                      dead_engine_grace=0.5, router_config=RouterConfig(health_interval=0.2))
+    run = asyncio.create_task(cluster.run())
+    try:
+        await wait_for(lambda: cluster.replicas[0].restarts >= 1, 20)
+        assert "alive but its engine is dead and not restarting" in caplog.text
+        await wait_for(lambda: cluster.replicas[0].ready, 20)  # the new process came up
+    finally:
+        pid = cluster.replicas[0].proc.pid
+        cluster.request_stop(signal.SIGTERM)
+        await asyncio.wait_for(run, 30)
+    assert gone(pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import httpx
@@ -107,15 +108,17 @@ async def test_openai_client_streaming_and_models(cluster):
     await client.aclose()
 
 
-async def test_retry_on_5xx_then_eject(cluster):
+async def test_retry_on_503_with_retry_after_then_eject(cluster):
+    """A 503 with Retry-After says "not ready, come back": the request did no work, so it is retried."""
     url, client = await two(cluster, failures_to_eject=3)
-    cluster.sims[0].fail_status = 500
+    cluster.sims[0].fail_status = 503
+    cluster.sims[0].fail_retry_after = True
     for _ in range(8):
         r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
         assert r.status_code == 200, r.text
         assert r.headers["x-pagedserve-backend"] == cluster.urls[1]
     b0 = cluster.router.pool.get(cluster.urls[0])
-    assert not b0.healthy and "500" in b0.reason  # ejected after 3 consecutive 5xx
+    assert not b0.healthy and "503" in b0.reason  # ejected after 3 consecutive 5xx
     metrics = (await client.get("/metrics")).text
     assert f'pagedserve:router_retries_total{{backend="{cluster.urls[0]}"}} 3.0' in metrics
     assert f'pagedserve:router_errors_total{{backend="{cluster.urls[0]}",kind="http_5xx"}} 3.0' in metrics
@@ -125,14 +128,36 @@ async def test_retry_on_5xx_then_eject(cluster):
     await client.aclose()
 
 
-async def test_retry_when_dropped_before_first_byte(cluster):
-    url, client = await two(cluster)
-    cluster.sims[0].drop_before_first_chunk = True  # headers sent, then the connection drops
+@pytest.mark.parametrize("status", [500, 503])
+async def test_5xx_without_retry_after_is_relayed_not_retried(cluster, status):
+    """A 5xx without Retry-After means the backend worked on the request and failed (e.g. its engine died
+    under it): replaying it could take down the next backend too (a poison request)."""
+    url, client = await two(cluster, failures_to_eject=100, policy="round_robin")
+    cluster.sims[0].fail_status = status
+    codes = []
     for _ in range(4):
-        status, events = await stream_completion(client)
-        assert status == 200 and events[-1] == "[DONE]"
-        assert all("error" not in json.loads(e) for e in events[:-1])
-    assert cluster.sims[1].finished == 4
+        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
+        codes.append(r.status_code)
+        if r.status_code != 200:
+            assert r.json()["error"]["code"] == status and r.headers["x-pagedserve-backend"] == cluster.urls[0]
+    assert codes.count(status) == 2 and codes.count(200) == 2  # round robin: half went to the failing one
+    assert cluster.sims[1].requests_seen == 2  # none of the failed ones was replayed on the healthy backend
+    assert 'pagedserve:router_not_retried_total{reason="backend_5xx"} 2.0' in (await client.get("/metrics")).text
+    await client.aclose()
+
+
+async def test_reset_before_first_byte_of_a_lone_request_is_not_replayed(cluster):
+    """A backend whose connection breaks under the only request it has may have been broken by that
+    request: answered 502 (OpenAI JSON), not replayed on the next backend."""
+    url, client = await two(cluster, failures_to_eject=100, policy="round_robin")
+    cluster.sims[0].drop_before_first_chunk = True  # headers sent, then the connection drops
+    results = [await stream_completion(client) for _ in range(4)]
+    assert sorted(s for s, _ in results) == [200, 200, 502, 502]
+    for status, events in results:
+        if status == 200:
+            assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+    assert cluster.sims[1].requests_seen == 2
+    assert 'pagedserve:router_not_retried_total{reason="poison_suspect"} 2.0' in (await client.get("/metrics")).text
     await client.aclose()
 
 
@@ -272,7 +297,7 @@ async def test_router_command_line(cluster, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "router", "--host", "127.0.0.1", "--port", str(port),
                              "--backend", cluster.urls[0], "--policy", "round_robin", "--health-check-interval", "0.2",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--log-level", "warning"], env={**os.environ, "PAGEDSERVE_ADMIN_API_KEY": "adm"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False) as client:
             deadline = time.monotonic() + 30
@@ -284,7 +309,8 @@ async def test_router_command_line(cluster, tmp_path):
                     pass
                 assert time.monotonic() < deadline and proc.poll() is None
                 await asyncio.sleep(0.1)
-            assert (await client.get("/admin/backends")).json()["policy"] == "round_robin"
+            admin = {"authorization": "Bearer adm"}
+            assert (await client.get("/admin/backends", headers=admin)).json()["policy"] == "round_robin"
             status, events = await stream_completion(client)
             assert status == 200 and events[-1] == "[DONE]"
     finally:

@@ -219,13 +219,14 @@ def test_sampling_fields(client, tok):
 
 
 def test_tokenize_detokenize(http, tok):
-    r = http.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert http.post("/tokenize", json={"prompt": "Hello world"}).status_code == 401  # they follow --api-key
+    r = http.post("/tokenize", json={"prompt": "Hello world"}, headers=AUTH).json()
     assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == MAX_MODEL_LEN
-    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Hello world"
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}, headers=AUTH).json()["prompt"] == "Hello world"
     msgs = [{"role": "user", "content": "Hi"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    r = http.post("/tokenize", json={"messages": msgs}).json()
+    r = http.post("/tokenize", json={"messages": msgs}, headers=AUTH).json()
     assert r["tokens"] == tok.encode(text, add_special_tokens=False)
 
 
@@ -316,7 +317,14 @@ BAD = [
     ("echo-with-logprobs", C, c(echo=True, logprobs=1), 400, "echo"),
     ("stream-string", C, c(stream="yes"), 400, "stream"),
     ("stream-options-string", C, c(stream_options="x"), 400, "stream_options"),
-    ("logit-bias", C, c(logit_bias={"1": 5}), 400, "logit_bias"),
+    ("logit-bias-out-of-range", C, c(logit_bias={"1": 500}), 400, "logit_bias"),
+    ("logit-bias-key-not-id", C, c(logit_bias={"x": 5}), 400, "logit_bias"),
+    ("top-k-over-vocab", C, c(top_k=10**6), 400, "top_k"),
+    ("length-penalty-huge", C, c(use_beam_search=True, n=2, length_penalty=1e308), 400, "length_penalty"),
+    ("beam-with-logprobs", C, c(use_beam_search=True, n=2, logprobs=1), 400, "logprobs"),
+    ("stop-token-ids-over-vocab", C, c(stop_token_ids=[10**6], stream=True), 400, "stop_token_ids"),
+    ("chat-user-without-content", CH, ch(messages=[{"role": "user"}]), 400, "messages.0.content"),
+    ("chat-request-template", CH, ch(chat_template="{{ 1 }}"), 400, "chat_template"),
     ("best-of", C, c(best_of=3), 400, "best_of"),
     ("suffix", C, c(suffix="x"), 400, "suffix"),
     ("model-int", C, c(model=123), 400, "model"),

@@ -82,7 +82,8 @@ async def test_engine_death_fails_requests_and_health(server):
         assert err["code"] == 503 and "died" in err["message"]
         q = await asyncio.wait_for(queued, 30)
         assert q.status_code == 503 and "died" in q.json()["error"]["message"]
-        # The server stays up, says it is unhealthy, and refuses new work with 503.
+        # The server stays up, says it is unhealthy, and refuses new work with 503 while it starts a new
+        # engine (tests/test_robustness.py waits for the restart).
         h = await c.get("/health")
         assert h.status_code == 503 and "died" in h.json()["error"]["message"]
         r = await c.post(C, json={"prompt": "Hi"})

@@ -2,6 +2,8 @@
 tools, so the Hermes fallback applies) and a Qwen2.5-style template that renders them itself."""
 from __future__ import annotations
 
+import asyncio
+
 import json
 
 import pytest
@@ -66,7 +68,7 @@ def tool_serving():
 
 def test_default_template_gets_the_hermes_fallback(default_serving):
     assert "tools" not in default_serving.tokenizer.chat_template  # the reason for the fallback
-    text = default_serving.apply_chat_template(msgs(HISTORY), tools=[WEATHER])
+    text = asyncio.run(default_serving.apply_chat_template(msgs(HISTORY), tools=[WEATHER]))
     assert text.startswith("<|im_start|>system\n# Tools")
     assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in text and "<tool_call>" in text
     # the past call as a Hermes block, its arguments as an object; both results in one user turn
@@ -78,15 +80,15 @@ def test_default_template_gets_the_hermes_fallback(default_serving):
 
 
 def test_default_template_keeps_the_users_system_prompt(default_serving):
-    text = default_serving.apply_chat_template(
-        msgs([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]), tools=[WEATHER])
+    text = asyncio.run(default_serving.apply_chat_template(
+        msgs([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]), tools=[WEATHER]))
     assert text.startswith("<|im_start|>system\nBe terse.\n\n# Tools")
-    plain = default_serving.apply_chat_template(msgs([{"role": "user", "content": "hi"}]))
+    plain = asyncio.run(default_serving.apply_chat_template(msgs([{"role": "user", "content": "hi"}])))
     assert "# Tools" not in plain and "SmolLM" in plain  # no tools: the template's own default
 
 
 def test_template_with_tool_support_renders_them_itself(tool_serving):
-    text = tool_serving.apply_chat_template(msgs(HISTORY), tools=[WEATHER])
+    text = asyncio.run(tool_serving.apply_chat_template(msgs(HISTORY), tools=[WEATHER]))
     assert text.startswith("<|im_start|>system\nTOOLS: get_weather<|im_end|>")
     assert 'CALL get_weather {"city": "Paris"}' in text  # a dict reached `tojson`, not the JSON string
     assert "RESULT call_1: 18 C and sunny" in text and "<tool_response>" not in text and "# Tools" not in text
@@ -96,9 +98,9 @@ def test_bad_history_tool_calls(default_serving):
     bad = [{"role": "user", "content": "x"},
            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"arguments": "{}"}}]}]
     with pytest.raises(InvalidRequestError) as e:
-        default_serving.apply_chat_template(msgs(bad))
+        asyncio.run(default_serving.apply_chat_template(msgs(bad)))
     assert e.value.param == "messages.1.tool_calls.0"
     bad[1]["tool_calls"][0]["function"] = {"name": "f", "arguments": "{not json"}
     with pytest.raises(InvalidRequestError) as e:
-        default_serving.apply_chat_template(msgs(bad))
+        asyncio.run(default_serving.apply_chat_template(msgs(bad)))
     assert e.value.param == "messages.1.tool_calls.0"

@@ -3,6 +3,7 @@ of OpenAI-compatible servers (pagedserve, vLLM, SGLang)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from pagedserve.cluster.policies import DEFAULT_POLICY, POLICIES
 
@@ -32,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--load-factor", type=float, default=1.25,
                    help="prefix_affinity: a backend takes at most this times its fair share of in-flight requests")
     p.add_argument("--admin-api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /admin/backends (add/remove backends)")
+                   help="turn on /admin/backends (list, add, remove backends) behind 'Authorization: Bearer KEY' "
+                        "(default: $PAGEDSERVE_ADMIN_API_KEY; without a key /admin/* answers 403)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     from pagedserve.answer_cache import add_answer_cache_args
 
@@ -55,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
     urls = [u for b in args.backend for u in b.split(",") if u.strip()]
     if not urls and not args.backends_file:
         logging.getLogger("pagedserve.router").warning(
-            "no backend given: add some with POST /admin/backends (or use --backend / --backends-file)")
+            "no backend given: add some with POST /admin/backends (needs --admin-api-key) or use --backend / "
+            "--backends-file")
     cfg = RouterConfig(policy=args.policy, max_retries=args.max_retries, health_interval=args.health_check_interval,
                        health_path=args.health_path, metrics_interval=args.metrics_interval,
                        request_timeout=args.request_timeout, prefix_chars=args.prefix_chars,
-                       load_factor=args.load_factor, admin_api_key=args.admin_api_key,
+                       load_factor=args.load_factor,
+                       admin_api_key=args.admin_api_key or os.environ.get("PAGEDSERVE_ADMIN_API_KEY") or None,
                        backends_file=args.backends_file)
     try:
         router = Router(urls, cfg)

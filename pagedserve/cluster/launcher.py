@@ -8,7 +8,10 @@
 - The router runs in this process on --host:--port and routes to ready replicas only.
 - The supervisor restarts a replica that dies (exponential backoff 1 s .. 30 s, reset after a
   minute of good health), logs why it died (signal or exit code and its last output lines),
-  and kills one that is not ready within --replica-load-timeout.
+  and kills one that is not ready within --replica-load-timeout. A replica that is alive but
+  no longer serves is restarted too: one whose /health reports a dead engine that it is not
+  restarting itself (after a few seconds), or whose /health has not answered 200 for
+  --replica-unhealthy-timeout seconds (a replica restarting its own engine gets that long).
 - SIGINT / SIGTERM: stop the router, SIGTERM every replica's process group, SIGKILL what is
   left after a grace period. Replicas run in their own sessions (a terminal's Ctrl-C reaches
   only the launcher, which stops them in order) and get SIGTERM from the kernel should the
@@ -42,6 +45,7 @@ log = logging.getLogger("pagedserve.launcher")
 # whether each takes a value.
 _CLUSTER_FLAGS = {"--replicas": True, "--data-parallel-size": True, "-dp": True, "--router-policy": True,
                   "--replica-base-port": True, "--replica-load-timeout": True, "--host": True, "--port": True,
+                  "--replica-unhealthy-timeout": True, "--admin-api-key": True,
                   # the answer cache sits in the router, shared by all replicas
                   "--answer-cache": True, "--answer-cache-ttl": True, "--answer-cache-max-bytes": True,
                   "--answer-cache-max-entry-bytes": True, "--answer-cache-redis-url": True}
@@ -57,6 +61,11 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replica-base-port", type=int, default=None, help="first replica port (default: --port + 1)")
     g.add_argument("--replica-load-timeout", type=float, default=600.0,
                    help="seconds a replica may take to become ready before it is killed and restarted")
+    g.add_argument("--replica-unhealthy-timeout", type=float, default=120.0,
+                   help="seconds a ready replica's /health may stay non-200 before it is killed and restarted")
+    g.add_argument("--admin-api-key", default=None,
+                   help="turn on the router's /admin/backends behind 'Authorization: Bearer KEY' "
+                        "(default: $PAGEDSERVE_ADMIN_API_KEY; off without a key)")
 
 
 def replica_argv(serve_argv: list[str]) -> list[str]:
@@ -194,7 +203,8 @@ class Cluster:
     def __init__(self, n: int, host: str, port: int, argv: list[str], *, policy: str = DEFAULT_POLICY,
                  base_port: int | None = None, load_timeout: float = 600.0, device: str = "auto",
                  grace_s: float = 15.0, command=None, router_config=None, answer_cache=None,
-                 tp: int = 1):
+                 tp: int = 1, unhealthy_timeout: float = 120.0, dead_engine_grace: float = 3.0,
+                 health_interval: float = 1.0):
         """`command(index, port) -> argv` replaces the replica command line (tests, other servers)."""
         from pagedserve.cluster.router import Router, RouterConfig
 
@@ -205,6 +215,9 @@ class Cluster:
         plans = plan_placement(n, gpus, cores, tp)
         self.replicas = [Replica(i, base + i, argv, plans[i], command) for i in range(n)]
         self.load_timeout = load_timeout
+        self.unhealthy_timeout = unhealthy_timeout
+        self.dead_engine_grace = dead_engine_grace  # a replica that says its engine is dead, not restarting
+        self.health_interval = health_interval
         self.grace_s = grace_s
         self.router = Router([], router_config or RouterConfig(policy=policy))
         self.answer_cache = answer_cache  # AnswerCacheConfig or None
@@ -289,14 +302,15 @@ class Cluster:
                 if not died and r.ready:
                     log.info("replica %d ready on %s in %.1fs", r.index, r.url, time.monotonic() - r.started_at)
                     await self.router._check(backend)
-                    while r.proc.poll() is None:
-                        if await self._sleep_or_stop(0.2):
-                            return
+                    why = await self._watch(r, client)
+                    if why is None:
+                        return
+                else:
+                    why = f"not ready within {self.load_timeout:.0f}s (--replica-load-timeout)"
                 if self.stopping.is_set():
                     return
                 rc = r.proc.poll()
-                if rc is None:  # not ready in time
-                    why = f"not ready within {self.load_timeout:.0f}s (--replica-load-timeout)"
+                if rc is None:  # not ready in time, or not serving any more
                     r.signal_group(signal.SIGKILL)
                     r.proc.wait()
                 else:
@@ -313,6 +327,43 @@ class Cluster:
                     return
                 backoff = min(30.0, backoff * 2)
                 r.restarts += 1
+
+    async def _watch(self, r: Replica, client: httpx.AsyncClient) -> str | None:
+        """Watch a ready replica until it exits or stops serving; None when a stop was requested.
+        Returns why it must be restarted (for an exited process: anything, the exit code is used)."""
+        bad_since: float | None = None
+        next_check = time.monotonic() + self.health_interval
+        while r.proc.poll() is None:
+            if await self._sleep_or_stop(0.2):
+                return None
+            now = time.monotonic()
+            if now < next_check:
+                continue
+            next_check = now + self.health_interval
+            verdict = await self._probe(r, client)
+            if verdict == "ok":
+                bad_since = None
+                continue
+            bad_since = bad_since or now
+            if verdict == "engine_dead" and now - bad_since >= self.dead_engine_grace:
+                return "alive but its engine is dead and not restarting (/health 503)"
+            if now - bad_since >= self.unhealthy_timeout:
+                return f"alive but /health not 200 for {self.unhealthy_timeout:.0f}s (--replica-unhealthy-timeout)"
+        return "exited"
+
+    @staticmethod
+    async def _probe(r: Replica, client: httpx.AsyncClient) -> str:
+        try:
+            resp = await client.get(r.url + "/health")
+        except httpx.HTTPError:
+            return "down"
+        if resp.status_code == 200:
+            return "ok"
+        text = resp.text
+        if resp.status_code == 503 and "engine process died" in text and "restart" not in text.replace(
+                "restart the server", ""):
+            return "engine_dead"
+        return "unhealthy"
 
     async def _wait_ready(self, r: Replica, client: httpx.AsyncClient) -> bool:
         """Poll the replica's /health until 200; True if it died (or a stop came) first."""
@@ -334,6 +385,7 @@ class Cluster:
 def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: list[str] | None = None) -> int:
     """Run `serve` as N replicas + router until SIGINT/SIGTERM. `argv` is the replicas'
     command line (default: this process's `serve ...` arguments without cluster flags)."""
+    from pagedserve.cluster.router import RouterConfig
     from pagedserve.cluster.serving import new_event_loop
 
     n = replicas if replicas is not None else args.replicas
@@ -355,7 +407,11 @@ def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: lis
                       base_port=base,
                       load_timeout=getattr(args, "replica_load_timeout", 600.0),
                       device=getattr(args, "device", "auto") or "auto", answer_cache=cache_cfg,
-                      tp=getattr(args, "tensor_parallel_size", 1) or 1)
+                      tp=getattr(args, "tensor_parallel_size", 1) or 1,
+                      unhealthy_timeout=getattr(args, "replica_unhealthy_timeout", 120.0),
+                      router_config=RouterConfig(policy=getattr(args, "router_policy", DEFAULT_POLICY),
+                                                 admin_api_key=getattr(args, "admin_api_key", None)
+                                                 or os.environ.get("PAGEDSERVE_ADMIN_API_KEY") or None))
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     for sig in (signal.SIGINT, signal.SIGTERM):

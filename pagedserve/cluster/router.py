@@ -5,19 +5,22 @@ max_tokens, stream, user, a prompt prefix), let the policy pick a healthy backen
 the original body bytes over a pooled keep-alive connection, and relay the answer.
 
 - Streaming responses pass through chunk by chunk as received (no re-encoding). The router
-  commits to a backend only when its first body bytes arrive: a request that fails before
-  that (connect error, reset, 5xx, 429) is retried on another backend, at most `max_retries`
-  times. A stream that breaks after bytes were sent ends with an SSE error event.
-- Non-streaming responses are small: they are read whole, so a failure anywhere before the
-  end is still retried.
+  commits to a backend only when its first body bytes arrive. A stream that breaks after
+  bytes were sent ends with an SSE error event.
+- Retries (retry_budget.py says why): a request that certainly did no work (connection
+  refused, 429, a 503 with Retry-After) is retried on another backend, at most `max_retries`
+  times and within a budget of 20% of active requests. A reset after sending is retried at
+  most once and only when it cannot be the request's fault; a 5xx without Retry-After is
+  never retried, so a request that kills its backend cannot walk through the cluster.
 - Health: active checks of each backend's /health; passive ejection on connect errors (at
   once) and on repeated 5xx / resets; readmission when a check passes after the ejection
   period. With no healthy backend the router answers 503 with an OpenAI-style error.
 - A client that disconnects cancels its upstream request (the backend aborts it).
 
 Router-owned paths: /health, /metrics, /v1/models (merged from the backends) and
-/admin/backends (GET list, POST {"url"} add, DELETE {"url"} remove). Everything else is
-proxied.
+/admin/backends (GET list, POST {"url"} add, DELETE {"url"} remove; off unless an admin key
+is set). Everything else is proxied. HEAD is answered on every path. Request bodies over
+16 MiB get 413, heads over the limits in http_limits.py 431/414, JSON nested too deep 400.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -35,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pagedserve.cluster import upstream
 from pagedserve.cluster.backends import Backend, BackendPool, normalize_url
 from pagedserve.cluster.policies import DEFAULT_POLICY, Policy, RequestInfo, make_policy
+from pagedserve.cluster.retry_budget import PoisonRegistry, RetryBudget
 from pagedserve.cluster.scrape import LocalGpuUtil, parse_engine_metrics
 
 log = logging.getLogger("pagedserve.router")
@@ -47,6 +52,8 @@ _REQ_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive",
 _RESP_DROP = frozenset({b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
                         b"server", b"trailer", b"upgrade"})
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BODY_BYTES = 16 << 20  # as the server's limit: a larger body gets 413 here, before any backend sees it
+_DEATH_WINDOW_S = 1.0  # failures of one backend this close together are one death
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -62,7 +69,9 @@ class RouterConfig:
     request_timeout: float = 600.0  # longest wait for the next bytes from a backend
     failures_to_eject: int = 3  # consecutive 5xx/resets that eject a backend (connect errors eject at once)
     eject_base_s: float = 1.0
-    admin_api_key: str | None = None
+    admin_api_key: str | None = None  # /admin/* is off (403) unless this is set
+    retry_budget_ratio: float = 0.2  # retries in flight at most this fraction of active requests (Envoy: 20%)
+    retry_budget_min: int = 3  # ... or this many, whichever is larger
     backends_file: str | None = None  # one URL a line; re-read when it changes
     file_poll_interval: float = 1.0
     prefix_chars: int = 256  # prompt characters hashed by prefix_affinity
@@ -78,9 +87,13 @@ def _error_body(message: str, status: int, type_: str) -> bytes:
 def _content_text(content) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]; anything else is the backend's to refuse
+        return "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
     return ""
+
+
+class BadRequest(Exception):
+    """A body the router itself refuses (400)."""
 
 
 def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig) -> RequestInfo:
@@ -91,6 +104,8 @@ def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig
         return info
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise BadRequest("the request body is not accepted: JSON nested too deeply") from None
     except ValueError:
         data = None
     if not isinstance(data, dict):
@@ -104,7 +119,7 @@ def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig
     if isinstance(mt, int) and mt > 0:
         info.max_tokens = mt
     if isinstance(n, int) and n > 1:
-        info.max_tokens *= n
+        info.max_tokens *= min(n, 1024)
     text = ""
     n_tok = 0
     messages = data.get("messages")
@@ -119,7 +134,7 @@ def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig
                 text = prompt[0]
                 n_tok = sum(len(p) for p in prompt) // 4
                 info.max_tokens *= len(prompt)
-            elif all(isinstance(t, int) for t in prompt):  # token ids
+            elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):  # token ids
                 n_tok = len(prompt)
                 text = ",".join(map(str, prompt[: cfg.prefix_chars // 4]))
             elif isinstance(prompt[0], list):  # a batch of token-id lists
@@ -135,11 +150,14 @@ def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig
 class _Failure:
     """An attempt that failed before anything reached the client (so it may be retried)."""
 
-    __slots__ = ("message", "status", "headers", "body", "retry")
+    __slots__ = ("message", "status", "headers", "body", "retry", "reset", "peers")
 
-    def __init__(self, message: str, status: int = 502, headers=None, body: bytes | None = None, retry: bool = True):
+    def __init__(self, message: str, status: int = 502, headers=None, body: bytes | None = None, retry: bool = True,
+                 reset: bool = False, peers: int = 0):
         self.message, self.status, self.headers, self.body = message, status, headers, body
-        self.retry = retry  # False for timeouts: the backend may still be working on it
+        self.retry = retry  # False for timeouts and 5xx: the backend did (or may still do) work on it
+        self.reset = reset  # the connection broke after the request was sent: maybe this request's doing
+        self.peers = peers  # requests in flight on that backend when it broke (this one included)
 
 
 class _RouterCollector:
@@ -200,8 +218,14 @@ class Router:
                                    "Time from the request's arrival to the backend choice (body read, parse, policy)",
                                    registry=self.registry,
                                    buckets=(2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2))
+        self.m_not_retried = Counter("pagedserve:router_not_retried",
+                                     "Failed requests not retried elsewhere, by reason (budget, poison_suspect, "
+                                     "backend_5xx)", ["reason"], registry=self.registry)
         self.registry.register(_RouterCollector(self))
         self._children: dict = {}
+        self.budget = RetryBudget(self.cfg.retry_budget_ratio, self.cfg.retry_budget_min)
+        self.poison = PoisonRegistry()
+        self._deaths: dict[str, tuple[float, int]] = {}  # backend url -> (when it last broke, requests in flight)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -249,17 +273,17 @@ class Router:
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
         if kind == "http":
-            path = scope["path"]
-            if path == "/health":
-                return await self._health_endpoint(send)
-            if path == "/metrics":
-                return await self._send(send, 200, generate_latest(self.registry),
-                                        [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
-            if path == "/v1/models" and scope["method"] == "GET":
-                return await self._models(scope, send)
-            if path.startswith("/admin/"):
-                return await self._admin(scope, receive, send)
-            return await self._proxy_guarded(scope, receive, send)
+            if scope["method"] == "HEAD":  # the GET answer's head, no body
+                send = _head_only(send)
+                scope = {**scope, "method": "GET"}
+            try:
+                return await self._http(scope, receive, send)
+            except Exception:  # noqa: BLE001 - a router bug: OpenAI-shaped 500, not uvicorn's plain text
+                log.exception("router error on %s %s", scope["method"], scope["path"])
+                try:
+                    await self._send_error(send, 500, "internal router error; see the router log", "internal_error")
+                except Exception:  # noqa: BLE001 - the response had already started
+                    pass
         if kind == "lifespan":
             while True:
                 msg = await receive()
@@ -274,6 +298,19 @@ class Router:
                     await self.stop()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+
+    async def _http(self, scope, receive, send):
+        path = scope["path"]
+        if path == "/health":
+            return await self._health_endpoint(send)
+        if path == "/metrics":
+            return await self._send(send, 200, generate_latest(self.registry),
+                                    [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        if path == "/v1/models" and scope["method"] == "GET":
+            return await self._models(scope, send)
+        if path.startswith("/admin/") or path == "/admin":
+            return await self._admin(scope, receive, send)
+        return await self._proxy_guarded(scope, receive, send)
 
     @staticmethod
     async def _send(send, status: int, body: bytes, headers=_JSON) -> None:
@@ -305,7 +342,10 @@ class Router:
                 done = True
             await send(msg)
 
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(receive, declared=_content_length(scope))
+        except _TooLarge as e:
+            return await self._send_error(send, 413, str(e), "invalid_request_error")
         if body is None:
             return
         watcher = asyncio.create_task(watch())
@@ -328,28 +368,52 @@ class Router:
         for k, v in headers:
             if k == b"x-session-id":
                 session = v.decode("latin-1")
-        info = parse_request(scope["path"], body, session, self.cfg)
+        try:
+            info = parse_request(scope["path"], body, session, self.cfg)
+        except BadRequest as e:
+            return await self._send_error(send, 400, str(e), "invalid_request_error")
+        except Exception:  # noqa: BLE001 - routing hints only: a body we cannot read is the backend's to refuse
+            info = RequestInfo(path=scope["path"], max_tokens=self.cfg.default_max_tokens, affinity_key=session)
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         tried: list[Backend] = []
         failure: _Failure | None = None
-        for attempt in range(self.cfg.max_retries + 1):
-            candidates = self._candidates(info, tried)
-            if not candidates:
-                break
-            b = self.policy.choose(info, candidates)
-            if attempt == 0:
-                self.m_routing.observe(time.perf_counter() - t0)
-            else:
-                self.m_retries.labels(tried[-1].url).inc()
-                log.info("retrying %s on %s after %s failed: %s", info.path, b.url, tried[-1].url, failure.message)
-            tried.append(b)
-            failure = await self._attempt(b, scope["method"], target, body, headers, info, send)
-            if failure is None:
-                return
-            if not failure.retry:
-                break
+        resets = 0
+        self.budget.active_requests += 1
+        try:
+            for attempt in range(self.cfg.max_retries + 1):
+                candidates = self._candidates(info, tried)
+                if not candidates:
+                    break
+                b = self.policy.choose(info, candidates)
+                if attempt == 0:
+                    self.m_routing.observe(time.perf_counter() - t0)
+                elif not self.budget.try_acquire():
+                    self.m_not_retried.labels("budget").inc()
+                    log.warning("not retrying %s: the retry budget is spent (%d retries in flight for %d requests)",
+                                info.path, self.budget.active_retries, self.budget.active_requests)
+                    break
+                else:
+                    self.m_retries.labels(tried[-1].url).inc()
+                    log.info("retrying %s on %s after %s failed: %s", info.path, b.url, tried[-1].url,
+                             failure.message)
+                tried.append(b)
+                try:
+                    failure = await self._attempt(b, scope["method"], target, body, headers, info, send)
+                finally:
+                    if attempt:
+                        self.budget.release()
+                if failure is None:
+                    return
+                if failure.reset:
+                    resets += 1
+                    if not self._may_replay(failure, scope["path"], body, resets):
+                        break
+                elif not failure.retry:
+                    break
+        finally:
+            self.budget.active_requests -= 1
         if failure is None:
             self.m_unavailable.inc()
             n = len(self.pool)
@@ -384,6 +448,31 @@ class Router:
         self.pool.record_failure(b, message, connect=connect)
         return _Failure(f"{b.url}: {message}")
 
+    def _reset(self, b: Backend, message: str) -> _Failure:
+        """The backend's connection broke after it got the request: it died or dropped it mid-work."""
+        now = time.monotonic()
+        when, peers = self._deaths.get(b.url, (0.0, 0))
+        if now - when > _DEATH_WINDOW_S:  # the first request to notice this death counts who was there
+            peers = b.inflight
+            self._deaths[b.url] = (now, peers)
+        f = self._fail(b, "reset", message)
+        f.reset, f.peers, f.retry, f.status = True, peers, False, 502
+        return f
+
+    def _may_replay(self, f: _Failure, path: str, body: bytes, resets: int) -> bool:
+        """Whether a request whose backend broke under it may go to another backend (once, if innocent)."""
+        fp = self.poison.fingerprint(path, body)
+        suspect = self.poison.suspect(fp)
+        self.poison.record(fp)
+        if resets == 1 and f.peers > 1 and not suspect:
+            return True
+        self.m_not_retried.labels("poison_suspect").inc()
+        why = ("it was the only request on that backend" if f.peers <= 1 else
+               "the same request was at a backend failure before" if suspect else "it already broke one backend")
+        log.warning("not retrying %s after %s: %s", path, f.message, why)
+        f.message = (f"{f.message}; not retried on another backend because {why} (it may be what broke it)")
+        return False
+
     async def _attempt(self, b: Backend, method: str, target: str, body: bytes, headers, info: RequestInfo,
                        send) -> _Failure | None:
         est = info.est_tokens
@@ -400,7 +489,7 @@ class Router:
             except upstream.ReadTimeout:
                 return self._timeout(b, f"no answer within {timeout:.0f}s")
             except upstream.RemoteClosed as e:
-                return self._fail(b, "reset", str(e))
+                return self._reset(b, str(e))
             status = resp.status
             out_headers = [(k, v) for k, v in resp.headers if k not in _RESP_DROP]
             if self.cfg.backend_header:
@@ -411,13 +500,19 @@ class Router:
                 except upstream.ReadTimeout:
                     return self._timeout(b, f"no answer within {timeout:.0f}s")
                 except upstream.RemoteClosed as e:
-                    return self._fail(b, "reset", f"broken before the end of a {status} answer: {e}")
+                    return self._reset(b, f"broken before the end of a {status} answer: {e}")
                 if status in _RETRY_STATUS:
+                    # Only "did no work" answers are retried: 429 (queue full) and 503 with Retry-After (not
+                    # ready). A 5xx without it means the backend worked on this request and failed.
+                    retry = status == 429 or (status == 503 and any(k == b"retry-after" for k, _ in resp.headers))
                     if status == 429:  # full queue: try elsewhere, the backend itself is fine
                         self._child(self.m_errors, b.url, "http_429").inc()
                     else:
                         self._fail(b, "http_5xx", f"HTTP {status}")
-                    return _Failure(f"{b.url}: HTTP {status}", status, out_headers, data)
+                    if not retry:
+                        self.m_not_retried.labels("backend_5xx").inc()
+                        self.poison.record(self.poison.fingerprint(info.path, body))
+                    return _Failure(f"{b.url}: HTTP {status}", status, out_headers, data, retry=retry)
                 self.pool.record_success(b)
                 self._child(self.m_requests, b.url, str(status)).inc()
                 await self._send(send, status, data, out_headers)
@@ -428,7 +523,7 @@ class Router:
             except upstream.ReadTimeout:
                 return self._timeout(b, f"no first token within {timeout:.0f}s")
             except upstream.RemoteClosed as e:
-                return self._fail(b, "reset", f"closed before the first byte: {e}")
+                return self._reset(b, f"closed before the first byte: {e}")
             self.pool.record_success(b)
             self._child(self.m_requests, b.url, str(status)).inc()
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
@@ -510,14 +605,20 @@ class Router:
         await self._send(send, 200, json.dumps({"object": "list", "data": list(seen.values())}).encode())
 
     async def _admin(self, scope, receive, send) -> None:
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(receive, 1 << 20, _content_length(scope))
+        except _TooLarge as e:
+            return await self._send_error(send, 413, str(e), "invalid_request_error")
         if body is None:
             return
-        if self.cfg.admin_api_key:
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if auth != f"Bearer {self.cfg.admin_api_key}":
-                return await self._send_error(send, 401, "admin endpoints need 'Authorization: Bearer <admin key>'",
-                                              "authentication_error")
+        key = self.cfg.admin_api_key
+        if not key:
+            return await self._send_error(send, 403, "the admin API is off; start the router with --admin-api-key KEY "
+                                          "(or $PAGEDSERVE_ADMIN_API_KEY) to use /admin/*", "permission_error")
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        if not secrets.compare_digest(auth, b"Bearer " + key.encode()):
+            return await self._send_error(send, 401, "admin endpoints need 'Authorization: Bearer <admin key>'",
+                                          "authentication_error", [(b"www-authenticate", b"Bearer")])
         if scope["path"].rstrip("/") != "/admin/backends":
             return await self._send_error(send, 404, f"unknown admin path {scope['path']}; use /admin/backends",
                                           "not_found_error")
@@ -677,18 +778,49 @@ class Router:
             b.gpu_util = m["gpu_util"]
 
 
-async def _read_body(receive) -> bytes | None:
-    """The whole request body (None if the client went away first)."""
+class _TooLarge(Exception):
+    pass
+
+
+def _content_length(scope) -> int | None:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            return int(v) if v.isdigit() and len(v) < 19 else None
+    return None
+
+
+async def _read_body(receive, limit: int = MAX_BODY_BYTES, declared: int | None = None) -> bytes | None:
+    """The whole request body (None if the client went away first); _TooLarge past `limit` bytes,
+    at once when the declared Content-Length says so (without waiting for the bytes)."""
+    if declared is not None and declared > limit:
+        raise _TooLarge(f"the request body has {declared} bytes; the limit is {limit}")
     msg = await receive()
     if msg["type"] == "http.disconnect":
         return None
     body = msg.get("body", b"")
     if not msg.get("more_body"):
+        if len(body) > limit:
+            raise _TooLarge(f"the request body exceeds the limit of {limit} bytes")
         return body
-    parts = [body]
+    parts, size = [body], len(body)
     while msg.get("more_body"):
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return None
-        parts.append(msg.get("body", b""))
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"the request body exceeds the limit of {limit} bytes")
+        parts.append(chunk)
     return b"".join(parts)
+
+
+def _head_only(send):
+    """Wrap `send` for a HEAD request: the GET answer's status and headers, no body bytes."""
+    async def head_send(msg):
+        if msg["type"] == "http.response.body":
+            if msg.get("more_body"):
+                return
+            msg = {"type": "http.response.body", "body": b""}
+        await send(msg)
+    return head_send

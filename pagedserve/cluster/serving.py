@@ -9,11 +9,12 @@ import uvicorn
 
 
 def uvicorn_config(app, host: str, port: int, **kw) -> uvicorn.Config:
-    """httptools + uvloop when installed (several times faster than h11), no access log."""
+    """httptools + uvloop when installed (several times faster than h11), no access log, bounded request heads."""
+    from pagedserve.http_limits import uvicorn_kwargs
+
     return uvicorn.Config(
         app, host=host, port=port, log_level=kw.pop("log_level", "warning"), access_log=False,
-        lifespan=kw.pop("lifespan", "on"),
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan=kw.pop("lifespan", "on"), **uvicorn_kwargs(),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         timeout_keep_alive=kw.pop("timeout_keep_alive", 30), backlog=4096, **kw)
 

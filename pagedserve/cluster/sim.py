@@ -18,7 +18,8 @@ wake-ups per request rather than one per step.
 
 Fault knobs for tests (attributes): `fail_status` (answer generation requests with this
 status), `health_status`, `drop_before_first_chunk` (send headers then drop the connection),
-`break_after_chunks` (drop the connection after N chunks).
+`break_after_chunks` (drop the connection after N chunks), `fail_retry_after` (send
+Retry-After with `fail_status`).
 
 `python -m pagedserve.cluster.sim --num 4` serves several on consecutive free ports and
 prints their URLs as JSON on one line.
@@ -86,6 +87,7 @@ class SimBackend:
         self._busy_start: float | None = None
         # fault knobs
         self.fail_status: int | None = None
+        self.fail_retry_after = False  # send Retry-After with fail_status ("not ready": safe to retry)
         self.health_status = 200
         self.drop_before_first_chunk = False
         self.break_after_chunks: int | None = None
@@ -291,7 +293,8 @@ class SimBackend:
                 break
         if self.fail_status is not None:
             err = {"error": {"message": f"{self.name}: injected failure", "type": "internal_error", "code": self.fail_status}}
-            return await _send(send, self.fail_status, json.dumps(err).encode())
+            return await _send(send, self.fail_status, json.dumps(err).encode(),
+                               extra=[(b"retry-after", b"1")] if self.fail_retry_after else [])
         try:
             data = json.loads(body)
         except ValueError:
@@ -368,9 +371,9 @@ class SimBackend:
                 r.aborted = True
 
 
-async def _send(send, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
+async def _send(send, status: int, body: bytes, ctype: bytes = b"application/json", extra=()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 

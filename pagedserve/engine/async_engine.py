@@ -10,10 +10,17 @@ GIL), as in vLLM v1. Messages are pickled tuples, batched per step in both
 directions. The server keeps nothing about blocks; it sees deltas (new text,
 new token ids, new logprobs, finish reason) and a small stats tuple per step.
 
-If the engine process dies, its end of the output pipe closes: the reader
-thread sees EOF, every open stream fails with `EngineDeadError` (HTTP 503)
-and `state` becomes "dead". If the server process dies, the engine sees EOF
-on its input pipe and exits, so no orphan keeps the accelerator.
+An exception while running one request (sampling, beam scoring, stop checks,
+detokenization) aborts only that request: the engine reports it as an "err"
+message and the request's client gets a 500 (`RequestFailedError`) while the
+rest of the batch goes on. Only a fault in the shared model step ends the engine
+process. Then its end of the output pipe closes: the reader thread sees EOF,
+every open stream fails with `EngineDeadError` (HTTP 503, without Retry-After:
+the request may be what killed it), `state` becomes "dead", and a new engine
+process is started after a backoff (0.5 s doubling to 30 s; `restarts` counts
+them), so later requests succeed without a human. A load failure at start-up is
+not retried (it is a configuration problem). If the server process dies, the
+engine sees EOF on its input pipe and exits, so no orphan keeps the accelerator.
 """
 from __future__ import annotations
 
@@ -37,6 +44,13 @@ log = logging.getLogger("pagedserve.async_engine")
 
 class EngineDeadError(NotReadyError):
     """The engine process exited; in-flight and new requests fail with 503."""
+
+
+class EngineDiedMidRequestError(EngineDeadError):
+    """The engine died while this request ran. No Retry-After: the request may have caused it, so
+    routers must not replay it elsewhere."""
+
+    retry_after = False
 
 
 # -- what the server sees (engine -> server) ---------------------------------------------
@@ -191,6 +205,12 @@ class _EngineCore:
                     self.out_conn.send(("err", rid, type(e).__name__, e.message, e.param))
                     self.num_logprobs.pop(rid, None)
                 engine.request_errors.clear()
+                for rid, why in engine.take_failed():
+                    self.finish_sent.pop(rid, None)
+                    self.num_logprobs.pop(rid, None)
+                    self.out_conn.send(("err", rid, "RequestFailedError",
+                                        f"the engine failed on this request and aborted it ({why}); "
+                                        "other requests were not affected", None))
                 stats = self.stats()
                 if outs or stats != self.last_stats:  # a prefill chunk alone has nothing to report
                     self.last_stats = stats
@@ -368,12 +388,20 @@ class AsyncEngine:
         self._sendq: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = None  # asyncio.Future: set when ready, exception when the load failed
         self._stopping = False
+        self.auto_restart = True  # start a new engine process when a running one dies
+        self.restarts = 0
+        self.restarting = False
+        self._ever_ready = False
+        self._ready_at = 0.0
+        self._backoff = 0.5
+        self._gen = 0  # engine process generation: messages from a previous (dead) process are dropped
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         """Spawn the engine process; returns at once (loading continues in the background)."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
+        self._sendq = queue.SimpleQueue()  # a fresh one per engine process (a restart leaves the old writer)
         ctx = mp.get_context("spawn")
         in_r, in_w = ctx.Pipe(duplex=False)
         out_r, out_w = ctx.Pipe(duplex=False)
@@ -385,7 +413,8 @@ class AsyncEngine:
         out_w.close()
         self._in, self._out = in_w, out_r
         self.state = "loading"
-        threading.Thread(target=self._reader, name="engine-reader", daemon=True).start()
+        self._gen += 1
+        threading.Thread(target=self._reader, args=(self._gen,), name="engine-reader", daemon=True).start()
         threading.Thread(target=self._writer, name="engine-writer", daemon=True).start()
 
     async def wait_ready(self) -> dict:
@@ -430,6 +459,8 @@ class AsyncEngine:
         if self.state == "ready":
             return
         if self.state == "dead":
+            if self.restarting:
+                raise EngineDeadError(f"the engine process died ({self.error}); a new one is starting, retry shortly")
             raise EngineDeadError(f"the engine process died: {self.error}", hint="restart the server")
         if self.state in ("created", "loading"):
             raise NotReadyError("the model is still loading; retry shortly")
@@ -488,8 +519,12 @@ class AsyncEngine:
             except (OSError, ValueError):
                 return  # the engine is gone; the reader reports it
 
-    def _reader(self) -> None:
-        conn, loop = self._out, self._loop
+    def _from(self, gen: int, fn, *args) -> None:
+        if gen == self._gen:
+            fn(*args)
+
+    def _reader(self, gen: int) -> None:
+        conn, loop, proc = self._out, self._loop, self._proc
         try:
             while True:
                 msg = conn.recv()
@@ -497,7 +532,7 @@ class AsyncEngine:
                     msg = ("out", [_unpack(o) for o in msg[1]], EngineStats(*msg[2]))
                 elif msg[0] == "stats":
                     msg = ("stats", EngineStats(*msg[1]))
-                loop.call_soon_threadsafe(self._on_message, msg)
+                loop.call_soon_threadsafe(self._from, gen, self._on_message, msg)
                 if msg[0] == "fatal":
                     break
         except (EOFError, OSError):
@@ -506,14 +541,14 @@ class AsyncEngine:
             return  # the event loop closed: the server is exiting
         except Exception as e:  # noqa: BLE001 - unpickling trouble: treat as death, say why
             log.exception("engine output pipe failed")
-            loop.call_soon_threadsafe(self._on_dead, f"output pipe failed: {e}")
+            loop.call_soon_threadsafe(self._from, gen, self._on_dead, f"output pipe failed: {e}")
             return
         code = None
-        if self._proc is not None:
-            self._proc.join(2)
-            code = self._proc.exitcode
+        if proc is not None:
+            proc.join(2)
+            code = proc.exitcode
         try:
-            loop.call_soon_threadsafe(self._on_dead, f"engine process exited (exit code {code})")
+            loop.call_soon_threadsafe(self._from, gen, self._on_dead, f"engine process exited (exit code {code})")
         except RuntimeError:
             pass  # loop closed: the server is gone
 
@@ -539,6 +574,11 @@ class AsyncEngine:
         elif kind == "ready":
             self.info = msg[1]
             self.state = "ready"
+            self.restarting = False
+            self._ever_ready = True
+            self._ready_at = time.monotonic()
+            if self.restarts:
+                log.info("engine restarted (restart #%d, pid %d)", self.restarts, self.info.get("pid", 0))
             if not self._ready.done():
                 self._ready.set_result(self.info)
         elif kind == "fatal":
@@ -590,12 +630,32 @@ class AsyncEngine:
         self.state = "dead"
         self.error = why
         log.error("engine %s: %s", "failed to load" if was_loading else "died", why)
-        err = EngineDeadError(f"the engine process died: {why}", hint="restart the server")
+        self._sendq.put(None)  # stops this engine's writer thread
+        restart = self.auto_restart and self._ever_ready
+        err = EngineDiedMidRequestError(f"the engine process died while this request was running ({why})" +
+                                        ("; it is restarting" if restart else ""),
+                                        hint=None if restart else "restart the server")
         for st in self._requests.values():
             st.stream.fail(err)
         self._requests.clear()
         self.num_pending_first = 0
         self.stats = EngineStats()
         self.observer.on_stats(self.stats)
-        if self._ready is not None and not self._ready.done():
+        if restart:
+            if time.monotonic() - self._ready_at > 60:
+                self._backoff = 0.5  # it ran a good while: this is not a crash loop
+            self.restarting = True
+            log.warning("starting a new engine process in %.1fs", self._backoff)
+            self._loop.call_later(self._backoff, self._restart)
+            self._backoff = min(30.0, self._backoff * 2)
+        elif self._ready is not None and not self._ready.done():
             self._ready.set_exception(EngineDeadError(why))
+
+    def _restart(self) -> None:
+        if self._stopping or self.state != "dead":
+            return
+        old = self._proc
+        if old is not None and old.is_alive():
+            old.kill()
+        self.restarts += 1
+        self.start()

@@ -17,6 +17,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.fault_injection import FaultInjector
 from pagedserve.engine.scheduler import Scheduler, ScheduledSeq
 from pagedserve.engine.sequence import BeamHypothesis, Request, Sequence, Status
 from pagedserve.errors import ConfigError, InvalidRequestError, OutOfMemoryError, PromptTooLongError
@@ -176,6 +177,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self.failed: list[tuple[str, str]] = []  # requests aborted by an error in their own processing
+        self._failed_ids: set[str] = set()
+        self.faults = FaultInjector.from_env()  # tests only; inert unless PAGEDSERVE_FAULT_INJECT is set
         self._seq_ids = itertools.count()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Structured outputs: grammars compile off the step loop; requests wait there until ready.
@@ -337,6 +341,10 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt: token ids must be integers in [0, {vocab})", param="prompt")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids: token ids must be in [0, {vocab})", param="stop_token_ids")
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"top_k: must be -1 or 0 (disabled) or in [1, {vocab}]", param="top_k")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
         n = len(ids)
         if n >= self.max_model_len:
             raise PromptTooLongError(
@@ -354,6 +362,7 @@ class LLMEngine:
         req.final_only = final_only
         req.plain_greedy = (params.greedy and req.num_slots == 1 and not params.use_beam_search
                             and params.logprobs is None and params.repetition_penalty == 1.0
+                            and not params.logit_bias
                             and not params.presence_penalty and not params.frequency_penalty)
         bs = self.config.block_size
         need = -(-(n + max_tokens) // bs) * req.num_slots
@@ -448,6 +457,7 @@ class LLMEngine:
                 e.request.metrics.first_scheduled_time = now
         self.runner.copy_blocks(self.block_manager.pending_copies)
         self.block_manager.pending_copies.clear()
+        self.faults.on_step(out.scheduled)
         logits, sampled = self.runner.execute(out.scheduled)
         if self.structured.grammars:
             self.structured.apply_masks(logits, sampled)  # before penalties and sampling
@@ -470,42 +480,104 @@ class LLMEngine:
             if req.params.use_beam_search:
                 beams.setdefault(req.request_id, []).append((seq, i))
                 continue
-            targets = [seq]
-            if req.num_slots > 1 and not req.forked:
-                targets += self._fork(req, seq, req.params.n - 1)
-            for s in targets:
-                rows.append(self._sample_row(req, s))
+            built = self._guarded(req, self._rows_for, req, seq)
+            for s, row in built or ():
+                rows.append(row)
                 row_seqs.append((req, s))
                 row_src.append(i)
 
+        # From here on, work is per request: an exception in one request's sampling, beam scoring,
+        # stop checks or detokenization aborts that request (reported through `failed`) and the
+        # rest of the batch goes on. The model step above is shared: its errors end the step.
         touched: dict[str, Request] = {}
         if plain_rows:
             plain = logits if len(plain_rows) == logits.shape[0] else logits[plain_rows]
             for (req, seq), tok in zip(plain_seqs, plain.argmax(dim=-1).tolist()):
-                self._append(req, seq, tok, None, None, now)
+                self._guarded(req, self._append, req, seq, tok, None, None, now)
                 touched[req.request_id] = req
         if rows:
-            need_lp = any(r.params.logprobs is not None for r in rows)
-            res = sample(logits[row_src], rows, self.generator, need_lp)
-            lp_info = self._logprob_rows(res, rows) if need_lp else None
-            for j, ((req, seq), tok) in enumerate(zip(row_seqs, res.token_ids)):
-                slp = res.sampled_logprobs[j] if res.sampled_logprobs is not None else None
-                self._append(req, seq, tok, lp_info[j] if lp_info else None, slp, now)
-                touched[req.request_id] = req
+            self._sample_and_append(logits, rows, row_seqs, row_src, now, touched)
         for rid, entries in beams.items():
             req = self.requests[rid]
-            self._beam_step(req, entries, logits, now)
+            self._guarded(req, self._beam_step, req, entries, logits, now)
             touched[rid] = req
 
         outputs = []
         for req in touched.values():
+            if req.request_id in self._failed_ids:
+                continue
             if req.params.use_beam_search and not req.finished:
                 continue  # beams are reported once, ranked, when the search ends
             if not req.live_seqs and not req.finished:
                 self._finish_request(req, now)
             if req.finished or not req.final_only:
-                outputs.append(self._make_output(req))
+                out = self._guarded(req, self._make_output, req)
+                if out is not None:
+                    outputs.append(out)
+        self._failed_ids.clear()
         return outputs
+
+    # -- per-request isolation ---------------------------------------------------
+    def _guarded(self, req: Request, fn, *args):
+        """fn(*args), unless `req` already failed this step; an exception fails `req` only."""
+        if req.request_id in self._failed_ids:
+            return None
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - one request's bug must not end the batch
+            self._fail_request(req, e)
+            return None
+
+    def _fail_request(self, req: Request, e: BaseException) -> None:
+        log.error("request %s failed in the engine and was aborted (%s: %s); the batch goes on",
+                  req.request_id, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        self._failed_ids.add(req.request_id)
+        self.failed.append((req.request_id, f"{type(e).__name__}: {e}"))
+        self.abort_request(req.request_id)
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(request id, why) of requests aborted by an error since the last call."""
+        out, self.failed = self.failed, []
+        return out
+
+    def _sample_and_append(self, logits, rows, row_seqs, row_src, now, touched) -> None:
+        """Sample all rows in one batch; if that raises, again request by request so only the culprit fails."""
+        try:
+            self.faults.on_sample(rows)
+            groups = [(None, list(range(len(rows))), self._sample_rows(logits, rows, row_src))]
+        except Exception:  # noqa: BLE001
+            by_req: dict[str, list[int]] = {}
+            for j, (req, _) in enumerate(row_seqs):
+                by_req.setdefault(req.request_id, []).append(j)
+            groups = []
+            for js in by_req.values():
+                req = row_seqs[js[0]][0]
+                sub = [rows[j] for j in js]
+                res = self._guarded(req, self._sample_one, logits, sub, [row_src[j] for j in js])
+                if res is not None:
+                    groups.append((req, js, res))
+        for _, js, (res, lp_info) in groups:
+            for k, j in enumerate(js):
+                req, seq = row_seqs[j]
+                slp = res.sampled_logprobs[k] if res.sampled_logprobs is not None else None
+                self._guarded(req, self._append, req, seq, res.token_ids[k], lp_info[k] if lp_info else None,
+                              slp, now)
+                touched[req.request_id] = req
+
+    def _sample_one(self, logits, rows, src):
+        self.faults.on_sample(rows)
+        return self._sample_rows(logits, rows, src)
+
+    def _sample_rows(self, logits, rows, src):
+        need_lp = any(r.params.logprobs is not None for r in rows)
+        res = sample(logits[src], rows, self.generator, need_lp)
+        return res, (self._logprob_rows(res, rows) if need_lp else None)
+
+    def _rows_for(self, req: Request, seq: Sequence) -> list[tuple[Sequence, SampleRow]]:
+        targets = [seq]
+        if req.num_slots > 1 and not req.forked:
+            targets += self._fork(req, seq, req.params.n - 1)
+        return [(s, self._sample_row(req, s)) for s in targets]
 
     def _fork(self, req: Request, parent: Sequence, count: int) -> list[Sequence]:
         children = []
@@ -672,7 +744,10 @@ class LLMEngine:
 
     @staticmethod
     def _beam_score(cum: float, length: int, p: SamplingParams) -> float:
-        return cum / (max(length, 1) ** p.length_penalty)
+        try:
+            return cum / (max(length, 1) ** p.length_penalty)
+        except (OverflowError, ZeroDivisionError):  # out-of-range penalties are refused; stay total anyway
+            return float("-inf")
 
     # -- outputs -------------------------------------------------------------------
     def _finish_request(self, req: Request, now: float) -> None:

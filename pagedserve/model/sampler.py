@@ -69,10 +69,14 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generat
     """logits [S, V] float32 -> next token per row (+ raw logprobs when asked)."""
     logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
     if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-           or r.block_ids for r in rows):
+           or r.block_ids or r.params.logit_bias for r in rows):
         logits = logits.clone()
         apply_penalties(logits, rows)
         for i, r in enumerate(rows):
+            if r.params.logit_bias:
+                bias = r.params.logit_bias
+                ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
             if r.block_ids:
                 logits[i, r.block_ids] = float("-inf")
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from pagedserve import __version__
@@ -45,6 +45,11 @@ class RequestTooLargeError(InvalidRequestError):
     status = 413
 
 
+class ClientGoneError(PagedServeError):
+    status = 499  # nginx's "client closed request": the answer goes nowhere
+    type = "invalid_request_error"
+
+
 class HTTPError(PagedServeError):
     """Routing errors from Starlette (404 unknown path, 405 wrong method), in OpenAI's shape."""
 
@@ -63,6 +68,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     answer_cache: AnswerCacheConfig | None = None  # exact-match replay of deterministic requests
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
     tools: ToolOptions = field(default_factory=ToolOptions)  # --enable-auto-tool-choice, --tool-call-parser
 
 
@@ -71,11 +77,14 @@ async def read_body(request: Request) -> bytes:
     if cl is not None and cl.isdigit() and int(cl) > MAX_BODY_BYTES:
         raise RequestTooLargeError(f"the request body has {int(cl)} bytes; the limit is {MAX_BODY_BYTES}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestTooLargeError(f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestTooLargeError(f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-body, or its HTTP broke (uvicorn answered 400): nobody to answer
+        raise ClientGoneError("the client went away before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -84,7 +93,7 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
     metrics = ServerMetrics(opts.served_model_names[0])
     engine = AsyncEngine(config, observer=metrics, log_level=logging.getLogger().getEffectiveLevel())
     serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests,
-                             opts.tools)
+                            opts.tools, opts.trust_request_chat_template)
     api_key = opts.api_key
 
     async def load() -> None:
@@ -94,7 +103,7 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         try:
             tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model, config.tokenizer))
             info = await engine.wait_ready()
-            serving.tokenizer = await tok_task
+            serving.set_tokenizer(await tok_task)
         except Exception as e:  # noqa: BLE001 - a server that cannot load its model exits non-zero
             log.error("start-up failed: %s", e)
             if on_fatal is not None:
@@ -167,7 +176,7 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         check_auth(request)
         return await serving.chat(await read_body(request), request)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
         check_auth(request)
         info = engine.info
@@ -178,30 +187,34 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         return json_response({"object": "list", "data": data})
 
     # -- operations -------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if serving.ready:
             return json_response({"status": "ok", "model": serving.model_name, "engine_pid": engine.pid})
         if engine.state == "dead":
-            return error_response(NotReadyError(f"the engine process died: {engine.error}"))
+            return error_response(NotReadyError(f"the engine process died: {engine.error}" +
+                                                (f"; restart #{engine.restarts + 1} under way" if engine.restarting
+                                                 else "")))
         return error_response(NotReadyError("the model is still loading" if engine.state in ("created", "loading")
                                             else "the server is shutting down"))
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics_endpoint():
         metrics.engine_up.set(1 if serving.ready else 0)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/version")
+    @app.api_route("/version", methods=["GET", "HEAD"])
     async def version():
         return json_response({"version": __version__})
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
+        check_auth(request)  # tokenizing is work a client can size: same key as /v1/*
         return await serving.tokenize(await read_body(request))
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
+        check_auth(request)
         return await serving.detokenize(await read_body(request))
 
     return app
@@ -235,9 +248,11 @@ def serve(engine_kwargs: dict, opts: ServerOptions, *, shutdown_timeout: float =
             server.should_exit = True
 
     app = build_app(config, opts, on_fatal)
+    from pagedserve.http_limits import uvicorn_kwargs
+
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_config=None, access_log=access_log,
                                timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
-                               timeout_keep_alive=30)
+                               timeout_keep_alive=30, **uvicorn_kwargs())
     server = uvicorn.Server(uv_config)
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler makes a drained
     # SIGTERM/SIGINT shutdown exit 0 instead of dying from the re-raised signal.

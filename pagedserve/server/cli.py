@@ -20,7 +20,12 @@ def add_parser(sub) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in `model`; the first is reported (default: the model path)")
     g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDSERVE_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+                        "(default: $PAGEDSERVE_API_KEY, else none)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat template sent in a request (`chat_template`, also inside "
+                        "`chat_template_kwargs`); refused with 400 by default. Rendering is sandboxed and bounded "
+                        "either way")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 429 when more than this many requests wait for the engine (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     opts = ServerOptions(served_model_names=args.served_model_name or [default_served_name(model)],
                          api_key=api_key, max_queue_len=args.max_queue_len,
                          log_requests=not args.disable_log_requests, host=args.host, port=args.port,
-                         answer_cache=config_from_args(args, salt=api_key or ""), tools=tools)
+                         answer_cache=config_from_args(args, salt=api_key or ""), tools=tools,
+                         trust_request_chat_template=args.trust_request_chat_template)
     return serve(engine_kwargs(args, model), opts, shutdown_timeout=args.shutdown_timeout,
                  access_log=args.enable_access_log)

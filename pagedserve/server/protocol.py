@@ -11,15 +11,42 @@ faster than pydantic serialization on the streaming path.
 """
 from __future__ import annotations
 
+import json
+import re
+import types
+import typing
+from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pagedserve.errors import InvalidRequestError
 
 
+def _allows_none(annotation) -> bool:
+    return annotation is None or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                  and type(None) in typing.get_args(annotation))
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI and vLLM read `"field": null` as "use the default" (e.g. `"n": null`, `"stream": null`)."""
+        if isinstance(data, dict):
+            strict = _non_nullable(cls)
+            if any(v is None and k in strict for k, v in data.items()):
+                return {k: v for k, v in data.items() if v is not None or k not in strict}
+        return data
+
+
+@cache
+def _non_nullable(cls: type) -> frozenset[str]:
+    """Fields whose type has no None but that have a default: null there means that default."""
+    return frozenset(name for name, f in cls.model_fields.items()
+                     if not f.is_required() and not _allows_none(f.annotation))
 
 
 class StreamOptions(_Base):
@@ -121,6 +148,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None  # refused unless --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -131,6 +159,8 @@ class TokenizeRequest(_Base):
     tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Base):
@@ -138,12 +168,68 @@ class DetokenizeRequest(_Base):
     tokens: list[int]
 
 
+MAX_JSON_DEPTH = 200  # pydantic-core's (jiter's) own limit; the router refuses deeper bodies the same way
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse(cls: type[_Base], body: bytes) -> Any:
-    """Validate a raw JSON body; any problem becomes an InvalidRequestError naming the field."""
+    """Validate a raw JSON body; any problem becomes an InvalidRequestError naming the field.
+
+    The fast path is pydantic's own JSON parser. It refuses two things RFC 8259 allows: a
+    byte-order mark before the value and escaped lone surrogates ("\\ud800"); for those the
+    body is parsed again by the stdlib (lone surrogates become U+FFFD, which every tokenizer
+    can encode). Nesting deeper than MAX_JSON_DEPTH is a 400 either way.
+    """
     try:
         return cls.model_validate_json(body)
     except ValidationError as e:
+        errs = e.errors(include_url=False, include_input=False)
+        if not (errs and errs[0]["type"] == "json_invalid"):
+            raise validation_error(e) from None
+        if "recursion limit" in errs[0]["msg"]:
+            raise too_deep() from None
+        data = _stdlib_json(body)
+        if data is None:
+            raise validation_error(e) from None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
         raise validation_error(e) from None
+
+
+def too_deep() -> InvalidRequestError:
+    return InvalidRequestError(f"the request body is not accepted: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                               param=None)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _stdlib_json(body: bytes) -> Any:
+    """The body per RFC 8259 via the stdlib (no NaN/Infinity), or None if it is not JSON."""
+    try:
+        text = body.decode("utf-8")
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise too_deep() from None
+    except ValueError:  # also UnicodeDecodeError
+        return None
+    return _clean_surrogates(data, 0)
+
+
+def _clean_surrogates(v: Any, depth: int) -> Any:
+    if depth > MAX_JSON_DEPTH:
+        raise too_deep()
+    if isinstance(v, str):
+        return _SURROGATE.sub("\ufffd", v)
+    if isinstance(v, list):
+        return [_clean_surrogates(x, depth + 1) for x in v]
+    if isinstance(v, dict):
+        return {_SURROGATE.sub("\ufffd", k): _clean_surrogates(x, depth + 1) for k, x in v.items()}
+    return v
 
 
 def validation_error(e: ValidationError) -> InvalidRequestError:

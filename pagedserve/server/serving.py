@@ -27,6 +27,7 @@ from pagedserve.engine.async_engine import AsyncEngine, EngineOutput, RequestStr
 from pagedserve.errors import (InvalidRequestError, ModelNotFoundError, NotReadyError, PagedServeError,
                                PromptTooLongError, QueueFullError)
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.server import chat_template
 from pagedserve.server.constraints import check_constraint, constraint_from_request
 from pagedserve.server.metrics import ServerMetrics
 from pagedserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
@@ -37,6 +38,8 @@ from pagedserve.server.tool_prompt import adapt, history_tool_calls, template_so
 log = logging.getLogger("pagedserve.server")
 
 _LP_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
+_TOKENIZE_MAX_LEN = 1 << 20  # /tokenize counts tokens of texts beyond max_model_len too, up to this many
+_INLINE_CHARS = 32 << 10  # texts longer than this are tokenized in a worker thread, not on the event loop
 
 
 def dumps(obj: Any) -> str:
@@ -59,7 +62,7 @@ def error_response(e: PagedServeError) -> Response:
     headers = {}
     if e.status == 429:
         headers["Retry-After"] = "1"
-    elif e.status == 503:
+    elif e.status == 503 and getattr(e, "retry_after", True):
         headers["Retry-After"] = "5"
     elif e.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -136,8 +139,11 @@ class _Choice:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_names: list[str],
-                 max_queue_len: int | None = None, log_requests: bool = True, tools: ToolOptions | None = None):
+                 max_queue_len: int | None = None, log_requests: bool = True, tools: ToolOptions | None = None,
+                 trust_request_chat_template: bool = False):
         self.engine = engine
+        self.trust_request_chat_template = trust_request_chat_template
+        self.max_token_chars = 0  # longest token text in the vocabulary; set with the tokenizer
         self.metrics = metrics
         self.served_names = served_names
         self.model_name = served_names[0]
@@ -183,6 +189,14 @@ class OpenAIServing:
             raise InvalidRequestError(f"{param}: must contain at least one token", param=param)
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError(f"{param}: token ids must be integers in [0, {vocab})", param=param)
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise InvalidRequestError(f"stop_token_ids: token ids must be integers in [0, {vocab})",
+                                      param="stop_token_ids")
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"top_k: must be -1 or 0 (disabled) or in [1, {vocab}], got {params.top_k}",
+                                      param="top_k")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
         if n >= L:
             raise PromptTooLongError(
                 f"This model's maximum context length is {L} tokens, but the prompt has {n} tokens "
@@ -204,8 +218,14 @@ class OpenAIServing:
                 f"lower max_tokens or n", param="max_tokens")
 
     def sampling_params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        bias = None
         if req.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+            bias = {}
+            for k, v in req.logit_bias.items():
+                if not (k.isascii() and k.isdigit() and len(k) < 12):
+                    raise InvalidRequestError(f"logit_bias: keys must be token ids (decimal integers), got {k!r}",
+                                              param="logit_bias")
+                bias[int(k)] = v
 
         def opt(v, default):
             return default if v is None else v
@@ -218,7 +238,14 @@ class OpenAIServing:
             stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, use_beam_search=req.use_beam_search,
-            length_penalty=req.length_penalty)
+            length_penalty=req.length_penalty, logit_bias=bias)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        try:
+            self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=0)
+        except Exception:  # noqa: BLE001 - no vocabulary listing: no early length check
+            self.max_token_chars = 0
+        self.tokenizer = tokenizer
 
     async def add_constraint(self, req, params: SamplingParams) -> None:
         """response_format / structured_outputs / guided_*: checked here (a 400 naming the field), then
@@ -231,14 +258,27 @@ class OpenAIServing:
         params.structured_outputs = so
         params.validate()  # e.g. beam search cannot be constrained
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt",
+                     max_len: int | None = None) -> list[int]:
+        """Token ids of `text`; long texts are tokenized in a worker thread so /health stays fast.
 
-    def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, kwargs: dict | None = None,
-                            tools: list[dict] | None = None) -> str:
+        A text longer than (max_model_len x the longest token's characters x 2) cannot fit the
+        context whatever its tokens: it is refused without tokenizing it at all."""
+        if max_len is None:
+            max_len = self._info("max_model_len")
+        if self.max_token_chars and len(text) > 2 * max_len * self.max_token_chars:
+            raise PromptTooLongError(f"This model's maximum context length is {max_len} tokens, but the {param} "
+                                     f"has {len(text)} characters, more than that many tokens can hold", param=param)
+        if len(text) <= _INLINE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    async def apply_chat_template(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                                  continue_final_message: bool = False, kwargs: dict | None = None,
+                                  template: str | None = None, tools: list[dict] | None = None) -> str:
         tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
+        template, kwargs = chat_template.request_template(template, kwargs, self.trust_request_chat_template)
+        if template is None and not getattr(tok, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template; use /v1/completions",
                                       param="messages")
         if continue_final_message and add_generation_prompt:
@@ -246,6 +286,9 @@ class OpenAIServing:
         convo = []
         for i, m in enumerate(messages):
             content = m.content
+            if content is None and not (m.role == "assistant" and (m.tool_calls or continue_final_message)):
+                raise InvalidRequestError(f"messages.{i}.content: required for a {m.role!r} message",
+                                          param=f"messages.{i}.content")
             if isinstance(content, list):
                 texts = []
                 for part in content:
@@ -263,14 +306,10 @@ class OpenAIServing:
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id
             convo.append(msg)
-        convo, tools = adapt(convo, tools, template_source(tok, kwargs))
-        if tools:
-            kwargs = {**(kwargs or {}), "tools": tools}
-        try:
-            return tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message, **(kwargs or {}))
-        except Exception as e:  # noqa: BLE001 - template errors are the caller's messages
-            raise InvalidRequestError(f"messages: cannot apply the chat template: {e}", param="messages") from None
+        convo, tools = adapt(convo, tools, template_source(tok, {"chat_template": template} if template else kwargs))
+        return await asyncio.to_thread(chat_template.render, tok, convo, template=template,
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message, kwargs=kwargs, tools=tools)
 
     def _submit(self, base: str, prompts: list[list[int]], params: SamplingParams, arrival: float) -> RequestStream:
         self.check_queue(len(prompts))
@@ -320,7 +359,7 @@ class OpenAIServing:
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
         await self.add_constraint(req, params)
         if id_lists is None:
-            id_lists = [self.encode(t) for t in texts]
+            id_lists = [await self.encode(t) for t in texts]
         for ids in id_lists:
             self.check_prompt(ids, params)
         if req.echo:
@@ -435,9 +474,10 @@ class OpenAIServing:
                                           "already; drop response_format / structured_outputs", param="tool_choice")
             params.structured_outputs = await plan.checked_constraint()
             params.validate()  # e.g. beam search cannot be constrained
-        text = self.apply_chat_template(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                        req.chat_template_kwargs, plan.template_tools if plan else None)
-        ids = self.encode(text, add_special_tokens=False)  # the template holds the special tokens
+        text = await self.apply_chat_template(req.messages, req.add_generation_prompt, req.continue_final_message,
+                                              req.chat_template_kwargs, req.chat_template,
+                                              plan.template_tools if plan else None)
+        ids = await self.encode(text, add_special_tokens=False, param="messages")  # the template has the specials
         self.check_prompt(ids, params, param="messages")
         base = f"chatcmpl-{uuid.uuid4().hex}"
         stream = self._submit(base, [ids], params, t0)
@@ -534,11 +574,12 @@ class OpenAIServing:
             if not req.messages:
                 raise InvalidRequestError("messages: must not be empty", param="messages")
             tools = plan_tools(req.tools, "none", None, ToolOptions()) if req.tools else None
-            text = self.apply_chat_template(req.messages, req.add_generation_prompt,
-                                            tools=tools.template_tools if tools else None)
-            ids = self.encode(text, add_special_tokens=False)
+            text = await self.apply_chat_template(req.messages, req.add_generation_prompt,
+                                                  kwargs=req.chat_template_kwargs, template=req.chat_template,
+                                                  tools=tools.template_tools if tools else None)
+            ids = await self.encode(text, add_special_tokens=False, param="messages", max_len=_TOKENIZE_MAX_LEN)
         else:
-            ids = self.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await self.encode(req.prompt, add_special_tokens=req.add_special_tokens, max_len=_TOKENIZE_MAX_LEN)
         return json_response({"count": len(ids), "max_model_len": self._info("max_model_len"), "tokens": ids})
 
     async def detokenize(self, body: bytes) -> Response:
@@ -548,7 +589,9 @@ class OpenAIServing:
         vocab = self._info("vocab_size")
         if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= vocab):
             raise InvalidRequestError(f"tokens: token ids must be integers in [0, {vocab})", param="tokens")
-        return json_response({"prompt": self.tokenizer.decode(req.tokens)})
+        if len(req.tokens) <= _INLINE_CHARS // 4:
+            return json_response({"prompt": self.tokenizer.decode(req.tokens)})
+        return json_response({"prompt": await asyncio.to_thread(self.tokenizer.decode, req.tokens)})
 
 
 class _Ctx:
