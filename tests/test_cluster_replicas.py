@@ -23,6 +23,8 @@ from tests.test_cluster_launcher import consecutive_free_ports
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pagedserve.server") is None,
                                 reason="needs the HTTP server (pagedserve serve)")
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-key"  # /admin/* is off without one
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def group_members(pgids: set[int]) -> list[int]:
@@ -46,7 +48,7 @@ def cluster(tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "serve", "--replicas", "2", "--host", "127.0.0.1",
                                  "--port", str(port), "--max-model-len", "512", "--kv-cache-memory", "0.25",
-                                 "--max-num-seqs", "8"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+                                 "--max-num-seqs", "8", "--admin-api-key", ADMIN_KEY], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     state = {"url": url, "proc": proc, "log": log, "pgids": set()}
     try:
@@ -54,7 +56,7 @@ def cluster(tmp_path_factory):
         while time.time() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
-                backends = httpx.get(url + "/admin/backends", timeout=2, trust_env=False).json()["backends"]
+                backends = httpx.get(url + "/admin/backends", timeout=2, trust_env=False, headers=ADMIN).json()["backends"]
                 state["pgids"] |= {b["pid"] for b in backends if b.get("pid")}
                 if all(b["healthy"] for b in backends):
                     break
@@ -79,7 +81,7 @@ def cluster(tmp_path_factory):
 
 
 def backends(url: str) -> list[dict]:
-    return httpx.get(url + "/admin/backends", timeout=5, trust_env=False).json()["backends"]
+    return httpx.get(url + "/admin/backends", timeout=5, trust_env=False, headers=ADMIN).json()["backends"]
 
 
 async def test_openai_client_through_router_spreads_over_replicas(cluster):
