@@ -111,18 +111,12 @@ def worker(engine: str, mdir: str, config: str, args) -> dict:
         if not args.dry_run:
             kw["gpu_memory_utilization"] = args.gpu_memory_utilization
         llm = LLM(**kw, **cfg)
-        make = lambda o: SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)  # noqa: E731
-        prompts_of = lambda ps: [{"prompt_token_ids": p} for p in ps]  # noqa: E731
-        count = lambda res: sum(len(r.outputs[0].token_ids) for r in res)  # noqa: E731
         info = {"num_kv_blocks": llm.engine.num_kv_blocks, "block_size": llm.engine.config.block_size}
     else:
         from vllm import LLM, SamplingParams
 
         llm = LLM(model=mdir, load_format="dummy", dtype="bfloat16", max_model_len=max_len, max_num_seqs=512,
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=0, **cfg)
-        make = lambda o: SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)  # noqa: E731
-        prompts_of = lambda ps: [{"prompt_token_ids": p} for p in ps]  # noqa: E731
-        count = lambda res: sum(len(r.outputs[0].token_ids) for r in res)  # noqa: E731
         info = {}
         try:
             cc = llm.llm_engine.vllm_config.cache_config
@@ -130,6 +124,16 @@ def worker(engine: str, mdir: str, config: str, args) -> dict:
         except Exception:  # the attribute moved between versions: the number is informative only
             pass
     info["startup_s"] = time.perf_counter() - t_start
+
+    def make(o: int):  # both engines' SamplingParams take these names
+        return SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)
+
+    def prompts_of(ps: list[list[int]]) -> list[dict]:
+        return [{"prompt_token_ids": p} for p in ps]
+
+    def count(res) -> int:
+        return sum(len(r.outputs[0].token_ids) for r in res)
+
     llm.generate(prompts_of([[5] * 32] * 8), [make(8)] * 8, use_tqdm=False)  # warm-up
     rows = []
     for name, prompts, outs in loads:
