@@ -278,3 +278,43 @@ def test_generation_stops_at_max_model_len(tiny_dir):
     last = llm.generate([_prompt(random.Random(9), 39)], SamplingParams(temperature=0, max_tokens=None,
                                                                         ignore_eos=True), use_tqdm=False)[0]
     assert len(last.outputs[0].token_ids) == 1
+
+
+def test_shared_prefix_is_prefilled_once_per_batch(tiny_dir):
+    """Requests that arrive together with a common prefix: the first computes the prefix, the
+    others are admitted in the same step over its blocks and compute only their suffixes; outputs
+    equal those of each request run alone (no sharing possible)."""
+    rng = random.Random(3)
+    prefix = _prompt(rng, 40)  # 5 full blocks of 8
+    prompts = [prefix + _prompt(rng, 5) for _ in range(4)]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    alone = [_llm(tiny_dir, max_num_batched_tokens=256, enable_prefix_caching=False).generate(
+        [p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    eng = _llm(tiny_dir, max_num_batched_tokens=256).engine
+    rec = Recorder(eng)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    outs = _run(eng)
+    first = rec.steps[0].chunks
+    assert first[("r0", 0)] == (0, 45)
+    assert all(first[(f"r{i}", 0)] == (40, 5) for i in range(1, 4)), first
+    assert eng.block_manager.prefix_hits == 3 * 40
+    assert [outs[f"r{i}"].outputs[0].token_ids for i in range(4)] == alone
+
+
+def test_blocks_registered_by_a_step_that_never_ran_are_not_reused(tiny_dir):
+    """A scheduled prefill registers its blocks early; if its request is dropped before the step
+    runs, those blocks (never written) must leave the prefix cache."""
+    rng = random.Random(4)
+    prompt = _prompt(rng, 40)
+    eng = _llm(tiny_dir, max_num_batched_tokens=256).engine
+    eng.add_request("gone", prompt, SamplingParams(max_tokens=4, **GREEDY))
+    out = eng.scheduler.schedule()
+    assert out.scheduled[0].num_tokens == 40
+    eng.scheduler.remove(eng.requests.pop("gone"))
+    eng.block_manager.check_invariants()
+    assert eng.block_manager.cached == {}
+    ref = _llm(tiny_dir, enable_prefix_caching=False).generate([prompt], SamplingParams(max_tokens=4, **GREEDY),
+                                                              use_tqdm=False)[0].outputs[0].token_ids
+    eng.add_request("again", prompt, SamplingParams(max_tokens=4, **GREEDY))
+    assert _run(eng)["again"].outputs[0].token_ids == ref

@@ -136,10 +136,17 @@ class BlockManager:
         b.ref_count = 1
         return bid
 
-    def commit(self, seq: Sequence) -> None:
-        """Register blocks that became full with computed K/V in the prefix cache."""
+    def commit(self, seq: Sequence, upto: int | None = None) -> None:
+        """Register blocks that became full with computed K/V in the prefix cache.
+
+        The scheduler also calls it with `upto` = the end of a chunk it has just scheduled: the
+        blocks that chunk fills are registered before they are computed, so a request admitted
+        later in the same step finds them and computes only its own suffix (a shared prefix is
+        prefilled once per batch, not once per request). That is safe because every attention
+        backend writes the whole batch's K/V into the cache before any row attends, layer by layer.
+        If the step never runs, `free_seq` unregisters what was not computed."""
         bs = self.block_size
-        full = seq.num_computed // bs
+        full = (seq.num_computed if upto is None else upto) // bs
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
@@ -159,11 +166,17 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks; tail blocks go first in the LRU so shared prefixes live longer."""
-        for bid in reversed(seq.block_table):
+        computed = seq.num_computed // self.block_size
+        for i in range(len(seq.block_table) - 1, -1, -1):
+            bid = seq.block_table[i]
             b = self.blocks[bid]
             b.ref_count -= 1
             assert b.ref_count >= 0, f"block {bid} refcount went negative"
             if b.ref_count == 0:
+                if i >= computed and b.hash is not None:  # registered by a step that never ran
+                    if self.cached.get(b.hash) == bid:
+                        del self.cached[b.hash]
+                    b.hash = None
                 self.free[bid] = None
         seq.block_table = []
         seq.block_hashes = []

@@ -143,6 +143,7 @@ class Scheduler:
                 if req.status == Status.RUNNING:
                     out.scheduled.extend(entries)
                     done.add(req.request_id)
+                    self._share(entries)
                 else:
                     budget += sum(e.num_tokens for e in entries)
 
@@ -181,3 +182,11 @@ class Scheduler:
             num_seqs += self._slots(req)
             out.scheduled.extend(entries)
             budget -= sum(e.num_tokens for e in entries)
+            self._share(entries)
+
+    def _share(self, entries: list[ScheduledSeq]) -> None:
+        """Offer the blocks these (final) prefill chunks fill to requests admitted after them in this
+        step, through the prefix cache (see BlockManager.commit)."""
+        for e in entries:
+            if e.num_tokens > 1:
+                self.bm.commit(e.seq, e.seq.num_computed + e.num_tokens)
