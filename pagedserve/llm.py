@@ -8,6 +8,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.errors import InvalidRequestError
 from pagedserve.outputs import RequestOutput
+from pagedserve.runtime import configure_engine_threads
 from pagedserve.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -15,6 +16,7 @@ Prompt = str | list[int] | dict
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs):
+        configure_engine_threads()  # the engine runs in this process: its pool gets this process's cores
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
         self._ids = itertools.count()
 

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from pagedserve import errors
 from pagedserve.config import EngineConfig
 from pagedserve.errors import NotReadyError, PagedServeError
+from pagedserve.runtime import apply_engine_env, configure_server_threads, restore_env
 from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pagedserve.async_engine")
@@ -247,7 +248,9 @@ def _engine_main(config: EngineConfig, in_conn, out_conn, log_level: int) -> Non
         time.sleep(delay)
     try:
         from pagedserve.engine.llm_engine import LLMEngine
+        from pagedserve.runtime import configure_engine_threads
 
+        configure_engine_threads()
         engine = LLMEngine(config)
     except BaseException as e:  # noqa: BLE001 - report any load failure as one line
         msg = str(e) if isinstance(e, PagedServeError) else f"{type(e).__name__}: {e}"
@@ -407,7 +410,14 @@ class AsyncEngine:
         out_r, out_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_engine_main, args=(self.config, in_r, out_w, self.log_level),
                                  name="pagedserve-engine", daemon=True)
-        self._proc.start()
+        # The child inherits os.environ at spawn: its OpenMP settings (runtime.engine_env) must be there
+        # before its libgomp loads. This process keeps one torch thread: the cores are the engine's.
+        old = apply_engine_env()
+        try:
+            self._proc.start()
+        finally:
+            restore_env(old)
+        configure_server_threads()
         # Close our copies of the child's ends: the child's death then reads as EOF.
         in_r.close()
         out_w.close()
