@@ -39,8 +39,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from pagedserve.model import triton_attention as TA  # noqa: E402
+from pagedserve.model.attention_metadata import AttentionMetadata  # noqa: E402
 from pagedserve.model.attention import (  # noqa: E402
-    AttentionMetadata,
     TorchAttentionBackend,
     paged_decode_attention_ref,
     paged_prefill_attention_ref,

@@ -16,8 +16,8 @@ from torch import nn
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
 from pagedserve.errors import ConfigError, UnsupportedModelError
-from pagedserve.model.attention import (AttentionMetadata, TorchAttentionBackend, paged_decode_attention_ref,
-                                        write_kv)
+from pagedserve.model.attention import TorchAttentionBackend, paged_decode_attention_ref, write_kv
+from pagedserve.model.attention_metadata import AttentionMetadata
 from pagedserve.model.fp8 import (FP8, FP8_MAX, Fp8Linear, check_fp8_device, fp8_linear, fp8_linear_reference,
                                   quantize_fp8_rows, quantize_kv)
 from pagedserve.model.fp8_format import Fp8CheckpointConfig, quantization_config, write_fp8_checkpoint

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pagedserve.model.attention_metadata import AttentionMetadata
 from pagedserve.model.attention import (
-    AttentionMetadata,
     TorchAttentionBackend,
     paged_decode_attention_ref,
     paged_prefill_attention_ref,

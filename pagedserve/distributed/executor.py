@@ -288,7 +288,7 @@ def _worker_main(config, rank: int, port: int, conn, log_level: int) -> None:
 
 @torch.inference_mode()
 def _serve_steps(engine, conn) -> None:
-    from pagedserve.model.attention import AttentionMetadata
+    from pagedserve.model.attention_metadata import AttentionMetadata
 
     runner, group = engine.runner, engine.tp
     dev = runner.device

@@ -1,4 +1,4 @@
-"""Paged attention: metadata, the torch reference backend, and backend selection.
+"""Paged attention: the torch backend (the CPU default) and backend selection.
 
 KV cache layout, per layer: k_cache, v_cache of shape
     [num_blocks, block_size, num_kv_heads, head_dim]
@@ -13,35 +13,13 @@ chunk sees both the cached prefix and itself (causally).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pagedserve.model.attention_metadata import AttentionMetadata
 from pagedserve.model.fp8 import FP8, quantize_kv
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64, the cache slot of every token in the flat batch
-    num_decode: int  # the first num_decode tokens are single-token decodes, one per sequence
-    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int32, padded with 0
-    decode_seq_lens: torch.Tensor  # [num_decode] int32, context length including the new token
-    prefill_query_start: torch.Tensor  # [P+1] int32, offsets into the prefill tokens (starting at 0)
-    prefill_seq_lens: torch.Tensor  # [P] int32, context length after this chunk
-    prefill_block_tables: torch.Tensor  # [P, max_blocks] int32
-    # Host copies (python ints) so the CPU path never syncs to read shapes.
-    decode_max_seq_len: int = 0
-    prefill_query_start_list: tuple[int, ...] = (0,)
-    prefill_seq_lens_list: tuple[int, ...] = ()
-    decode_seq_lens_list: tuple[int, ...] = ()  # host copy of decode_seq_lens (optional: enables grouping)
-    # Tensors derived from the fields above once per step (by the first layer that needs them) and
-    # reused by every other layer: the block tables and lengths are the same for all of them.
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def num_prefill(self) -> int:
-        return len(self.prefill_seq_lens_list)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

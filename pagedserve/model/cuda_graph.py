@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from pagedserve.model.attention import AttentionMetadata
+from pagedserve.model.attention_metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model import fused_ops
-from pagedserve.model.attention import AttentionMetadata
+from pagedserve.model.attention_metadata import AttentionMetadata
 from pagedserve.model.hf_config import DecoderShape
 
 # On CUDA, RMSNorm (+ residual add), RoPE and SiLU-and-mul run as one Triton kernel each

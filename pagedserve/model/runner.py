@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pagedserve.engine.scheduler import ScheduledSeq
-from pagedserve.model.attention import AttentionMetadata
+from pagedserve.model.attention_metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
 

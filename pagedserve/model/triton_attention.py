@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.model.attention import AttentionMetadata
+from pagedserve.model.attention_metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
