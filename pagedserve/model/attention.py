@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pagedserve.model.attention_metadata import AttentionMetadata
 from pagedserve.model.fp8 import FP8, quantize_kv
+from pagedserve.model.shared_prefix import SharedPrefix, plan_shared, shared_prefix_decode
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -263,11 +264,16 @@ class TorchAttentionBackend:
             key = ("decode_plan", q.dtype, k_cache.dtype, k_cache[0].shape)
             plan = meta.derived.get(key)
             if plan is None:  # the first layer of this step
-                plan = meta.derived[key] = decode_plan(meta.decode_block_tables, meta.decode_seq_lens,
-                                                       meta.decode_max_seq_len, k_cache.shape[1], q.dtype, k_cache,
-                                                       meta.decode_seq_lens_list)
-            decode = paged_decode_attention_ref(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                meta.decode_seq_lens, scale, meta.decode_max_seq_len, plan)
+                shared = plan_shared(meta.decode_block_tables, meta.decode_seq_lens, meta.decode_seq_lens_list,
+                                     k_cache.shape[1], q.dtype) if meta.decode_seq_lens_list else None
+                plan = meta.derived[key] = shared or decode_plan(
+                    meta.decode_block_tables, meta.decode_seq_lens, meta.decode_max_seq_len, k_cache.shape[1],
+                    q.dtype, k_cache, meta.decode_seq_lens_list)
+            if isinstance(plan, SharedPrefix):  # the rows share a cached prefix: read it once, not once per row
+                decode = shared_prefix_decode(q[:nd], k_cache, v_cache, plan, scale)
+            else:
+                decode = paged_decode_attention_ref(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                    meta.decode_seq_lens, scale, meta.decode_max_seq_len, plan)
             if meta.num_prefill == 0:
                 return decode
         prefill = paged_prefill_attention_ref(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
