@@ -6,18 +6,28 @@ intra-op pool to the cores the process may actually use (os.sched_getaffinity, n
 container or `taskset` gives fewer). The API-server process keeps one thread, so it never
 competes with the engine for cores.
 
-OpenMP waiting: libgomp's default lets an idle worker spin for ~300k iterations before it sleeps.
-When another process shares the cores (a second server, a test run, a noisy neighbour), a worker
-spinning at a barrier keeps the thread it waits for off the core, and a 2-thread GEMM ran 6-10x
-slower here than with a short spin (GOMP_SPINCOUNT=10000), which on a quiet machine costs nothing
-measurable. It is set for the engine process unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY.
+OpenMP runtime: torch's CPU wheel ships GNU OpenMP (libgomp). Intel's (libiomp5, the
+`intel-openmp` wheel, a project dependency on x86-64 Linux) provides the same GOMP_* entry points,
+so preloading it moves torch's parallel regions onto it; it is the runtime vLLM's CPU setup
+preloads too. At batch 32 on the default model it ran 10-15% faster here. LD_PRELOAD only acts
+at process start, so it is applied where pagedserve starts the engine process itself (`serve`,
+the benchmarks); an in-process `LLM(...)` runs on whatever runtime its process started with.
+
+Waiting at barriers: an idle OpenMP worker spins before it sleeps (libgomp ~300k iterations,
+libiomp5 200 ms by default). When another process shares the cores (a second server, a test run,
+a noisy neighbour), a spinning worker keeps the thread it waits for off the core: a 2-thread GEMM
+ran 6-10x slower here than with a short spin (GOMP_SPINCOUNT=10000, KMP_BLOCKTIME=1), which on
+its own costs nothing measurable. Both are set for the engine process unless the user set them
+(or OMP_WAIT_POLICY).
+
+Allocators: jemalloc (Debian's libjemalloc2) measured slower here; tcmalloc has no pip wheel. Any
+malloc library can still be preloaded with PAGEDSERVE_ALLOCATOR.
 
 Variables (documented in the README):
 - PAGEDSERVE_NUM_THREADS: intra-op threads of the engine (default: the cores in this process's
   affinity mask);
-- PAGEDSERVE_PRELOAD=0: start the engine process without the preloads below;
-- PAGEDSERVE_ALLOCATOR: path of a malloc library to preload in the engine process (default: none;
-  see the README's CPU section for the measurement).
+- PAGEDSERVE_PRELOAD=0: start the engine process without any preload (plain libgomp);
+- PAGEDSERVE_ALLOCATOR: path of a malloc library to preload in the engine process (default: none).
 """
 from __future__ import annotations
 
@@ -75,23 +85,45 @@ def configure_server_threads() -> None:
         torch.set_num_threads(1)
 
 
-def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a new engine process: OpenMP spin limit and optional preloads, over `base`
-    (default os.environ). Variables the user set win."""
+def openmp_library() -> str | None:
+    """libiomp5.so from the intel-openmp wheel (installed into this environment's lib/), if present."""
+    import sys
+
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        path = os.path.join(prefix, "lib", "libiomp5.so")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def engine_on_cpu(device: str) -> bool:
+    """Whether an engine configured with `device` will run on the CPU, decided without importing torch
+    (the server process does not): "auto" means CPU when no NVIDIA device node exists."""
+    return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
+
+
+def engine_env(base: dict[str, str] | None = None, cpu: bool = True) -> dict[str, str]:
+    """Environment for a new engine process: OpenMP runtime and spin limits, optional allocator,
+    over `base` (default os.environ). Variables the user set win. A GPU engine gets no preload."""
     env = dict(os.environ if base is None else base)
-    if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
-        env["GOMP_SPINCOUNT"] = DEFAULT_SPINCOUNT
-    if env.get("PAGEDSERVE_PRELOAD", "1") != "0":
-        alloc = env.get("PAGEDSERVE_ALLOCATOR", "").strip()
-        if alloc and os.path.exists(alloc) and alloc not in env.get("LD_PRELOAD", ""):
-            env["LD_PRELOAD"] = ":".join(p for p in (alloc, env.get("LD_PRELOAD")) if p)
+    if "OMP_WAIT_POLICY" not in env:
+        env.setdefault("GOMP_SPINCOUNT", DEFAULT_SPINCOUNT)
+        env.setdefault("KMP_BLOCKTIME", "1")
+    if not cpu or env.get("PAGEDSERVE_PRELOAD", "1") == "0":
+        return env
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
+    for lib in (env.get("PAGEDSERVE_ALLOCATOR", "").strip(), openmp_library()):
+        if lib and os.path.exists(lib) and lib not in preload:
+            preload.append(lib)
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
     return env
 
 
-def apply_engine_env() -> dict[str, str | None]:
+def apply_engine_env(cpu: bool = True) -> dict[str, str | None]:
     """Put engine_env()'s additions into os.environ (a spawned child inherits them); returns the old
     values for `restore_env`."""
-    new = engine_env()
+    new = engine_env(cpu=cpu)
     old = {k: os.environ.get(k) for k, v in new.items() if os.environ.get(k) != v}
     for k in old:
         os.environ[k] = new[k]

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from pagedserve import errors
 from pagedserve.config import EngineConfig
 from pagedserve.errors import NotReadyError, PagedServeError
-from pagedserve.runtime import apply_engine_env, configure_server_threads, restore_env
+from pagedserve.runtime import apply_engine_env, configure_server_threads, engine_on_cpu, restore_env
 from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pagedserve.async_engine")
@@ -412,7 +412,7 @@ class AsyncEngine:
                                  name="pagedserve-engine", daemon=True)
         # The child inherits os.environ at spawn: its OpenMP settings (runtime.engine_env) must be there
         # before its libgomp loads. This process keeps one torch thread: the cores are the engine's.
-        old = apply_engine_env()
+        old = apply_engine_env(cpu=engine_on_cpu(self.config.device))
         try:
             self._proc.start()
         finally:
