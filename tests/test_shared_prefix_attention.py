@@ -6,9 +6,16 @@ import torch
 
 from pagedserve.model.attention import TorchAttentionBackend, decode_plan, paged_decode_attention_ref
 from pagedserve.model.attention_metadata import AttentionMetadata
+from pagedserve.model import shared_prefix
 from pagedserve.model.shared_prefix import MIN_SHARED_BLOCKS, plan_shared, shared_blocks, shared_prefix_decode
 
 BS, KVH, D, H = 8, 2, 16, 6
+
+
+@pytest.fixture(autouse=True)
+def _always_share(monkeypatch):
+    """Small cases here: take the shared path whenever rows share blocks (the size rule is tested below)."""
+    monkeypatch.setattr(shared_prefix, "MIN_SAVED_BLOCKS", 0)
 
 
 def _tables(g: torch.Generator, prefix_blocks: int, tails: list[int], nb: int = 256):
@@ -49,6 +56,15 @@ def test_shared_blocks_stop_at_the_first_difference_and_keep_a_token_per_row():
     assert shared_blocks(bt[:2], [6 * BS, 6 * BS + 3], BS) == 5
     assert shared_blocks(bt[:1], sll[:1], BS) == 0  # one row: nothing to share
     assert plan_shared(bt, sl, [MIN_SHARED_BLOCKS * BS] * 3, BS, torch.float32) is None  # too short to pay
+
+
+def test_small_batches_keep_the_general_path(monkeypatch):
+    monkeypatch.setattr(shared_prefix, "MIN_SAVED_BLOCKS", 128)
+    g = torch.Generator().manual_seed(2)
+    bt, sl, sll = _tables(g, 6, [4] * 3)
+    assert plan_shared(bt, sl, sll, BS, torch.float32) is None  # 2 x 6 blocks saved: not worth it
+    bt, sl, sll = _tables(g, 6, [4] * 30)
+    assert plan_shared(bt, sl, sll, BS, torch.float32) is not None  # 29 x 6
 
 
 def test_backend_uses_the_shared_path_and_gives_the_same_answer():
