@@ -185,8 +185,9 @@ class Scheduler:
             self._share(entries)
 
     def _share(self, entries: list[ScheduledSeq]) -> None:
-        """Offer the blocks these (final) prefill chunks fill to requests admitted after them in this
-        step, through the prefix cache (see BlockManager.commit)."""
+        """Offer the prompt blocks these (final) prefill chunks fill to requests admitted after them in
+        this step, through the prefix cache (see BlockManager.commit). Prompt tokens only: generated
+        ones may still be placeholders (overlapped steps) and are committed after the step."""
         for e in entries:
             if e.num_tokens > 1:
-                self.bm.commit(e.seq, e.seq.num_computed + e.num_tokens)
+                self.bm.commit(e.seq, min(e.seq.num_computed + e.num_tokens, e.seq.num_prompt_tokens))
