@@ -139,6 +139,7 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
             "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"], "completed": s["completed"],
             "failed": s["failed"], "client_bound": lv["client"].get("client_bound"),
             "workers": lv["client"].get("workers"), "client_cpu_peak": lv["client"].get("cpu_peak_fraction"),
+            "output_tokens": s["output_tokens"], "duration_s": s["duration_s"], "tpot_mean_ms": s["tpot_ms"]["mean"],
             "wall_s": time.monotonic() - t}
 
 
@@ -165,8 +166,9 @@ def with_server_view(url: str, run) -> dict:
     before = server_scrape(url)
     res = run()
     view = server_side(before, server_scrape(url)) if before else None
-    if view and "ttft_mean_ms" in view:
-        res["server_ttft_mean_ms"] = view["ttft_mean_ms"]
+    for key in ("ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms"):
+        if view and key in view:
+            res["server_" + key] = view[key]
     return res
 
 
@@ -200,7 +202,8 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     return {"output_throughput": r["output_throughput"], "ttft_mean_ms": r["mean_ttft_ms"],
             "ttft_p50_ms": r["median_ttft_ms"],
             "ttft_p99_ms": r["p99_ttft_ms"], "tpot_p50_ms": r["median_tpot_ms"], "completed": r["completed"],
-            "failed": n - r["completed"], "wall_s": time.monotonic() - t}
+            "failed": n - r["completed"], "output_tokens": r.get("total_output_tokens"),
+            "duration_s": r.get("duration"), "tpot_mean_ms": r.get("mean_tpot_ms"), "wall_s": time.monotonic() - t}
 
 
 VLLM_CLIENT_DIR = Path(tempfile.gettempdir()) / "pagedserve-vllm-client"
@@ -306,13 +309,16 @@ def print_agreement(rows: list[dict], peer: str | None) -> None:
             line += "  (our client flagged client-bound)"
         print(line)
     if any("server_ttft_mean_ms" in r["ours"] for r in rows):
-        print("\nTTFT mean ms, each client vs the server's own mean over that client's run (/metrics):")
+        # The server's own histograms are the reference: a client that disagrees with them measures itself.
+        print("\nEach client's means vs the server's own over that client's run (/metrics), and what it counted:")
         for r in rows:
-            o, p = r["ours"], r.get("peer", {})
-            line = f"{r['concurrency']:>5} | ours {o['ttft_mean_ms']:8.1f} (server {o.get('server_ttft_mean_ms', 0):8.1f})"
-            if p:
-                line += f" | {peer} {p['ttft_mean_ms']:8.1f} (server {p.get('server_ttft_mean_ms', 0):8.1f})"
-            print(line)
+            for who, m in (("ours", r["ours"]), (peer, r.get("peer"))):
+                if not m:
+                    continue
+                print(f"{r['concurrency']:>5} {who:>5}: TTFT {m['ttft_mean_ms']:8.1f} (server "
+                      f"{m.get('server_ttft_mean_ms', 0):8.1f})  TPOT {m.get('tpot_mean_ms') or 0:6.2f} (server "
+                      f"{m.get('server_tpot_mean_ms', 0):6.2f})  {m.get('output_tokens')} tokens in "
+                      f"{m.get('duration_s') or 0:.2f} s")
     if peer:
         print(f"ratio = ours / {peer}; '!' = outside the target (throughput ±{THROUGHPUT_TOL:.0%}, "
               f"TTFT/TPOT ±{LATENCY_TOL:.0%})")
