@@ -296,11 +296,11 @@ def main() -> int:
     except Exception:
         pass
     (out_dir / "peer_vllm.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'shape':<5} {'config':<6} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}")
+    print(f"\n{'shape':<5} {'config':<9} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}")
     for r in rows:
         v = f"{r['vllm_tok_s']:,.0f}" if r["vllm_tok_s"] else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        print(f"{r['shape']:<5} {r['config']:<6} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}")
+        print(f"{r['shape']:<5} {r['config']:<9} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}")
     for r in results:
         if "error" in r:
             print(f"{r['shape']} {r['config']} {r['engine']}: {r['error']}")
