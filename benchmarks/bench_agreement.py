@@ -129,7 +129,8 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     path = out / f"ours_c{c}_w{workers}.json"
     cmd = [sys.executable, "-m", "pagedserve.cli", "bench", "serve", "--url", url, "--concurrency", str(c),
            "--num-prompts", str(n), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-           "--ignore-eos", "--warmup", "1", "--no-progress", "--workers", workers, "--save-json", str(path),
+           "--ignore-eos", "--temperature", str(args.temperature), "--warmup", "1", "--no-progress", "--workers",
+           workers, "--save-json", str(path),
            "--timeout", str(args.request_timeout), *(["--model", model] if model else []),
            *(["--tokenizer", tokenizer] if tokenizer else []), *extra]
     print("$", " ".join(cmd), flush=True)
@@ -195,7 +196,8 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
            "--base-url", url, "--model", model, *(["--tokenizer", tokenizer] if tokenizer else []),
            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
-           str(args.output_len), "--ignore-eos", "--max-concurrency", str(c), "--num-prompts", str(n),
+           str(args.output_len), "--ignore-eos", "--temperature", str(args.temperature),  # else the server's default
+           "--max-concurrency", str(c), "--num-prompts", str(n),
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-dir", str(out), "--result-filename", name]
     print("$", " ".join(cmd), flush=True)
@@ -418,6 +420,8 @@ def main() -> None:
     g.add_argument("--prompts-per-stream", type=int, default=4)
     g.add_argument("--input-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sent by both clients (vllm bench serve sends none unless told: the server's default, 1.0)")
     g.add_argument("--workers", default="auto", help="our client's --workers")
     g.add_argument("--request-timeout", type=float, default=600)
     g.add_argument("--level-timeout", type=float, default=1800)
