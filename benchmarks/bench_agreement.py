@@ -75,7 +75,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
 @contextlib.contextmanager
 def server(args):
     """Yields (url, model name, tokenizer) for the server under test, started here unless --url."""
-    if args.tokenizer is None and not args.pagedserve_dummy:  # both clients need one to make the prompts
+    if args.tokenizer is None and not (args.pagedserve_dummy or args.vllm_dummy):  # both clients need one to make the prompts
         from pagedserve.model.default_model import default_model_dir
 
         args.tokenizer = str(default_model_dir())
@@ -83,17 +83,22 @@ def server(args):
         yield args.url.rstrip("/"), args.model, args.tokenizer
         return
     port = free_port()
-    if args.pagedserve_dummy:
+    env = None
+    shape = args.pagedserve_dummy or args.vllm_dummy
+    if shape:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from gpu_serving import dummy_model_dir
 
         from pagedserve.model.default_model import default_model_dir
 
-        model_dir = dummy_model_dir(args.pagedserve_dummy, args.tokenizer or str(default_model_dir()))
-        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
-               str(port), "--load-format", "dummy", "--served-model-name", args.pagedserve_dummy,
-               "--disable-log-requests", "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.serve_args)]
-        model, tokenizer = args.pagedserve_dummy, str(model_dir)
+        model_dir = dummy_model_dir(shape, args.tokenizer or str(default_model_dir()))
+        common = [str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
+                  "--served-model-name", shape, "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.serve_args)]
+        if args.pagedserve_dummy:
+            cmd = [sys.executable, "-m", "pagedserve.cli", "serve", *common, "--disable-log-requests"]
+        else:  # the same dummy weights' shape behind vLLM's own server
+            cmd, env = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *common], peer_env(args)
+        model, tokenizer = shape, str(model_dir)
     elif args.server_cmd:
         cmd, model, tokenizer = shlex.split(args.server_cmd.format(port=port)), args.model, args.tokenizer
     else:
@@ -102,7 +107,7 @@ def server(args):
         model, tokenizer = "mock", args.tokenizer
     print("$", " ".join(cmd), flush=True)
     log = tempfile.NamedTemporaryFile("w+", prefix="agreement-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, args.ready_timeout)
@@ -399,7 +404,9 @@ def main() -> None:
     g.add_argument("--server-cmd", default=None, help="command that starts the server; {port} is filled in")
     g.add_argument("--pagedserve-dummy", default=None, metavar="SHAPE",
                    help="start `pagedserve serve` with dummy weights of this shape (as benchmarks/gpu_serving.py)")
-    g.add_argument("--serve-args", default="", help="extra `pagedserve serve` flags with --pagedserve-dummy")
+    g.add_argument("--vllm-dummy", default=None, metavar="SHAPE",
+                   help="start `vllm serve` on dummy weights of this HF shape (vLLM from --peer-pythonpath)")
+    g.add_argument("--serve-args", default="", help="extra server flags with --pagedserve-dummy/--vllm-dummy")
     g.add_argument("--max-num-seqs", type=int, default=512)
     g.add_argument("--model", default=None)
     g.add_argument("--tokenizer", default=None, help="tokenizer dir for the prompts (default: the embedded model's)")

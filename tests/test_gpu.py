@@ -91,6 +91,22 @@ def test_cuda_graph_decode_equals_eager(dirs):
             == [o.outputs[0].token_ids for o in graphs.generate(prompts, sp, use_tqdm=False)])
 
 
+def test_overlapped_step_equals_synchronous(dirs):
+    """Issue 18: the overlapped step (default on one GPU) gives the synchronous step's tokens."""
+    _, path = dirs["qwen3"]
+    llm = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory=0.5)
+    assert llm.engine.async_scheduling
+    prompts = _prompts(6)
+    greedy = [SamplingParams(temperature=0, max_tokens=2 + 7 * i, ignore_eos=i % 2 == 0) for i in range(6)]
+    seeded = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=20, ignore_eos=True) for i in range(6)]
+    runs = []
+    for on in (True, False):
+        llm.engine.async_scheduling = on
+        runs.append([[o.outputs[0].token_ids for o in llm.generate(prompts, ps, use_tqdm=False)]
+                     for ps in (greedy, seeded)])
+    assert runs[0] == runs[1]
+
+
 def test_kv_pool_from_gpu_memory_utilization(dirs):
     """The profiled budget path, with a token budget longer than max_model_len (profiled as several prompts)."""
     import gc

@@ -233,9 +233,9 @@ class TPRunner:
         self.inner.copy_blocks(pairs)
         self._copies.extend(pairs)
 
-    def execute(self, scheduled):
+    def execute(self, scheduled, prev_tokens=None):
         try:
-            input_ids, positions, meta, logit_rows, sampled = self.inner.prepare(scheduled)
+            input_ids, positions, meta, logit_rows, sampled = self.inner.prepare(scheduled, prev_tokens)
             self._send(input_ids, positions, meta, logit_rows)
             return self.inner.run(input_ids, positions, meta, logit_rows), sampled
         except PagedServeError:

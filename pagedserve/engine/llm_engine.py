@@ -26,12 +26,13 @@ from pagedserve.engine.beam_search import BeamSearch
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.fault_injection import FaultInjector
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.overlap import InFlightStep, launch_sampling, overlappable, resolve
 from pagedserve.engine.sampling import StepSampler
 from pagedserve.engine.scheduler import ScheduledSeq, Scheduler
 from pagedserve.engine.sequence import Request, Sequence, Status
 from pagedserve.engine.tp_worker import worker_main
 from pagedserve.engine.worker import Worker
-from pagedserve.errors import InvalidRequestError
+from pagedserve.errors import ConfigError, InvalidRequestError
 from pagedserve.model.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -84,6 +85,15 @@ class LLMEngine:
         self.beam_search = BeamSearch(self.block_manager, self.eos_token_ids, w.max_model_len, self._seq_ids)
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids, w.max_model_len, self.block_manager,
                                       self.structured)
+        # Overlapped scheduling (overlap.py): on by default for one CUDA device; off on CPU, where the
+        # forward runs on the calling thread and there is nothing to overlap, and with tensor parallelism.
+        on = config.async_scheduling
+        if on and w.tp is not None:
+            raise ConfigError("async scheduling is not supported with tensor_parallel_size > 1",
+                              param="async_scheduling", hint="drop --async-scheduling")
+        self.async_scheduling = on if on is not None else (w.device.type == "cuda" and w.tp is None)
+        self._inflight: InFlightStep | None = None
+        self.num_overlapped_steps = 0  # steps whose sampled tokens stayed on the device
         w.log_startup()
 
     def kv_bytes_per_block(self) -> int:
@@ -137,7 +147,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.structured.pending)
+        return self.scheduler.has_unfinished() or bool(self.structured.pending) or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -159,43 +169,86 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule; one forward pass over the flat batch (shared: its errors end the step); then
         per-request work (sampling, beam scoring, stop checks, detokenization), where an exception
-        aborts that request only (reported through `take_failed`) and the rest of the batch goes on."""
-        scheduled = self._schedule()
-        if not scheduled:
-            return []
+        aborts that request only (reported through `take_failed`) and the rest of the batch goes on.
+
+        Overlapped: this step's tokens stay on the device and are processed by the next call, after
+        it has launched its own forward; the previous step's are processed here, while the GPU runs."""
+        prev, self._inflight = self._inflight, None
+        scheduled = self._schedule(idle_wait=prev is None)
+        touched: dict[str, Request] = {}
         now = time.time()
-        logits, sampled = self._execute(scheduled, now)
-        touched = self._process(logits, sampled, now)
+        if scheduled:
+            logits, sampled = self._execute(scheduled, now, prev)
+            if self.async_scheduling:
+                self._inflight = self._launch(logits, sampled, scheduled)
+        if prev is not None:
+            self._collect(prev, touched)
+        if scheduled and self._inflight is None:
+            self._commit(scheduled)
+            self._process(logits, sampled, now, touched)
         return self._outputs(touched, now)
 
-    def _schedule(self) -> list[ScheduledSeq]:
+    def _schedule(self, idle_wait: bool) -> list[ScheduledSeq]:
         if self.structured.pending:
             self._admit_compiled()
         scheduled = self.scheduler.schedule().scheduled
-        if not scheduled:
+        if not scheduled and idle_wait:
             self.structured.wait(0.01)  # only grammars compiling: do not spin
         return scheduled
 
-    def _execute(self, scheduled: list[ScheduledSeq], now: float) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """The model step: block copies, forward, grammar masks; the scheduled tokens are now in the cache."""
+    def _execute(self, scheduled: list[ScheduledSeq], now: float, prev: InFlightStep | None
+                 ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """The model step: block copies and the forward; the scheduled tokens are now in the cache."""
         for e in scheduled:
             if e.request.metrics.first_scheduled_time is None:
                 e.request.metrics.first_scheduled_time = now
         self.runner.copy_blocks(self.block_manager.pending_copies)
         self.block_manager.pending_copies.clear()
         self.faults.on_step(scheduled)
-        logits, sampled = self.runner.execute(scheduled)
-        if self.structured.grammars:
-            self.structured.apply_masks(logits, sampled)  # before penalties and sampling
+        logits, sampled = self.runner.execute(scheduled, prev.tokens if prev is not None else None)
         for e in scheduled:
             e.seq.num_computed += e.num_tokens
-            self.block_manager.commit(e.seq)
         return logits, sampled
 
-    def _process(self, logits: torch.Tensor, sampled: list[ScheduledSeq], now: float) -> dict[str, Request]:
-        """Sample and append each sampled sequence's next token; returns the requests that moved."""
+    def _commit(self, scheduled: list[ScheduledSeq]) -> None:
+        """Name newly full blocks in the prefix cache (only once every token in them is real)."""
+        for e in scheduled:
+            if not e.seq.finished:
+                self.block_manager.commit(e.seq)
+
+    def _launch(self, logits: torch.Tensor, sampled: list[ScheduledSeq], scheduled: list[ScheduledSeq]
+                ) -> InFlightStep | None:
+        """Sample on the device and leave this step in flight, when every sampled row allows it."""
+        if not all(overlappable(e.request) for e in sampled):
+            return None
+        try:
+            self.faults.on_sample([e.request for e in sampled])
+            step = launch_sampling(logits, sampled, scheduled, self.generator, self.max_model_len)
+        except Exception:  # noqa: BLE001 - the synchronous path samples request by request
+            return None
+        self.num_overlapped_steps += 1
+        return step
+
+    def _collect(self, step: InFlightStep, touched: dict[str, Request]) -> None:
+        """Read an in-flight step's tokens back, write them over its placeholders and process them."""
+        tokens = step.read()
+        now = time.time()
+        for (req, seq, index), tok in zip(step.rows, tokens):
+            if seq.finished or req.finished:
+                continue  # stopped a step earlier (its row was wasted) or aborted while in flight
+            tail = resolve(seq, index)
+            self._guarded(req, self.output.append_token, req, seq, tok, None, None, now)
+            if not seq.finished:
+                seq.token_ids.extend(tail)  # the placeholder of the step launched just now
+            touched[req.request_id] = req
+        self._commit(step.scheduled)
+
+    def _process(self, logits: torch.Tensor, sampled: list[ScheduledSeq], now: float,
+                 touched: dict[str, Request]) -> None:
+        """Sample and append each sampled sequence's next token, adding the requests that moved to `touched`."""
+        if self.structured.grammars:
+            self.structured.apply_masks(logits, sampled)  # before penalties and sampling
         rows = self.sampler.split(sampled, self._guarded)
-        touched: dict[str, Request] = {}
         append = self.output.append_token
         if rows.plain_rows:
             self.sampler.greedy_and_append(logits, rows, now, touched, self._guarded, append)
@@ -205,7 +258,6 @@ class LLMEngine:
             req = self.requests[rid]
             self._guarded(req, self._beam_step, req, entries, logits, now)
             touched[rid] = req
-        return touched
 
     def _outputs(self, touched: dict[str, Request], now: float) -> list[RequestOutput]:
         outputs = []

@@ -48,6 +48,8 @@ class StepSampler:
         out = StepRows()
         for i, e in enumerate(sampled):
             req, seq = e.request, e.seq
+            if seq.finished:
+                continue  # stopped by a token the engine just read back (an overlapped step): row unused
             if req.plain_greedy and seq.num_output_tokens >= req.params.min_tokens:
                 out.plain_rows.append(i)
                 out.plain_seqs.append((req, seq))
