@@ -95,7 +95,6 @@ def _own_gpu_memory(dev: torch.device) -> int | None:
     return None
 
 
-
 class Worker:
     """One rank's device, model, KV cache and runner.
 
@@ -150,6 +149,7 @@ class Worker:
         self.load_seconds = 0.0
 
     def load_model(self) -> None:
+        """Build the model on its device (the host first when quantizing on load) and load its weights."""
         config = self.config
         backend = get_attention_backend(config.attention_backend, self.device)
         torch.manual_seed(config.seed)
