@@ -6,6 +6,7 @@
     python benchmarks/bench_agreement.py --server-cmd "vllm serve M --port {port}" --model M --tokenizer M
     # CPU: the mock server (known timing), small numbers; and the client-ceiling self-check
     python benchmarks/bench_agreement.py --concurrency 1,64,256 --output-len 32
+    ... --repeat 3 --prompts-per-stream 8   # GPU: alternate the clients 3x per level, compare medians
     python benchmarks/bench_agreement.py --self-check
 
 Agreement: per level (default 1, 64, 256, 512 streams; 128-token random prompts, 128 new
@@ -314,6 +315,9 @@ def print_agreement(rows: list[dict], peer: str | None) -> None:
                 line += f" {b:>9.1f} {ratio:>5.3f}{'' if ok else '!'}"
         if r["ours"].get("client_bound"):
             line += "  (our client flagged client-bound)"
+        if r["ours"].get("runs", 1) > 1:
+            line += f"  (medians of {r['ours']['runs']}; throughput spread ours {r['ours']['throughput_spread']:.0%}"
+            line += f", peer {r['peer']['throughput_spread']:.0%})" if peer else ")"
         print(line)
     if any("server_ttft_mean_ms" in r["ours"] for r in rows):
         # The server's own histograms are the reference: a client that disagrees with them measures itself.
@@ -331,6 +335,22 @@ def print_agreement(rows: list[dict], peer: str | None) -> None:
               f"TTFT/TPOT ±{LATENCY_TOL:.0%})")
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per-metric medians over repeated runs of one client, and the throughput spread (max/min - 1): one
+    closed-loop run at hundreds of streams can land 25% off the next on the same server."""
+    import statistics
+
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        vals = [r.get(k) for r in runs]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(isinstance(x, (int, float)) for x in vals):
+            out[k] = statistics.median(vals)
+    tps = [r["output_throughput"] for r in runs]
+    out["throughput_spread"] = max(tps) / min(tps) - 1 if min(tps) > 0 else None
+    out["runs"] = len(runs)
+    return out
+
+
 def agreement(args) -> dict:
     out = Path(tempfile.mkdtemp(prefix="agreement-"))
     peer, why = choose_peer(args)
@@ -339,11 +359,18 @@ def agreement(args) -> dict:
     with server(args) as (url, model, tokenizer):
         for c in [int(x) for x in args.concurrency.split(",")]:
             n = args.prompts_per_stream * c
-            row = {"concurrency": c, "num_prompts": n,
-                   "ours": with_server_view(url, lambda: run_ours(url, model, tokenizer, c, n, args, args.workers,
-                                                                  out))}
-            if peer == "vllm":
-                row["peer"] = with_server_view(url, lambda: run_vllm(url, model or "mock", tokenizer, c, n, args, out))
+            runs: dict[str, list[dict]] = {"ours": [], "peer": []}
+            for _ in range(args.repeat):  # alternate the clients, so a drift of the server hits both
+                runs["ours"].append(with_server_view(url, lambda: run_ours(url, model, tokenizer, c, n, args,
+                                                                           args.workers, out)))
+                if peer == "vllm":
+                    runs["peer"].append(with_server_view(
+                        url, lambda: run_vllm(url, model or "mock", tokenizer, c, n, args, out)))
+            row = {"concurrency": c, "num_prompts": n}
+            for who, rs in runs.items():
+                if rs:
+                    row[who] = median_run(rs)
+                    row[who + "_runs"] = rs
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
@@ -418,6 +445,8 @@ def main() -> None:
     g = ap.add_argument_group("load")
     g.add_argument("--concurrency", default="1,64,256,512")
     g.add_argument("--prompts-per-stream", type=int, default=4)
+    g.add_argument("--repeat", type=int, default=1,
+                   help="runs per client and level, alternating ours and the peer's; medians are compared")
     g.add_argument("--input-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0,

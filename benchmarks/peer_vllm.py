@@ -199,7 +199,8 @@ def served(args, out_dir: Path) -> int:
                 report[server] = {"error": f"not run and no {out.name}: {e}"}
             continue
         cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_agreement.py"), flag, shape, *tok, "--peer", "vllm",
-               "--concurrency", args.streams, "--input-len", str(args.prompt_len), "--output-len",
+               "--concurrency", args.streams, "--repeat", str(args.repeat), "--input-len", str(args.prompt_len),
+               "--output-len",
                str(args.output_len), "--out", str(out), *(["--peer-pythonpath", peer_path] if peer_path else [])]
         print("$", " ".join(cmd), flush=True)
         try:
@@ -254,6 +255,7 @@ def main() -> int:
     ap.add_argument("--served", action="store_true",
                     help="instead: both servers (7B shape), each measured by our client and `vllm bench serve`")
     ap.add_argument("--streams", default="1,64,256", help="--served concurrency levels")
+    ap.add_argument("--repeat", type=int, default=1, help="--served: runs per client and level (medians)")
     ap.add_argument("--servers", default="pagedserve,vllm",
                     help="--served: servers to run now; the others' served_<name>.json are read from --out")
     ap.add_argument("--out", default=None)
