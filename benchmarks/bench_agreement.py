@@ -6,6 +6,7 @@
     python benchmarks/bench_agreement.py --server-cmd "vllm serve M --port {port}" --model M --tokenizer M
     # CPU: the mock server (known timing), small numbers; and the client-ceiling self-check
     python benchmarks/bench_agreement.py --concurrency 1,64,256 --output-len 32
+    ... --repeat 3 --prompts-per-stream 8   # GPU: alternate the clients 3x per level, compare medians
     python benchmarks/bench_agreement.py --self-check
 
 Agreement: per level (default 1, 64, 256, 512 streams; 128-token random prompts, 128 new
@@ -75,7 +76,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
 @contextlib.contextmanager
 def server(args):
     """Yields (url, model name, tokenizer) for the server under test, started here unless --url."""
-    if args.tokenizer is None and not args.pagedserve_dummy:  # both clients need one to make the prompts
+    if args.tokenizer is None and not (args.pagedserve_dummy or args.vllm_dummy):  # both clients need one to make the prompts
         from pagedserve.model.default_model import default_model_dir
 
         args.tokenizer = str(default_model_dir())
@@ -83,17 +84,22 @@ def server(args):
         yield args.url.rstrip("/"), args.model, args.tokenizer
         return
     port = free_port()
-    if args.pagedserve_dummy:
+    env = None
+    shape = args.pagedserve_dummy or args.vllm_dummy
+    if shape:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from gpu_serving import dummy_model_dir
 
         from pagedserve.model.default_model import default_model_dir
 
-        model_dir = dummy_model_dir(args.pagedserve_dummy, args.tokenizer or str(default_model_dir()))
-        cmd = [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
-               str(port), "--load-format", "dummy", "--served-model-name", args.pagedserve_dummy,
-               "--disable-log-requests", "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.serve_args)]
-        model, tokenizer = args.pagedserve_dummy, str(model_dir)
+        model_dir = dummy_model_dir(shape, args.tokenizer or str(default_model_dir()))
+        common = [str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy",
+                  "--served-model-name", shape, "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.serve_args)]
+        if args.pagedserve_dummy:
+            cmd = [sys.executable, "-m", "pagedserve.cli", "serve", *common, "--disable-log-requests"]
+        else:  # the same dummy weights' shape behind vLLM's own server
+            cmd, env = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *common], peer_env(args)
+        model, tokenizer = shape, str(model_dir)
     elif args.server_cmd:
         cmd, model, tokenizer = shlex.split(args.server_cmd.format(port=port)), args.model, args.tokenizer
     else:
@@ -102,7 +108,7 @@ def server(args):
         model, tokenizer = "mock", args.tokenizer
     print("$", " ".join(cmd), flush=True)
     log = tempfile.NamedTemporaryFile("w+", prefix="agreement-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, args.ready_timeout)
@@ -124,7 +130,8 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     path = out / f"ours_c{c}_w{workers}.json"
     cmd = [sys.executable, "-m", "pagedserve.cli", "bench", "serve", "--url", url, "--concurrency", str(c),
            "--num-prompts", str(n), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-           "--ignore-eos", "--warmup", "1", "--no-progress", "--workers", workers, "--save-json", str(path),
+           "--ignore-eos", "--temperature", str(args.temperature), "--warmup", "1", "--no-progress", "--workers",
+           workers, "--save-json", str(path),
            "--timeout", str(args.request_timeout), *(["--model", model] if model else []),
            *(["--tokenizer", tokenizer] if tokenizer else []), *extra]
     print("$", " ".join(cmd), flush=True)
@@ -139,6 +146,7 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
             "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p50_ms": s["tpot_ms"]["p50"], "completed": s["completed"],
             "failed": s["failed"], "client_bound": lv["client"].get("client_bound"),
             "workers": lv["client"].get("workers"), "client_cpu_peak": lv["client"].get("cpu_peak_fraction"),
+            "output_tokens": s["output_tokens"], "duration_s": s["duration_s"], "tpot_mean_ms": s["tpot_ms"]["mean"],
             "wall_s": time.monotonic() - t}
 
 
@@ -165,8 +173,9 @@ def with_server_view(url: str, run) -> dict:
     before = server_scrape(url)
     res = run()
     view = server_side(before, server_scrape(url)) if before else None
-    if view and "ttft_mean_ms" in view:
-        res["server_ttft_mean_ms"] = view["ttft_mean_ms"]
+    for key in ("ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms"):
+        if view and key in view:
+            res["server_" + key] = view[key]
     return res
 
 
@@ -188,7 +197,8 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
            "--base-url", url, "--model", model, *(["--tokenizer", tokenizer] if tokenizer else []),
            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
-           str(args.output_len), "--ignore-eos", "--max-concurrency", str(c), "--num-prompts", str(n),
+           str(args.output_len), "--ignore-eos", "--temperature", str(args.temperature),  # else the server's default
+           "--max-concurrency", str(c), "--num-prompts", str(n),
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-dir", str(out), "--result-filename", name]
     print("$", " ".join(cmd), flush=True)
@@ -200,7 +210,8 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     return {"output_throughput": r["output_throughput"], "ttft_mean_ms": r["mean_ttft_ms"],
             "ttft_p50_ms": r["median_ttft_ms"],
             "ttft_p99_ms": r["p99_ttft_ms"], "tpot_p50_ms": r["median_tpot_ms"], "completed": r["completed"],
-            "failed": n - r["completed"], "wall_s": time.monotonic() - t}
+            "failed": n - r["completed"], "output_tokens": r.get("total_output_tokens"),
+            "duration_s": r.get("duration"), "tpot_mean_ms": r.get("mean_tpot_ms"), "wall_s": time.monotonic() - t}
 
 
 VLLM_CLIENT_DIR = Path(tempfile.gettempdir()) / "pagedserve-vllm-client"
@@ -304,18 +315,40 @@ def print_agreement(rows: list[dict], peer: str | None) -> None:
                 line += f" {b:>9.1f} {ratio:>5.3f}{'' if ok else '!'}"
         if r["ours"].get("client_bound"):
             line += "  (our client flagged client-bound)"
+        if r["ours"].get("runs", 1) > 1:
+            line += f"  (medians of {r['ours']['runs']}; throughput spread ours {r['ours']['throughput_spread']:.0%}"
+            line += f", peer {r['peer']['throughput_spread']:.0%})" if peer else ")"
         print(line)
     if any("server_ttft_mean_ms" in r["ours"] for r in rows):
-        print("\nTTFT mean ms, each client vs the server's own mean over that client's run (/metrics):")
+        # The server's own histograms are the reference: a client that disagrees with them measures itself.
+        print("\nEach client's means vs the server's own over that client's run (/metrics), and what it counted:")
         for r in rows:
-            o, p = r["ours"], r.get("peer", {})
-            line = f"{r['concurrency']:>5} | ours {o['ttft_mean_ms']:8.1f} (server {o.get('server_ttft_mean_ms', 0):8.1f})"
-            if p:
-                line += f" | {peer} {p['ttft_mean_ms']:8.1f} (server {p.get('server_ttft_mean_ms', 0):8.1f})"
-            print(line)
+            for who, m in (("ours", r["ours"]), (peer, r.get("peer"))):
+                if not m:
+                    continue
+                print(f"{r['concurrency']:>5} {who:>5}: TTFT {m['ttft_mean_ms']:8.1f} (server "
+                      f"{m.get('server_ttft_mean_ms', 0):8.1f})  TPOT {m.get('tpot_mean_ms') or 0:6.2f} (server "
+                      f"{m.get('server_tpot_mean_ms', 0):6.2f})  {m.get('output_tokens')} tokens in "
+                      f"{m.get('duration_s') or 0:.2f} s")
     if peer:
         print(f"ratio = ours / {peer}; '!' = outside the target (throughput ±{THROUGHPUT_TOL:.0%}, "
               f"TTFT/TPOT ±{LATENCY_TOL:.0%})")
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Per-metric medians over repeated runs of one client, and the throughput spread (max/min - 1): one
+    closed-loop run at hundreds of streams can land 25% off the next on the same server."""
+    import statistics
+
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        vals = [r.get(k) for r in runs]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(isinstance(x, (int, float)) for x in vals):
+            out[k] = statistics.median(vals)
+    tps = [r["output_throughput"] for r in runs]
+    out["throughput_spread"] = max(tps) / min(tps) - 1 if min(tps) > 0 else None
+    out["runs"] = len(runs)
+    return out
 
 
 def agreement(args) -> dict:
@@ -326,11 +359,18 @@ def agreement(args) -> dict:
     with server(args) as (url, model, tokenizer):
         for c in [int(x) for x in args.concurrency.split(",")]:
             n = args.prompts_per_stream * c
-            row = {"concurrency": c, "num_prompts": n,
-                   "ours": with_server_view(url, lambda: run_ours(url, model, tokenizer, c, n, args, args.workers,
-                                                                  out))}
-            if peer == "vllm":
-                row["peer"] = with_server_view(url, lambda: run_vllm(url, model or "mock", tokenizer, c, n, args, out))
+            runs: dict[str, list[dict]] = {"ours": [], "peer": []}
+            for _ in range(args.repeat):  # alternate the clients, so a drift of the server hits both
+                runs["ours"].append(with_server_view(url, lambda: run_ours(url, model, tokenizer, c, n, args,
+                                                                           args.workers, out)))
+                if peer == "vllm":
+                    runs["peer"].append(with_server_view(
+                        url, lambda: run_vllm(url, model or "mock", tokenizer, c, n, args, out)))
+            row = {"concurrency": c, "num_prompts": n}
+            for who, rs in runs.items():
+                if rs:
+                    row[who] = median_run(rs)
+                    row[who + "_runs"] = rs
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
@@ -393,7 +433,9 @@ def main() -> None:
     g.add_argument("--server-cmd", default=None, help="command that starts the server; {port} is filled in")
     g.add_argument("--pagedserve-dummy", default=None, metavar="SHAPE",
                    help="start `pagedserve serve` with dummy weights of this shape (as benchmarks/gpu_serving.py)")
-    g.add_argument("--serve-args", default="", help="extra `pagedserve serve` flags with --pagedserve-dummy")
+    g.add_argument("--vllm-dummy", default=None, metavar="SHAPE",
+                   help="start `vllm serve` on dummy weights of this HF shape (vLLM from --peer-pythonpath)")
+    g.add_argument("--serve-args", default="", help="extra server flags with --pagedserve-dummy/--vllm-dummy")
     g.add_argument("--max-num-seqs", type=int, default=512)
     g.add_argument("--model", default=None)
     g.add_argument("--tokenizer", default=None, help="tokenizer dir for the prompts (default: the embedded model's)")
@@ -403,8 +445,12 @@ def main() -> None:
     g = ap.add_argument_group("load")
     g.add_argument("--concurrency", default="1,64,256,512")
     g.add_argument("--prompts-per-stream", type=int, default=4)
+    g.add_argument("--repeat", type=int, default=1,
+                   help="runs per client and level, alternating ours and the peer's; medians are compared")
     g.add_argument("--input-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sent by both clients (vllm bench serve sends none unless told: the server's default, 1.0)")
     g.add_argument("--workers", default="auto", help="our client's --workers")
     g.add_argument("--request-timeout", type=float, default=600)
     g.add_argument("--level-timeout", type=float, default=1800)

@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -167,13 +168,14 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=4, help="fuzzing threads (one more sends the valid load)")
     p.add_argument("--replicas", type=int, default=1, help="2: fuzz the router of `serve --replicas 2`")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-args", default="", help="extra `serve` flags, e.g. --async-scheduling")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop starting new cases after this long (a busy machine); the report says how many ran")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fuzz_soak[_replicas2].json)")
     args = p.parse_args()
     out = Path(args.out or ROOT / "benchmarks" / "results" /
                ("fuzz_soak.json" if args.replicas == 1 else f"fuzz_soak_replicas{args.replicas}.json"))
-    extra = ["--replicas", str(args.replicas)] if args.replicas > 1 else []
+    extra = (["--replicas", str(args.replicas)] if args.replicas > 1 else []) + shlex.split(args.serve_args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     srv = ServerProcess(SERVE_ARGS + extra)
     srv.start()
@@ -195,7 +197,8 @@ def main() -> int:
         srv.terminate()
     rss = [r for _, r in soak.rss]
     result = {
-        "target": "serve" if args.replicas == 1 else f"serve --replicas {args.replicas} (router)",
+        "target": ("serve" if args.replicas == 1 else f"serve --replicas {args.replicas} (router)")
+                  + (f" {args.serve_args}" if args.serve_args else ""),
         "cases": sum(soak.kinds.values()), "kinds": dict(soak.kinds),
         "status_histogram": {str(k): v for k, v in sorted(soak.statuses.items())},
         "defects": len(soak.defects), "defect_examples": soak.defects[:20],

@@ -2,6 +2,8 @@
 
     python benchmarks/peer_vllm.py                                   # 7B rows of the table below
     python benchmarks/peer_vllm.py --shapes 7b --configs bf16,fp8 --batches 1,256 --no-longtail --no-long
+    python benchmarks/peer_vllm.py --configs bf16,bf16-sync          # + our step with overlap off (A/B)
+    python benchmarks/peer_vllm.py --served --streams 1,64,256       # both servers, both clients
     python benchmarks/peer_vllm.py --dry-run                         # CPU: tiny shape, pagedserve only
 
 vLLM must be importable (on the GPU machine: `../shared/peers/vllm/README.md`, then
@@ -37,6 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "tiny": None}
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+# pagedserve alone, with the overlapped step off: the A/B for issue 18 (compared with vLLM's bf16 row).
+CONFIGS["bf16-sync"] = {"async_scheduling": False}
 
 
 def model_dir(shape: str, tokenizer_dir: str | None = None) -> Path:
@@ -170,7 +174,7 @@ def table(results: list[dict]) -> list[dict]:
     for r in results:
         if r["engine"] != "pagedserve" or "rows" not in r:
             continue
-        peer = next((v for v in results if v["engine"] == "vllm" and v["config"] == r["config"]
+        peer = next((v for v in results if v["engine"] == "vllm" and v["config"] == r["config"].removesuffix("-sync")
                      and v["shape"] == r["shape"] and "rows" in v), None)
         for row in r["rows"]:
             vrow = next((v for v in (peer or {}).get("rows", []) if v["workload"] == row["workload"]), None)
@@ -178,6 +182,56 @@ def table(results: list[dict]) -> list[dict]:
                          "pagedserve_tok_s": row["tok_s"], "vllm_tok_s": vrow["tok_s"] if vrow else None,
                          "ratio": row["tok_s"] / vrow["tok_s"] if vrow else None})
     return rows
+
+
+def served(args, out_dir: Path) -> int:
+    """Each server (pagedserve, vLLM) on the 7B shape, measured by both clients through bench_agreement.py."""
+    shape = SHAPES[args.shapes.split(",")[0]]
+    tok = ["--tokenizer", args.tokenizer_dir] if args.tokenizer_dir else []
+    peer_path = next((p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if "peer" in p), "")
+    report = {}
+    for server, flag in (("pagedserve", "--pagedserve-dummy"), ("vllm", "--vllm-dummy")):
+        out = out_dir / f"served_{server}.json"
+        if server not in args.servers.split(","):  # measured earlier (e.g. in another call on the GPU machine)
+            try:
+                report[server] = json.loads(out.read_text())["agreement"]["levels"]
+            except (OSError, ValueError, KeyError) as e:
+                report[server] = {"error": f"not run and no {out.name}: {e}"}
+            continue
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_agreement.py"), flag, shape, *tok, "--peer", "vllm",
+               "--concurrency", args.streams, "--repeat", str(args.repeat), "--input-len", str(args.prompt_len),
+               "--output-len",
+               str(args.output_len), "--out", str(out), *(["--peer-pythonpath", peer_path] if peer_path else [])]
+        print("$", " ".join(cmd), flush=True)
+        try:
+            subprocess.run(cmd, timeout=args.timeout, check=False)
+            report[server] = json.loads(out.read_text())["agreement"]["levels"]
+        except (subprocess.TimeoutExpired, OSError, ValueError, KeyError) as e:
+            report[server] = {"error": f"{type(e).__name__}: {e}"}
+    rows = []
+    ok = all(isinstance(v, list) for v in report.values())
+    for lv in report["pagedserve"] if ok else []:
+        v = next((x for x in report["vllm"] if x["concurrency"] == lv["concurrency"]), None)
+        if v is None:
+            continue
+        for client in ("ours", "peer"):
+            a, b = lv[client], v[client]
+            rows.append({"streams": lv["concurrency"], "client": "pagedserve bench" if client == "ours" else
+                         "vllm bench serve", "pagedserve_tok_s": a["output_throughput"],
+                         "vllm_tok_s": b["output_throughput"], "ratio": a["output_throughput"] / b["output_throughput"],
+                         "ttft_p50_ms": [a["ttft_p50_ms"], b["ttft_p50_ms"]], "tpot_p50_ms": [a["tpot_p50_ms"],
+                                                                                           b["tpot_p50_ms"]]})
+    (out_dir / "peer_vllm_served.json").write_text(json.dumps({"levels": report, "table": rows}, indent=1))
+    print(f"\n{'streams':>7} {'client':<17} {'pagedserve':>10} {'vLLM':>9} {'ratio':>6} {'TTFT P50 ms':>15} "
+          f"{'TPOT P50 ms':>13}")
+    for r in rows:
+        print(f"{r['streams']:>7} {r['client']:<17} {r['pagedserve_tok_s']:>10,.0f} {r['vllm_tok_s']:>9,.0f} "
+              f"{r['ratio']:>6.2f} {r['ttft_p50_ms'][0]:>7.0f}/{r['ttft_p50_ms'][1]:<7.0f} "
+              f"{r['tpot_p50_ms'][0]:>6.1f}/{r['tpot_p50_ms'][1]:<6.1f}")
+    for k, v in report.items():
+        if not isinstance(v, list):
+            print(f"{k}: {v['error']}")
+    return 0
 
 
 def main() -> int:
@@ -198,6 +252,12 @@ def main() -> int:
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files (default: the embedded model's)")
     ap.add_argument("--timeout", type=float, default=480, help="seconds per engine process")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, small loads, pagedserve only")
+    ap.add_argument("--served", action="store_true",
+                    help="instead: both servers (7B shape), each measured by our client and `vllm bench serve`")
+    ap.add_argument("--streams", default="1,64,256", help="--served concurrency levels")
+    ap.add_argument("--repeat", type=int, default=1, help="--served: runs per client and level (medians)")
+    ap.add_argument("--servers", default="pagedserve,vllm",
+                    help="--served: servers to run now; the others' served_<name>.json are read from --out")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -218,11 +278,15 @@ def main() -> int:
 
     out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.served:
+        return served(args, out_dir)
     results = []
     for shape in args.shapes.split(","):
         mdir = model_dir(shape, args.tokenizer_dir)
         for config in args.configs.split(","):
             for engine in args.engines.split(","):
+                if engine == "vllm" and config.endswith("-sync"):
+                    continue  # an A/B of our own step; vLLM's row is its default
                 results.append(run_child(engine, mdir, shape, config, parent_argv, args.timeout))
                 (out_dir / "peer_vllm.json").write_text(json.dumps({"results": results}, indent=1))
     rows = table(results)
@@ -234,11 +298,11 @@ def main() -> int:
     except Exception:
         pass
     (out_dir / "peer_vllm.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'shape':<5} {'config':<6} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}")
+    print(f"\n{'shape':<5} {'config':<9} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}")
     for r in rows:
         v = f"{r['vllm_tok_s']:,.0f}" if r["vllm_tok_s"] else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        print(f"{r['shape']:<5} {r['config']:<6} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}")
+        print(f"{r['shape']:<5} {r['config']:<9} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}")
     for r in results:
         if "error" in r:
             print(f"{r['shape']} {r['config']} {r['engine']}: {r['error']}")

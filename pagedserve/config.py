@@ -31,6 +31,9 @@ class EngineConfig:
     trust_remote_code: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False  # GPU: skip CUDA-graph capture of decode steps
+    # Overlapped scheduling: step N+1 is scheduled and launched while the GPU runs step N (sampled tokens
+    # stay on the device). None = on for a single CUDA device, off on CPU (nothing to overlap there).
+    async_scheduling: bool | None = None
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:

@@ -95,8 +95,8 @@ class LogitTap:
         runner = engine.runner
         orig = runner.execute
 
-        def execute(scheduled):
-            logits, sampled = orig(scheduled)
+        def execute(scheduled, *rest):
+            logits, sampled = orig(scheduled, *rest)
             for i, e in enumerate(sampled):
                 pos = e.seq.num_computed + e.num_tokens - 1
                 self.rows.append((e.request.request_id, e.seq.index, pos, logits[i].clone()))

@@ -1,7 +1,7 @@
 """Tensor-parallel ranks 1..T-1 as worker processes, driven by rank 0 inside the engine process.
 
-Every rank builds an `LLMEngine` the same way (so load, GPU profiling and the KV block count line
-up collective by collective); rank 0 alone schedules and samples. Per step, rank 0 sends the
+Every rank builds the engine's `Worker` the same way (so load, GPU profiling and the KV block count
+line up collective by collective); rank 0 alone schedules and samples. Per step, rank 0 sends the
 prepared inputs (token ids, positions, attention metadata, pending block copies) to each worker:
 a small pickled header on a pipe, the integer tensors packed into one buffer (inside the pipe
 message on CPU, one NCCL broadcast on GPU). Then all ranks run the forward, whose all-reduces and
@@ -12,6 +12,9 @@ quiet. A worker that dies makes the next step (or the collective it was in) rais
 `TensorParallelWorkerError` naming the rank and how it died; the server's engine process then
 exits and requests get 503. Workers die with their parent (PDEATHSIG, EOF on the pipe), so
 nothing is orphaned.
+
+The worker process's entry point (`pagedserve.engine.tp_worker.worker_main`) is passed in by the
+engine: this package never imports `pagedserve.engine`.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import logging
 import multiprocessing as mp
 import os
 import time
-import traceback
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -57,10 +60,17 @@ def _split_threads(tp: int) -> None:
     torch.set_num_threads(max(1, total // tp))
 
 
-def init_tensor_parallel(config, args, device: torch.device, quantization: str | None = None
-                         ) -> tuple[TPGroup, torch.device]:
+def become_worker(rank: int, port: int, conn) -> None:
+    """In a worker process, before it builds its model: `init_tensor_parallel` then joins as `rank`."""
+    global _worker_rank
+    _worker_rank = (rank, port, conn)
+
+
+def init_tensor_parallel(config, args, device: torch.device, quantization: str | None = None,
+                         worker_main: Callable | None = None) -> tuple[TPGroup, torch.device]:
     """Join (a worker) or create (rank 0: spawn the workers first) the tensor-parallel group.
 
+    `worker_main(config, rank, port, conn, log_level)` is what rank 0 runs in each worker process.
     Returns the group the model uses and this rank's device."""
     tp = config.tensor_parallel_size
     if quantization == "awq":  # the checkpoint may say so even without --quantization
@@ -80,7 +90,9 @@ def init_tensor_parallel(config, args, device: torch.device, quantization: str |
     device = _rank_device(device, 0, tp)
     if device.type == "cpu":
         _split_threads(tp)
-    ex = Executor(config, tp)
+    if worker_main is None:
+        raise ValueError("init_tensor_parallel on rank 0 needs the worker processes' entry point (worker_main)")
+    ex = Executor(config, tp, worker_main)
     group = TPGroup.join(shards[0], device, ex.port)
     group.executor = ex
     ex.group = group
@@ -97,17 +109,17 @@ def peers_loaded(group: TPGroup) -> None:
             ex.expect(rank, "loaded")
 
 
-def attach(engine) -> None:
+def attach(worker) -> None:
     """Rank 0 only: from now on every step (and block copy) also goes to the workers."""
-    ex = getattr(engine.tp, "executor", None)
+    ex = getattr(worker.tp, "executor", None)
     if ex is not None:
-        engine.runner = TPRunner(engine.runner, ex)
+        worker.runner = TPRunner(worker.runner, ex)
 
 
 class Executor:
     """Rank 0's handle on the worker processes."""
 
-    def __init__(self, config, tp: int):
+    def __init__(self, config, tp: int, worker_main: Callable):
         self.port = free_port()
         self.group: TPGroup | None = None
         ctx = mp.get_context("spawn")
@@ -118,7 +130,7 @@ class Executor:
             cur._config["daemon"] = False
             for rank in range(1, tp):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, args=(config, rank, self.port, child, log.getEffectiveLevel()),
+                p = ctx.Process(target=worker_main, args=(config, rank, self.port, child, log.getEffectiveLevel()),
                                 name=f"pagedserve-tp{rank}", daemon=True)
                 p.start()
                 child.close()
@@ -221,9 +233,9 @@ class TPRunner:
         self.inner.copy_blocks(pairs)
         self._copies.extend(pairs)
 
-    def execute(self, scheduled):
+    def execute(self, scheduled, prev_tokens=None):
         try:
-            input_ids, positions, meta, logit_rows, sampled = self.inner.prepare(scheduled)
+            input_ids, positions, meta, logit_rows, sampled = self.inner.prepare(scheduled, prev_tokens)
             self._send(input_ids, positions, meta, logit_rows)
             return self.inner.run(input_ids, positions, meta, logit_rows), sampled
         except PagedServeError:
@@ -249,66 +261,3 @@ class TPRunner:
         self.ex.send_step(("step", copies, spec, scalars, flat.numel(), flat.numpy() if on_cpu else None))
         if not on_cpu:
             self.ex.group.broadcast(flat)
-
-
-# -- the worker process ---------------------------------------------------------------------
-
-def _worker_main(config, rank: int, port: int, conn, log_level: int) -> None:
-    import signal
-
-    from pagedserve.engine.async_engine import _die_with_parent
-
-    global _worker_rank
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: rank 0 decides
-    _die_with_parent()
-    _worker_rank = (rank, port, conn)
-    try:
-        from pagedserve.engine.llm_engine import LLMEngine
-
-        engine = LLMEngine(config)
-    except BaseException as e:  # noqa: BLE001 - one line to rank 0, the rest in the log
-        log.debug("tensor-parallel worker %d failed to start:\n%s", rank, traceback.format_exc())
-        msg = e.message if isinstance(e, PagedServeError) else f"{type(e).__name__}: {e}"
-        try:
-            conn.send(("fatal", str(msg).splitlines()[0] if str(msg) else type(e).__name__))
-        except OSError:
-            pass
-        return
-    try:
-        _serve_steps(engine, conn)
-    except (EOFError, OSError):
-        pass  # rank 0 went away
-    except BaseException:  # noqa: BLE001
-        log.error("tensor-parallel worker %d crashed:\n%s", rank, traceback.format_exc())
-        os._exit(1)
-    finally:
-        engine.tp.close()
-
-
-@torch.inference_mode()
-def _serve_steps(engine, conn) -> None:
-    from pagedserve.model.attention_metadata import AttentionMetadata
-
-    runner, group = engine.runner, engine.tp
-    dev = runner.device
-    while True:
-        msg = conn.recv()
-        if msg[0] == "stop":
-            return
-        _, copies, spec, scalars, numel, host = msg
-        runner.copy_blocks(copies)
-        if host is not None:
-            flat = torch.from_numpy(host)
-        else:
-            flat = group.broadcast(torch.empty(numel, dtype=torch.int64, device=dev))
-        t, off = {}, 0
-        for name, shape, dtype in spec:
-            n = 1
-            for s in shape:
-                n *= s
-            t[name] = flat[off:off + n].view(shape).to(dtype)
-            off += n
-        input_ids, positions, logit_rows = t.pop("input_ids"), t.pop("positions"), t.pop("logit_rows")
-        meta = AttentionMetadata(**t, **scalars)
-        runner.run(input_ids, positions, meta, logit_rows)  # joins the collectives; rank 0 samples

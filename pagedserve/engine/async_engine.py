@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from pagedserve import errors
 from pagedserve.config import EngineConfig
 from pagedserve.errors import NotReadyError, PagedServeError
+from pagedserve.proc import die_with_parent
 from pagedserve.runtime import apply_engine_env, configure_server_threads, engine_on_cpu, restore_env
 from pagedserve.sampling_params import SamplingParams
 
@@ -224,16 +225,6 @@ class _EngineCore:
             self.out_conn.send(("stats", stats))
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the server process dies, even mid-step."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
-    except Exception:  # noqa: BLE001 - other platforms: the EOF on the input pipe still stops us
-        pass
-
-
 def _engine_main(config: EngineConfig, in_conn, out_conn, log_level: int) -> None:
     import signal
 
@@ -242,7 +233,7 @@ def _engine_main(config: EngineConfig, in_conn, out_conn, log_level: int) -> Non
     # stops us with a message (or SIGKILL). If the server dies, our input pipe reads EOF and we exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()  # the server process dies: so do we
     delay = float(os.environ.get("PAGEDSERVE_ENGINE_LOAD_DELAY", "0") or 0)  # tests: observe the loading state
     if delay > 0:
         time.sleep(delay)

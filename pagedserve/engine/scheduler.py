@@ -107,8 +107,8 @@ class Scheduler:
             for req in list(self.running):
                 if budget <= 0:
                     break
-                if req.request_id in done or req.status != Status.RUNNING:
-                    continue
+                if req.request_id in done or req.status != Status.RUNNING or req.seqs[0].stop_scheduling:
+                    continue  # (stop_scheduling: its in-flight token is its last; overlapped steps only)
                 if decode_pass and len(req.seqs) == 1:
                     # The common step, without the general path's per-sequence bookkeeping: one sequence,
                     # one token, and it fits the blocks it holds (no new block, no copy-on-write).

@@ -11,6 +11,11 @@ from pagedserve.outputs import Logprob, RequestMetrics
 from pagedserve.sampling_params import SamplingParams
 
 
+# A sampled token the host has not read back yet (overlapped scheduling): the next forward takes it
+# from the device, and the engine writes the real id here one step later.
+PLACEHOLDER = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -44,6 +49,10 @@ class Sequence:
         self.logprobs: list[dict[int, Logprob]] | None = None
         self.detokenizer = None
         self.generator: torch.Generator | None = None
+        # Overlapped scheduling: row of this sequence's last token in the in-flight step's sampled tensor
+        # (None once read back), and "this in-flight token is its last" (length limit): schedule no further.
+        self.pending_row: int | None = None
+        self.stop_scheduling = False
 
     @property
     def num_tokens(self) -> int:

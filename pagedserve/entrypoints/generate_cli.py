@@ -20,6 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs (debugging)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch step N+1 while the GPU runs step N (default: on for one GPU, off "
+                        "on CPU); --no-async-scheduling gives the synchronous step, for A/B runs")
     p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "fp8", "awq"],
                    help="weights: int8 or fp8 (quantize a bf16/fp32 checkpoint on load; fp8 needs compute "
                         "capability >= 8.9) or awq (pre-quantized int4 checkpoint); AWQ and fp8 checkpoints "
@@ -37,7 +40,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
                 seed=args.seed, load_format=args.load_format, enforce_eager=args.enforce_eager,
-                quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
+                async_scheduling=args.async_scheduling, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
                 kv_cache_dtype=args.kv_cache_dtype)
 
 

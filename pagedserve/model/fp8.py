@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.errors import ConfigError
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+from pagedserve.model.fp8_dtype import FP8, FP8_MAX
 MIN_CAPABILITY = (8, 9)
 _MIN_SCALE = 1e-12
 

@@ -108,8 +108,8 @@ class ModelRunner:
         """Copy-on-write: duplicate whole blocks src -> dst in every layer."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        src = self._tensor([s for s, _ in pairs], torch.int64)  # no stream sync: a step may be in flight
+        dst = self._tensor([d for _, d in pairs], torch.int64)
         for k, v in self.kv_caches:
             if k.element_size() == 1:  # fp8: index kernels are not built for float8 everywhere; copy the bytes
                 k, v = k.view(torch.uint8), v.view(torch.uint8)
@@ -119,8 +119,12 @@ class ModelRunner:
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prepare(self, scheduled: list[ScheduledSeq]):
+    def prepare(self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None):
+        """Flat inputs for one step. A sequence whose last token is still on the device (`pending_row`, set
+        by the overlapped step) takes it from `prev_tokens`, the previous step's sampled tensor."""
         bs = self.block_size
+        fix_dst: list[int] = []  # flat input positions filled from prev_tokens
+        fix_src: list[int] = []
         decodes = [e for e in scheduled if e.num_tokens == 1]
         prefills = [e for e in scheduled if e.num_tokens > 1]
         input_ids: list[int] = []
@@ -138,6 +142,9 @@ class ModelRunner:
             if s + 1 == len(ids):
                 logit_rows.append(i)
                 sampled.append(e)
+                if seq.pending_row is not None:
+                    fix_dst.append(i)
+                    fix_src.append(seq.pending_row)
         for e in prefills:
             seq, s, n = e.seq, e.seq.num_computed, e.num_tokens
             input_ids.extend(seq.token_ids[s:s + n])
@@ -147,6 +154,9 @@ class ModelRunner:
             if s + n == seq.num_tokens:
                 logit_rows.append(len(input_ids) - 1)
                 sampled.append(e)
+                if seq.pending_row is not None:
+                    fix_dst.append(len(input_ids) - 1)
+                    fix_src.append(seq.pending_row)
 
         def tables(entries):  # padded [n, width] block tables; numpy fills rows far faster than nested lists
             if not entries:
@@ -175,13 +185,17 @@ class ModelRunner:
             prefill_seq_lens_list=tuple(p_lens),
             decode_seq_lens_list=tuple(d_lens),
         )
-        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-                self._tensor(logit_rows, torch.int64), sampled)
+        ids_t = self._tensor(input_ids, torch.int64)
+        if fix_dst:
+            assert prev_tokens is not None, "a sequence waits for a device token but no step is in flight"
+            ids_t[self._tensor(fix_dst, torch.int64)] = prev_tokens[self._tensor(fix_src, torch.int64)]
+        return (ids_t, self._tensor(positions, torch.int64), meta, self._tensor(logit_rows, torch.int64), sampled)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+    def execute(self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows."""
-        input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled)
+        input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled, prev_tokens)
         return self.run(input_ids, positions, meta, logit_rows), sampled
 
     @torch.inference_mode()

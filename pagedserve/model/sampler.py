@@ -30,6 +30,12 @@ class SampleResult:
     sampled_logprobs: list[float] | None
 
 
+def _on(device: torch.device, data, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device` without waiting for the GPU: `torch.tensor(..., device=cuda)`
+    synchronises the stream, which would stall the overlapped step behind the forward pass in flight."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     """In place. Repetition (HF semantics, prompt + output) and OpenAI presence/frequency (output)."""
     for i, r in enumerate(rows):
@@ -46,9 +52,9 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 def _top_k_top_p_min_p(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Zero out probabilities outside each row's top-k / nucleus / min-p set."""
     v = probs.shape[1]
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else v for r in rows], device=probs.device)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=probs.device, dtype=probs.dtype)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=probs.device, dtype=probs.dtype)
+    top_k = _on(probs.device, [r.params.top_k if r.params.top_k > 0 else v for r in rows])
+    top_p = _on(probs.device, [r.params.top_p for r in rows], probs.dtype)
+    min_p = _on(probs.device, [r.params.min_p for r in rows], probs.dtype)
     # Decided from the parameters on the host: a check on the tensors would wait for the GPU.
     if any(r.params.min_p > 0 for r in rows):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
@@ -66,8 +72,19 @@ def _top_k_top_p_min_p(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tens
 
 def sample(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generator | None,
            need_logprobs: bool) -> SampleResult:
-    """logits [S, V] float32 -> next token per row (+ raw logprobs when asked)."""
+    """logits [S, V] float32 -> next token per row (+ raw logprobs when asked), read back to the host."""
     logprobs = torch.log_softmax(logits, dim=-1) if need_logprobs else None
+    tokens = sample_tokens(logits, rows, generator)
+    token_list = tokens.tolist()
+    sampled = None
+    if logprobs is not None:
+        sampled = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    return SampleResult(token_list, logprobs, sampled)
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row as a tensor on the logits' device: no host synchronisation, so the
+    overlapped step can feed it to the next forward pass before the host has seen it."""
     if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
            or r.block_ids or r.params.logit_bias for r in rows):
         logits = logits.clone()
@@ -75,20 +92,22 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generat
         for i, r in enumerate(rows):
             if r.params.logit_bias:
                 bias = r.params.logit_bias
-                ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
-                logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+                ids = _on(logits.device, list(bias), torch.long)
+                logits[i, ids] += _on(logits.device, list(bias.values()), logits.dtype)
             if r.block_ids:
                 logits[i, r.block_ids] = float("-inf")
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not random_rows:
+        return logits.argmax(dim=-1)
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     if greedy:
-        idx = torch.tensor(greedy, device=logits.device)
+        idx = _on(logits.device, greedy)
         tokens[idx] = logits[idx].argmax(dim=-1)
     if random_rows:
-        idx = torch.tensor(random_rows, device=logits.device)
+        idx = _on(logits.device, random_rows)
         sub = [rows[i] for i in random_rows]
-        temps = torch.tensor([r.params.temperature for r in sub], device=logits.device)
+        temps = _on(logits.device, [r.params.temperature for r in sub], logits.dtype)
         probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
         probs = _top_k_top_p_min_p(probs, sub)
         q = torch.empty_like(probs)
@@ -98,8 +117,4 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generat
         for j in seeded:
             q[j].exponential_(generator=sub[j].generator)
         tokens[idx] = (probs / q).argmax(dim=-1)
-    token_list = tokens.tolist()
-    sampled = None
-    if logprobs is not None:
-        sampled = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    return SampleResult(token_list, logprobs, sampled)
+    return tokens

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.model.fp8 import FP8, FP8_MAX
+from pagedserve.model.fp8_dtype import FP8, FP8_MAX
 
 
 @triton.jit
