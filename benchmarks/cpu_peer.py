@@ -20,7 +20,8 @@ the engines alternate, so neither sees the other's warm caches. Workloads (rows)
 - longtail: 32 prompts of 128 tokens, outputs 16-256 tokens;
 - prefix: a 512-token shared prefix + 32 distinct 16-token suffixes, 64 new, prefix cache on;
 - startup: process start to the first output of a one-token request (imports, load, warm-up).
-Per row: the best of the runs (output tok/s), and the spread (max/min - 1) across runs. The greedy
+Per row: the best of the runs (output tok/s), and the spread across runs (± half the range around
+its midpoint; max/min - 1 in the JSON). The greedy
 outputs of both engines are compared token for token (the first run of each).
 
 Writes benchmarks/results/cpu_peer.json (or --out) and prints the table.
@@ -163,7 +164,9 @@ def summarise(runs: dict[str, list[dict]], rows: list[str]) -> list[dict]:
             if not vals:
                 continue
             best = min(vals) if row == "startup" else max(vals)
-            line[engine] = {"best": best, "runs": vals, "spread": max(vals) / min(vals) - 1}
+            # spread: max/min - 1; pm: ± half the range around its midpoint (the "within ±15%")
+            line[engine] = {"best": best, "runs": vals, "spread": max(vals) / min(vals) - 1,
+                            "pm": (max(vals) - min(vals)) / (max(vals) + min(vals))}
         if row != "startup" and "pagedserve" in line and "vllm" in line:
             line["ratio"] = line["pagedserve"]["best"] / line["vllm"]["best"]
             a, b = runs["pagedserve"], runs["vllm"]
@@ -183,7 +186,7 @@ def print_table(table: list[dict]) -> None:
         for engine in ("pagedserve", "vllm"):
             c = line.get(engine)
             unit = "s" if line["row"] == "startup" else ""
-            cells.append(f"{c['best']:,.1f}{unit} (±{c['spread'] * 50:.0f}%)" if c else "-")
+            cells.append(f"{c['best']:,.1f}{unit} (±{c.get('pm', 0) * 100:.0f}%)" if c else "-")
         ratio = f"{line['ratio']:.2f}" if "ratio" in line else "-"
         same = f"{line['identical_requests']}/{line['requests']}" if "requests" in line else "-"
         label = LABELS.get(line["row"], "start-up to first output")
