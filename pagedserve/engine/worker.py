@@ -28,6 +28,7 @@ from pagedserve.model.quantization import (awq_linear_factory, is_prequantized_f
                                            resolve_quantization)
 from pagedserve.model.registry import resolve_architecture
 from pagedserve.model.runner import ModelRunner
+from pagedserve.runtime import configure_engine_threads
 from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pagedserve.engine")
@@ -109,8 +110,7 @@ class Worker:
     def __init__(self, config: EngineConfig, tp_worker_main: Callable | None = None):
         self.config = config
         self.t0 = time.time()
-        if os.environ.get("PAGEDSERVE_NUM_THREADS"):
-            torch.set_num_threads(int(os.environ["PAGEDSERVE_NUM_THREADS"]))
+        configure_engine_threads()  # the usable cores, or PAGEDSERVE_NUM_THREADS (a bad value: one clear line)
         self.device = select_device(config.device)
         self.model_dir = resolve_model_dir(config.model)
         self.hf_config = read_hf_config(self.model_dir)
