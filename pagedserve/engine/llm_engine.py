@@ -219,8 +219,8 @@ class LLMEngine:
     def _launch(self, logits: torch.Tensor, sampled: list[ScheduledSeq], scheduled: list[ScheduledSeq]
                 ) -> InFlightStep | None:
         """Sample on the device and leave this step in flight, when every sampled row allows it."""
-        if not all(overlappable(e.request) for e in sampled):
-            return None
+        if not sampled or not all(overlappable(e.request) for e in sampled):
+            return None  # (no row samples: prefill chunks only, nothing to carry over)
         try:
             self.faults.on_sample([e.request for e in sampled])
             step = launch_sampling(logits, sampled, scheduled, self.generator, self.max_model_len)
