@@ -157,11 +157,11 @@ def test_failed_step_does_not_wedge_the_engine(tiny):
     orig = eng.runner.execute
     calls = {"n": 0}
 
-    def flaky(scheduled):
+    def flaky(scheduled, *rest):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated failure")
-        return orig(scheduled)
+        return orig(scheduled, *rest)
 
     eng.runner.execute = flaky
     try:
