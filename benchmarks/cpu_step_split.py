@@ -15,13 +15,14 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.model.default_model import default_model_dir
 import pagedserve.model.attention as A, pagedserve.model.runner as R, pagedserve.engine.llm_engine as E
 T = collections.Counter()
-def timed(cls, name, key):
-    f = getattr(cls, name)
+def timed(owner, name, key):
+    """Wrap owner.name (a class's method or a module's function) with a timer adding to T[key]."""
+    f = getattr(owner, name)
     def w(*a, **k):
         t = time.perf_counter()
         try: return f(*a, **k)
         finally: T[key] += time.perf_counter() - t
-    setattr(cls, name, w)
+    setattr(owner, name, w)
 timed(A.TorchAttentionBackend, "forward", "attention")
 timed(R.OneDNNLinear, "forward", "gemm")
 timed(R.ModelRunner, "prepare", "prepare")
@@ -29,25 +30,9 @@ timed(R.ModelRunner, "execute", "execute")
 timed(E.LLMEngine, "step", "step")
 if os.environ.get("NO_SHARED"):
     A.plan_shared = lambda *a, **k: None
-import pagedserve.model.shared_prefix as SP
-_sp = SP.shared_prefix_decode
-def _w(*a, **k):
-    t = time.perf_counter()
-    try: return _sp(*a, **k)
-    finally: T["shared_decode"] += time.perf_counter() - t
-A.shared_prefix_decode = _w
-_pf = A.paged_prefill_attention_ref
-def _w2(*a, **k):
-    t = time.perf_counter()
-    try: return _pf(*a, **k)
-    finally: T["prefill_attn"] += time.perf_counter() - t
-A.paged_prefill_attention_ref = _w2
-_pd = A.paged_decode_attention_ref
-def _w3(*a, **k):
-    t = time.perf_counter()
-    try: return _pd(*a, **k)
-    finally: T["decode_attn"] += time.perf_counter() - t
-A.paged_decode_attention_ref = _w3
+timed(A, "shared_prefix_decode", "shared_decode")  # module functions the backend calls by name
+timed(A, "paged_prefill_attention_ref", "prefill_attn")
+timed(A, "paged_decode_attention_ref", "decode_attn")
 llm = LLM(model=str(default_model_dir()), dtype="float32", max_model_len=1024)
 rng = random.Random(0); V = 49152
 def ids(n,l): return [[rng.randrange(2,V) for _ in range(l)] for _ in range(n)]
