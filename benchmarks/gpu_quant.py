@@ -1,17 +1,10 @@
 #!/usr/bin/env python
 """GPU: quantization at speed and capacity, 7B shape (Qwen2.5-7B, dummy weights), in one run.
 
-Part 1, GEMMs: every projection of the shape (qkv, o, gate_up, down, fused as pagedserve fuses them) at
-M = 1..2048 rows, timed as CUDA-graph replays (the engine's decode runs in graphs, so host launch overhead
-is left out): bf16 F.linear (cuBLAS) and, per method, the small-M and the large-M kernel that
-pagedserve/model/quant_dispatch.py chooses between: fp8 weight-only Triton (W8A16) vs per-token quant +
-`torch._scaled_mm`; int8 weight-only Triton vs W8A8 (per-token int8 + `torch._int_mm`); AWQ Triton vs
-dequantize + cuBLAS. A correctness line per (shape, M) comes first (max |y - ref| / max |ref| against the
-fp32 arithmetic of the same quantized operands; flagged above 1e-2). Then the timing table and, per method
-and shape, the crossover (the smallest M from which the large-M kernel is at least as fast at every larger
-measured M): compare it with FP8_TRITON_MAX_M, INT8_W8A8_FROM_M and DENSE_FROM_M.
+The GEMMs alone (every projection, M = 1..2048, against bf16 cuBLAS, and the tile sweep behind the
+kernel tables): benchmarks/quant_tile_sweep.py.
 
-Part 2, engine: for each method (bf16, fp8, fp8 weights + fp8 KV cache, int8, awq) one engine (max_model_len
+The engines: for each method (bf16, fp8, fp8 weights + fp8 KV cache, int8, awq) one engine (max_model_len
 4096) runs 128-token prompts -> 128 greedy tokens at each batch size (all requests at once), and reports
 output tok/s, weight GiB, KV blocks and the number of 4096-token contexts the KV cache holds. Quality
 against bf16 (same dummy weights, so not for AWQ, whose packed ints are random): relative logit error
@@ -19,7 +12,7 @@ against bf16 (same dummy weights, so not for AWQ, whose packed ints are random):
 64-token continuations (random weights: near-flat logits make this a harsh test).
 
     python benchmarks/gpu_quant.py --out $OUT/gpu_quant.json          # full run, ~4 min on an H200
-    python benchmarks/gpu_quant.py --methods bf16,fp8 --batches 1,256 --skip-gemm
+    python benchmarks/gpu_quant.py --methods bf16,fp8 --batches 1,256
     python benchmarks/gpu_quant.py --dry-run                          # CPU: tiny shape, checks the script
 """
 from __future__ import annotations
@@ -37,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from pagedserve.plan import KNOWN_MODELS  # noqa: E402
 
@@ -54,13 +46,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--batches", default="1,32,256,512", help="engine batch sizes")
-    p.add_argument("--gemm-batches", default="1,8,32,64,128,256,512,1024,2048")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--context", type=int, default=4096, help="max_model_len; concurrency is counted at this length")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--skip-gemm", action="store_true")
-    p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, few steps (checks the script)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_quant.json or benchmarks/results/)")
     a = p.parse_args(argv)
@@ -69,9 +58,8 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")
     a.batches = [int(b) for b in a.batches.split(",")]
-    a.gemm_batches = [int(b) for b in a.gemm_batches.split(",")]
     if a.dry_run:
-        a.batches, a.gemm_batches = [1, 4], [1, 4, 32]  # 32: the W8A8 kernels need M > 16
+        a.batches = [1, 4]
         a.prompt_len, a.output_len, a.context = 16, 4, 256
     return a
 
@@ -82,130 +70,7 @@ def shape_config(dry: bool) -> dict:
     return cfg
 
 
-# -- part 1: GEMMs -------------------------------------------------------------------------------------
-# kernel name -> which reference it is checked against (the same quantized operands in fp32)
-KERNELS = {"fp8_triton": "fp8_wo", "fp8_mm": "fp8", "int8_triton": "int8", "int8_w8a8": "int8_w8a8",
-           "awq_triton": "awq", "awq_dense": "awq"}
-# (method, small-M kernel, large-M kernel, constant in quant_dispatch.py that sets the switch)
-SWITCHES = (("fp8", "fp8_triton", "fp8_mm", "FP8_TRITON_MAX_M"), ("int8", "int8_triton", "int8_w8a8", "INT8_W8A8_FROM_M"),
-            ("awq", "awq_triton", "awq_dense", "DENSE_FROM_M"))
-
-
-def _bench(fn, dev) -> float:
-    """Median microseconds. On CUDA the call is replayed from a CUDA graph (as the engine's decode runs),
-    so host launch overhead is not counted; plain do_bench if capture fails."""
-    if dev.type == "cuda":
-        from triton.testing import do_bench, do_bench_cudagraph
-
-        try:
-            return do_bench_cudagraph(fn, rep=15, return_mode="median") * 1e3
-        except Exception:  # noqa: BLE001 - a kernel that cannot be captured is still timed
-            return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[1] * 1e6
-
-
-def _rel(y, ref) -> float:
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
-
-
-def gemm_part(args, dev) -> dict:
-    from pagedserve.model.awq_format import dequantize, rtn_quantize
-    from pagedserve.model.fp8 import (fp8_linear_cuda, fp8_linear_reference, fp8_linear_weight_only_reference,
-                                      quantize_fp8_rows)
-    from pagedserve.model.int8_w8a8 import int8_w8a8_reference
-    from pagedserve.model.quantization import AWQLinear, Int8Linear, quantize_int8
-
-    cfg = shape_config(args.dry_run)
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd
-    shapes = {"qkv": (h, qkv), "o": (cfg["num_attention_heads"] * hd, h), "gate_up": (h, 2 * inter),
-              "down": (inter, h)}
-    cuda = dev.type == "cuda"
-    if cuda:
-        from pagedserve.model.int8_w8a8 import int8_w8a8_linear
-        from pagedserve.model.triton_quant import (awq_linear_dense, awq_linear_triton, fp8_linear_triton,
-                                                   int8_linear_triton)
-    dt = torch.bfloat16 if cuda else torch.float32
-    rows, worst = [], 0.0
-    print(f"== GEMMs ({'7B ' + SHAPE if not args.dry_run else 'tiny'}; microseconds, median"
-          f"{', CUDA-graph replay' if cuda else ''}) ==", flush=True)
-    for name, (k, n) in shapes.items():
-        w = torch.randn(n, k, device=dev) * 0.02
-        wb = w.to(dt)
-        q8, s8 = quantize_int8(w)
-        s8 = s8.to(dt)
-        f8, fs = quantize_fp8_rows(w)
-        qw, qz, sc = rtn_quantize(w, 128)
-        sc = sc.to(dt)
-        deq8, deq4 = q8.float() * s8.float()[:, None], dequantize(qw, qz, sc)
-        del w
-        if cuda:
-            kern = {"fp8_triton": lambda x: fp8_linear_triton(x, f8, fs),
-                    "fp8_mm": lambda x: fp8_linear_cuda(x, f8, fs),
-                    "int8_triton": lambda x: int8_linear_triton(x, q8, s8),
-                    "int8_w8a8": lambda x: int8_w8a8_linear(x, q8, s8),
-                    "awq_triton": lambda x: awq_linear_triton(x, qw, qz, sc),
-                    "awq_dense": lambda x: awq_linear_dense(x, qw, qz, sc)}
-        else:  # the CPU forms (dry run): same arithmetic, no kernels
-            i8, a4 = Int8Linear(k, n), AWQLinear(k, n, group_size=128)
-            i8.weight.data, i8.scale.data = q8, s8
-            a4.qweight.data, a4.qzeros.data, a4.scales.data = qw, qz, sc
-            kern = {"fp8_triton": lambda x: fp8_linear_weight_only_reference(x, f8, fs),
-                    "fp8_mm": lambda x: fp8_linear_reference(x, f8, fs), "int8_triton": i8,
-                    "int8_w8a8": lambda x: int8_w8a8_reference(x, q8, s8), "awq_triton": a4, "awq_dense": a4}
-        for m in args.gemm_batches:
-            x = torch.randn(m, k, device=dev).to(dt)
-            r = {"shape": name, "k": k, "n": n, "m": m}
-            fns = {kn: fn for kn, fn in kern.items() if not (kn == "int8_w8a8" and m <= 16)}  # _int_mm: M > 16
-            refs = {"fp8_wo": fp8_linear_weight_only_reference(x.float(), f8, fs),
-                    "fp8": fp8_linear_reference(x.float(), f8, fs), "int8": F.linear(x.float(), deq8),
-                    "int8_w8a8": int8_w8a8_reference(x.float(), q8, s8), "awq": F.linear(x.float(), deq4)}
-            errs = {kn: _rel(fn(x), refs[KERNELS[kn]]) for kn, fn in fns.items()}
-            r.update({f"{kn}_rel_err": e for kn, e in errs.items()})
-            worst = max(worst, *errs.values())
-            print(f"check {name:<8} M={m:<5} " + " ".join(f"{kn} {e:.1e}" for kn, e in errs.items())
-                  + ("  <-- WRONG" if max(errs.values()) > 1e-2 else ""), flush=True)
-            r["bf16_us"] = _bench(lambda: F.linear(x, wb), dev)
-            for kn, fn in fns.items():
-                r[f"{kn}_us"] = _bench(lambda fn=fn: fn(x), dev)
-            rows.append(r)
-            b = r["bf16_us"]
-            cells = []
-            for method, lo, hi, _ in SWITCHES:
-                best = min(r[f"{kn}_us"] for kn in (lo, hi) if f"{kn}_us" in r)
-                cells.append(f"{method} {r[f'{lo}_us']:7.1f} / " + (f"{r[f'{hi}_us']:7.1f}" if f"{hi}_us" in r
-                                                                  else "      -") + f" ({b / best:.2f}x)")
-            print(f"time  {name:<8} M={m:<5} bf16 {b:7.1f} | " + " | ".join(cells), flush=True)
-        del wb, q8, s8, f8, fs, qw, qz, sc, deq8, deq4
-        if cuda:
-            torch.cuda.empty_cache()
-    print("(time columns: small-M kernel / large-M kernel (best vs bf16): fp8 triton / _scaled_mm, "
-          "int8 triton / W8A8 _int_mm, awq triton / dense)")
-    print(f"worst relative error {worst:.2e}" + (" -- FAILED (> 1e-2)" if worst > 1e-2 else " (ok)"), flush=True)
-    crossover = {}
-    print("crossover: smallest M from which the large-M kernel is at least as fast at every larger measured M")
-    for method, lo, hi, const in SWITCHES:
-        for name, (k, n) in shapes.items():
-            ms = sorted((r for r in rows if r["shape"] == name and f"{hi}_us" in r), key=lambda r: r["m"])
-            start = None
-            for r in reversed(ms):
-                if r[f"{hi}_us"] <= r[f"{lo}_us"]:
-                    start = r["m"]
-                else:
-                    break
-            crossover[f"{method}:{name}"] = {"n": n, "k": k, "from_m": start}
-            print(f"    {method:<5} {name:<8} ({n}, {k}): {start if start is not None else 'never'}   ({const})")
-    return {"rows": rows, "worst_rel_err": worst, "crossover": crossover}
-
-
-# -- part 2: engines ------------------------------------------------------------------------------------
+# -- engines ------------------------------------------------------------------------------------
 def make_model_dir(dry: bool, awq: bool) -> Path:
     from tests.tiny_models import tokenizer
 
@@ -331,11 +196,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__,
               "shape": "tiny" if args.dry_run else SHAPE, "args": {k: v for k, v in vars(args).items()}}
-    if not args.skip_gemm:
-        result["gemm"] = gemm_part(args, dev)
-    if not args.skip_engine:
-        result["engines"] = engine_part(args, dev)
-        summary(result["engines"], args.batches)
+    result["engines"] = engine_part(args, dev)
+    summary(result["engines"], args.batches)
     result["wall_s"] = time.time() - t0
     out = Path(args.out or (Path(os.environ["OUT"]) / "gpu_quant.json" if os.environ.get("OUT")
                             else ROOT / "benchmarks/results/gpu_quant.json"))

@@ -128,20 +128,15 @@ def test_kv_pool_from_gpu_memory_utilization(dirs):
 
 
 @pytest.mark.parametrize("m", [1, 16, 200])
-def test_quant_kernels_7b_shapes(m):
-    """The Triton int8/AWQ GEMMs on 7B-sized matrices (4096 -> 11008) against dequantize + F.linear."""
+def test_awq_kernel_7b_shapes(m):
+    """The Triton AWQ int4 GEMM on 7B-sized matrices (4096 -> 11008) against dequantize + F.linear."""
     from pagedserve.model.awq_format import dequantize, rtn_quantize
-    from pagedserve.model.quantization import quantize_int8
-    from pagedserve.model.triton_quant import awq_linear_triton, int8_linear_triton
+    from pagedserve.model.triton_quant import awq_linear_triton
 
     g = torch.Generator().manual_seed(m)
     n, k = 11008, 4096
     w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
-    q, s = quantize_int8(w)
-    ref = torch.nn.functional.linear(x.float(), (q.float() * s[:, None]).cuda())
-    y = int8_linear_triton(x, q.cuda(), s.to("cuda", torch.bfloat16))
-    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
     qw, qz, sc = rtn_quantize(w, 128)
     ref = torch.nn.functional.linear(x.float(), dequantize(qw, qz, sc.bfloat16()).cuda())
     y = awq_linear_triton(x, qw.cuda(), qz.cuda(), sc.to("cuda", torch.bfloat16))
@@ -174,89 +169,62 @@ def test_awq_on_gpu_matches_dequantized_model(dirs, tmp_path):
     assert ((prefill_logits(bf.engine, p) - ref).abs().max() / ref.abs().max()).item() < 5e-2
 
 
-def test_int8_on_gpu_matches_cpu_int8(dirs, monkeypatch):
-    """int8 quantizes on the host in both cases, so GPU fp32 logits must equal the CPU int8 engine's
-    (weight-only on both: W8A8 is kept off here; test_int8_w8a8_engine covers it)."""
-    from pagedserve.bench.quality import prefill_logits
-    from pagedserve.model.quantization import Int8Linear
-
-    monkeypatch.setenv("PAGEDSERVE_INT8_W8A8_FROM_M", str(1 << 30))
-
-    _, path = dirs["qwen2"]
-    gpu = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory=0.5, quantization="int8")
-    cpu = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_memory=0.05, quantization="int8")
-    assert any(isinstance(m, Int8Linear) and m.weight.is_cuda for m in gpu.engine.model.modules())
-    for p in _prompts(3):
-        a, b = prefill_logits(gpu.engine, p).cpu(), prefill_logits(cpu.engine, p)
-        assert (a - b).abs().max().item() < 2e-3
-
-
-# -- FP8 (Ada/Hopper): weight-only Triton / _scaled_mm, fp8 KV cache; large-M paths of int8/AWQ ------------
+# -- W8A8 (Triton; fp8 also _scaled_mm), fp8 KV cache; AWQ's large-M path -----------------------------
 needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                reason="needs compute capability >= 8.9")
 
 
-@needs_fp8
-@pytest.mark.parametrize("m", [1, 16, 300])
-def test_fp8_gemm_7b_shapes(m):
-    """Per-token quant kernel + torch._scaled_mm, and the weight-only Triton kernel, on 7B-sized matrices vs
-    the same arithmetic in fp32."""
-    from pagedserve.model.fp8 import (fp8_linear, fp8_linear_cuda, fp8_linear_reference,
-                                      fp8_linear_weight_only_reference, per_token_quant, quantize_fp8_rows)
-    from pagedserve.model.quant_dispatch import FP8_TRITON_MAX_M
-    from pagedserve.model.triton_quant import fp8_linear_triton
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("m", [1, 16, 300, 600])
+def test_w8a8_gemm_7b_shapes(kind, m):
+    """Per-token quant kernel + the Triton W8A8 GEMM (and, fp8, `_scaled_mm`) on 7B-sized matrices against
+    the same arithmetic in fp32, and within quantization error of the dense product; the dispatch."""
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    from pagedserve.model.fp8 import FP8, fp8_linear, fp8_linear_cuda, fp8_linear_reference, quantize_fp8_rows
+    from pagedserve.model.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
+    from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
+    from pagedserve.model.quantization import quantize_int8
+    from pagedserve.model.triton_w8a8 import per_token_quant, w8a8_linear
 
     g = torch.Generator().manual_seed(m)
     for n, k in ((11008, 4096), (4096, 11008)):
         w = (torch.randn(n, k, generator=g) * 0.02).cuda()
         x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
-        qw, sw = quantize_fp8_rows(w)
-        qx, sx = per_token_quant(x)
-        rqx, rsx = quantize_fp8_rows(x)
-        assert torch.equal(qx.view(torch.uint8), rqx.view(torch.uint8)) and torch.allclose(sx.squeeze(1), rsx)
-        y = fp8_linear_cuda(x, qw, sw)
-        ref = fp8_linear_reference(x.float(), qw, sw)
-        assert y.dtype == torch.bfloat16
+        if kind == "fp8":
+            qw, sw = quantize_fp8_rows(w)
+            qx, sx = per_token_quant(x, FP8)
+            rqx, rsx = quantize_fp8_rows(x)
+            # Triton's fp32 division may differ from torch's by an ulp, which flips the e4m3 rounding of an
+            # element lying on a rounding boundary (1 of ~2.6M at M=600): rare single-step differences only.
+            diff = (qx.float() - rqx.float()).abs()
+            assert (diff <= rqx.float().abs() / 8 + 2 ** -9).all() and (diff > 0).float().mean().item() < 1e-5
+            ref = fp8_linear_reference(x.float(), qw, sw)
+        else:
+            qw, sw = quantize_int8(w)
+            qx, sx = per_token_quant(x, torch.int8)
+            rqx, rsx = quantize_int8_rows_rne_away(x)
+            assert (qx.int() - rqx.int()).abs().max().item() <= 1  # x / s may differ by an ulp at a tie
+            ref = int8_w8a8_reference(x.float(), qw, sw)
+        assert torch.allclose(sx.squeeze(1), rsx, rtol=1e-6, atol=0)
+        y = w8a8_linear(x, qw, sw)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
         assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
         dense = torch.nn.functional.linear(x.float(), w)
-        assert ((y.float() - dense).norm() / dense.norm()).item() < 0.06  # fp8 error of W and x
-        # The small-M weight-only path (W8A16 Triton kernel): x times the exactly dequantized weight.
-        yw = fp8_linear_triton(x, qw, sw)
-        ref_w = fp8_linear_weight_only_reference(x.float(), qw, sw)
-        assert yw.dtype == torch.bfloat16
-        assert ((yw.float() - ref_w).abs().max() / ref_w.abs().max()).item() < 1e-2
-        assert ((yw.float() - dense).norm() / dense.norm()).item() < 0.05  # fp8 error of W only
-        picked = fp8_linear(x, qw, sw)  # the dispatch: Triton below FP8_TRITON_MAX_M rows, _scaled_mm above
-        assert torch.equal(picked, yw if m < FP8_TRITON_MAX_M else y)
+        assert ((y.float() - dense).norm() / dense.norm()).item() < (0.06 if kind == "fp8" else 0.03)
+        if kind == "fp8":
+            ys = fp8_linear_cuda(x, qw, sw)
+            assert ((ys.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+            assert torch.equal(fp8_linear(x, qw, sw), ys if fp8_use_scaled_mm(m, n, k) else y)
 
 
 @pytest.mark.parametrize("m", [17, 256, 600])
-def test_quant_large_m_paths_7b_shapes(m):
-    """Large M: int8 W8A8 (per-token int8 quant kernel + torch._int_mm + epilogue kernel) against the same
-    arithmetic in torch, and within activation-quantization error of the weight-only product; AWQ through
-    dequantize + cuBLAS."""
+def test_awq_large_m_path_7b_shape(m):
+    """AWQ's large-M path: dequantize (one Triton pass) + cuBLAS."""
     from pagedserve.model.awq_format import dequantize, rtn_quantize
-    from pagedserve.model.int8_w8a8 import int8_w8a8_linear, int8_w8a8_reference, per_token_quant_int8
-    from pagedserve.model.int8_w8a8 import quantize_int8_rows_rne_away
-    from pagedserve.model.quantization import quantize_int8
     from pagedserve.model.triton_quant import awq_linear_dense
 
     g = torch.Generator().manual_seed(m)
-    for n, k in ((11008, 4096), (4096, 11008)):
-        w = torch.randn(n, k, generator=g) * 0.02
-        x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
-        q, s = quantize_int8(w)
-        qc, sc8 = q.cuda(), s.to("cuda", torch.bfloat16)
-        qx, sx = per_token_quant_int8(x)
-        rqx, rsx = quantize_int8_rows_rne_away(x)
-        assert torch.allclose(sx, rsx, rtol=1e-6, atol=0)
-        assert (qx.int() - rqx.int()).abs().max().item() <= 1  # x / s in Triton may differ by an ulp at a tie
-        y = int8_w8a8_linear(x, qc, sc8)
-        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        ref = int8_w8a8_reference(x.float(), qc, sc8)
-        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
-        weight_only = torch.nn.functional.linear(x.float(), qc.float() * sc8.float()[:, None])
-        assert ((y.float() - weight_only).norm() / weight_only.norm()).item() < 0.03  # activation rounding
     n, k = 11008, 4096
     w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
@@ -266,18 +234,19 @@ def test_quant_large_m_paths_7b_shapes(m):
     assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
 
 
-def test_int8_w8a8_engine(dirs, monkeypatch):
-    """The int8 engine with W8A8 from 17 rows (so the tiny model's prefills take it): logits near the
-    weight-only CPU engine (activation rounding only), CUDA graphs equal eager."""
+def test_int8_w8a8_engine(dirs):
+    """The int8 engine on the GPU (W8A8 at every batch size) vs the CPU's weight-only int8 engine on the
+    same host-quantized weights: logits apart by the activation rounding only; CUDA graphs equal eager."""
     from pagedserve.bench.quality import prefill_logits
+    from pagedserve.model.quantization import Int8Linear
 
-    monkeypatch.setenv("PAGEDSERVE_INT8_W8A8_FROM_M", "17")
     _, path = dirs["qwen2"]
     # fp32 model: the activation rounding is the only difference from the CPU engine, and graph replays
     # (padded batches, other split-K tilings) cannot flip a near-tie through bf16 rounding.
     gpu = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory=0.5, quantization="int8")
     cpu = LLM(model=str(path), device="cpu", max_model_len=256, kv_cache_memory=0.05, quantization="int8")
-    for p in _prompts(3)[1:]:  # 21 and 32 tokens
+    assert any(isinstance(m, Int8Linear) and m.weight.is_cuda for m in gpu.engine.model.modules())
+    for p in _prompts(3):
         a, b = prefill_logits(gpu.engine, p).cpu(), prefill_logits(cpu.engine, p)
         assert 0 < ((a - b).norm() / b.norm()).item() < 0.05  # > 0: the W8A8 path really ran
     eager = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory=0.5, quantization="int8",
@@ -289,10 +258,13 @@ def test_int8_w8a8_engine(dirs, monkeypatch):
 
 @needs_fp8
 def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkeypatch):
-    """--quantization fp8 on the GPU vs the CPU's emulated fp8 engine, both paths, each forced with
-    PAGEDSERVE_FP8_TRITON_MAX_M (read at every call, by both engines): the weight-only Triton kernel (fp32
-    model, so fp32 noise only) and W8A8 `_scaled_mm`. The per-channel fp8 checkpoint of the same model gives the
-    very same weights, so the same logits; the per-tensor one stays close; CUDA graphs equal eager."""
+    """--quantization fp8 on the GPU vs the CPU's emulated fp8 engine (the same W8A8 arithmetic), both GPU
+    paths, each forced with PAGEDSERVE_FP8_SCALED_MM_M (read at every call): the Triton kernel (fp32
+    output) and `_scaled_mm` (bf16 output). Either way the devices' fp32 noise flips the e4m3 rounding
+    of a few activation elements (each flip a ~6% error on that element), which compounds over the
+    layers: 0.04 (Triton) and 0.06 (`_scaled_mm`) of the logits' norm on an H200. The per-channel fp8
+    checkpoint of the same model gives the very same weights (checked parameter by parameter); the
+    per-tensor one stays close; CUDA graphs equal eager."""
     from pagedserve.bench.quality import prefill_logits
     from pagedserve.model.fp8_format import write_fp8_checkpoint
 
@@ -306,26 +278,30 @@ def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkey
     tens = LLM(model=str(write_fp8_checkpoint(path, tmp_path / "t", scheme="tensor")), dtype="float32", **kw)
     eager = LLM(model=str(path), dtype="float32", quantization="fp8", enforce_eager=True, **kw)
     assert chan.engine.quantization == tens.engine.quantization == "fp8"
-    monkeypatch.setenv("PAGEDSERVE_FP8_TRITON_MAX_M", str(1 << 30))  # every prefill weight-only (Triton)
+    # The per-channel checkpoint holds the very same weights and scales as quantizing on load.
+    pa, pb = dict(gpu.engine.model.named_parameters()), dict(chan.engine.model.named_parameters())
+    assert pa.keys() == pb.keys()
+    assert all(pa[k].dtype == pb[k].dtype and torch.equal(pa[k].float(), pb[k].float()) for k in pa)
+    monkeypatch.setenv("PAGEDSERVE_FP8_SCALED_MM_M", "0,0")  # every GEMM through the Triton kernel
     for p in _prompts(3):
         a, b = prefill_logits(gpu.engine, p), prefill_logits(cpu.engine, p).cuda()
-        assert ((a - b).norm() / b.norm()).item() < 5e-3
-        assert torch.allclose(prefill_logits(chan.engine, p), a, atol=1e-4, rtol=1e-4)
+        assert ((a - b).norm() / b.norm()).item() < 0.1
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.5  # most positions
+        # Same weights, but two engines' attention splits differ (their pools differ): 2e-6 of fp32 noise
+        # (measured), which can flip an e4m3 rounding like the CPU's noise does.
+        ch = prefill_logits(chan.engine, p)
+        assert ((ch - a).norm() / a.norm()).item() < 0.1
         # Per-tensor scales round each weight differently from per-channel ones (e4m3 keeps ~6% per
         # element either way); over the layers that is 0.12 of the logits' norm on an H200.
         c = prefill_logits(tens.engine, p)
         assert ((c - a).norm() / a.norm()).item() < 0.25
-    monkeypatch.setenv("PAGEDSERVE_FP8_TRITON_MAX_M", "0")  # every prefill through W8A8 (_scaled_mm)
+    monkeypatch.setenv("PAGEDSERVE_FP8_SCALED_MM_M", "0,1000000000")  # every GEMM through `_scaled_mm`
     for p in _prompts(3):
         a, b = prefill_logits(gpu.engine, p), prefill_logits(cpu.engine, p).cuda()
-        # Not fp32-tight: _scaled_mm rounds its output to bf16, and that tiny difference flips the e4m3
-        # rounding of some elements of the next layer's per-token activation quantization (each flip is a
-        # ~6% error on that element), which compounds over the layers: 0.06 measured on an H200.
         assert ((a - b).norm() / b.norm()).item() < 0.1
         assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.5  # most positions
-        # Exact part: the per-channel checkpoint and on-the-fly quantization on the same device agree.
-        assert torch.allclose(prefill_logits(chan.engine, p), a, atol=1e-4, rtol=1e-4)
-    monkeypatch.delenv("PAGEDSERVE_FP8_TRITON_MAX_M")
+        assert ((prefill_logits(chan.engine, p) - a).norm() / a.norm()).item() < 0.1
+    monkeypatch.delenv("PAGEDSERVE_FP8_SCALED_MM_M")
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     toks = [[o.outputs[0].token_ids for o in e.generate(_prompts(4), params, use_tqdm=False)] for e in (gpu, eager)]
     assert toks[0] == toks[1]

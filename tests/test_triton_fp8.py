@@ -1,4 +1,4 @@
-"""FP8 Triton paths: the per-token activation quant kernel, and the KV cache stored as e4m3.
+"""FP8 Triton paths: the KV cache stored as e4m3 (the fp8 GEMM kernels: tests/test_triton_w8a8.py).
 
 Compiled on CUDA; through Triton's CPU interpreter elsewhere (tests/triton_interp.py). The interpreter
 handles tl.float8e4nv loads, stores and conversions (checked here against torch's casts), so the KV
@@ -11,47 +11,15 @@ import pytest
 import torch
 
 from pagedserve.model.attention import TorchAttentionBackend, paged_decode_attention_ref, paged_prefill_attention_ref
-from pagedserve.model.fp8 import FP8, quantize_fp8_rows, quantize_kv
+from pagedserve.model.fp8 import FP8, quantize_kv
 
-from tests.triton_interp import DEVICE, import_kernels, interpreter_fixture, subprocess_test
+from tests.triton_interp import DEVICE, fp8_close, import_kernels, interpreter_fixture, subprocess_test
 
 TA, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_attention", lambda m: m._INTERPRETED)
-TF, _ = import_kernels("pagedserve.model.triton_fp8",
-                       lambda m: type(m._per_token_quant_kernel).__name__ == "InterpretedFunction")
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
 from tests.test_triton_attention import _block_tables, _mixed_meta, _rand_cache  # noqa: E402
-
-
-def _fp8_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Triton's e4m3 `a` equals torch's `b`: bit for bit on the GPU; on the CPU interpreter up to one e4m3
-    step, except for a known interpreter bug that is excused: triton 3.9's numpy fp32 -> e4m3 conversion
-    drops the carry when rounding up into the next binade (124.3 -> 64 instead of 128), i.e. `a` is then
-    exactly half of a power-of-two `b`."""
-    assert a.dtype == FP8 and b.dtype == FP8 and a.shape == b.shape
-    if DEVICE.type == "cuda":
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        return
-    af, bf = a.float().cpu(), b.float().cpu()
-    step = torch.maximum(af.abs(), bf.abs()) * 2.0 ** -3 + 2.0 ** -9
-    carry_bug = (af * 2 == bf) & (bf != 0) & (torch.log2(bf.abs()) == torch.log2(bf.abs()).round())
-    assert ((af - bf).abs() <= step).logical_or(carry_bug).all()
-    assert carry_bug.float().mean().item() < 0.1  # a bug of the conversion, not of the kernel
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [64, 200])
-def test_per_token_quant_kernel_matches_torch(dtype, k):
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(7, k, generator=g) * torch.logspace(-2, 2, 7).unsqueeze(1)).to(dtype)
-    x[3] = 0  # an all-zero row: scale floor, zeros out
-    q, s = TF.per_token_quant_triton(x.to(DEVICE))
-    rq, rs = quantize_fp8_rows(x)
-    assert q.dtype == FP8 and s.shape == (7, 1) and s.dtype == torch.float32
-    torch.testing.assert_close(s.cpu().squeeze(1), rs, rtol=1e-6, atol=0)
-    _fp8_close(q, rq)
-    assert torch.equal(q.float().abs().amax(1).cpu()[[0, 1, 2, 4, 5, 6]], torch.full((6,), 448.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -66,8 +34,8 @@ def test_write_kv_fp8_matches_reference(dtype):
     TA.write_kv_triton(k, v, kc, vc, slots, k_scale=0.5, v_scale=0.01)
     keep = slots >= 0
     want_k, want_v = quantize_kv(k[keep], 0.5), quantize_kv(v[keep], 0.01)
-    _fp8_close(kc.view(-1, kvh, d)[slots[keep]], want_k)
-    _fp8_close(vc.view(-1, kvh, d)[slots[keep]], want_v)
+    fp8_close(kc.view(-1, kvh, d)[slots[keep]], want_k)
+    fp8_close(vc.view(-1, kvh, d)[slots[keep]], want_v)
     assert kc.float().abs().max().item() == 448.0  # saturated, not NaN/inf
     written = torch.zeros(nb * bs, dtype=torch.bool, device=DEVICE)
     written[slots[keep]] = True
@@ -134,8 +102,8 @@ def test_backend_fp8_cache_matches_torch_backend():
             "slot_mapping", "decode_block_tables", "decode_seq_lens", "prefill_query_start", "prefill_seq_lens",
             "prefill_block_tables")}, derived={})
     ref_backend.forward(q.float().cpu(), k.float().cpu(), v.float().cpu(), kr, vr, cpu_meta, d ** -0.5)
-    _fp8_close(kc.cpu(), kr)  # the write
-    _fp8_close(vc.cpu(), vr)
+    fp8_close(kc.cpu(), kr)  # the write
+    fp8_close(vc.cpu(), vr)
     # The read: the torch backend's attention over the cache the Triton kernel wrote.
     ref = ref_backend._attend(q.float().cpu(), k.float().cpu(), v.float().cpu(), kc.cpu(), vc.cpu(),
                               cpu_meta, d ** -0.5 * 0.5) * 0.25

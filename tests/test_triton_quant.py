@@ -1,4 +1,4 @@
-"""Triton weight-only GEMMs (int8, AWQ int4) against the dequantized reference.
+"""Triton AWQ int4 GEMM against the dequantized reference (int8/fp8: tests/test_triton_w8a8.py).
 
 On CUDA they run compiled; elsewhere through Triton's CPU interpreter (set up by
 tests/triton_interp.py: TRITON_INTERPRET=1 while the kernels are imported and run, or a fresh
@@ -11,13 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.model.awq_format import dequantize, rtn_quantize
-from pagedserve.model.quantization import quantize_int8
 
 from tests.triton_interp import DEVICE, import_kernels, interpreter_fixture, subprocess_test
 
 TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_quant", lambda m: m._interpreted())
-W8, _ = import_kernels("pagedserve.model.int8_w8a8",
-                       lambda m: type(m._epilogue_kernel).__name__ == "InterpretedFunction")
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
@@ -44,41 +41,6 @@ def _check(y, ref, dtype):
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-# m: decode row (M<=16 bucket, split-K by heuristic), 20 (BLOCK_M 32), 37 (BLOCK_M 64), 70 (64x128 tiles),
-# 130 (128x128 tiles, 8 warps).
-@pytest.mark.parametrize("m", [1, 20, 37, 70, 130])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_gemm(m, dtype):
-    g = torch.Generator().manual_seed(m)
-    n, k = 72, 300  # neither a multiple of the tiles: masked N and K edges
-    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    q, s = quantize_int8(w)
-    s, b = s.to(dtype), b.to(dtype)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    ref = F.linear(x.float(), q.float() * s.float()[:, None])
-    y = TQ.int8_linear_triton(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b.to(DEVICE))
-    _check(y.cpu(), ref + b.float(), dtype)
-    y = TQ.int8_linear_triton(x.to(DEVICE).view(1, m, k), q.to(DEVICE), s.to(DEVICE))
-    _check(y.cpu().view(m, n), ref, dtype)
-    y = TQ.int8_linear_triton(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b.to(DEVICE), split_k=2)
-    _check(y.cpu(), ref + b.float(), dtype)
-
-
-@pytest.mark.parametrize("split", [1, 2, 3])  # 3 splits of 3 K tiles: the last split is short
-@pytest.mark.parametrize("bias", [False, True])
-def test_int8_gemm_split_k(split, bias):
-    g = torch.Generator().manual_seed(split)
-    n, k, m = 40, 300, 3
-    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g).to(torch.bfloat16)
-    q, s = quantize_int8(w)
-    s = s.to(torch.bfloat16)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    ref = F.linear(x.float(), q.float() * s.float()[:, None], b.float() if bias else None)
-    y = TQ.int8_linear_triton(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b.to(DEVICE) if bias else None,
-                              split_k=split)
-    _check(y.cpu(), ref, torch.bfloat16)
 
 
 def _awq_case(m, n, k, group, dtype, seed):
@@ -115,17 +77,16 @@ def test_awq_gemm_split_k(split, bias, group):
 
 
 def test_tile_config_buckets_and_split():
-    c = TQ._config(1, 4096, 4096, 132)  # o_proj decode on an H100: 64 tiles -> split K
-    assert (c.block_m, c.block_n, c.block_k) == (16, 32, 256) and c.split > 1
-    assert (TQ._config(1, 4096, 4096, 132, max_k=128).block_n) == 64  # AWQ keeps 64-wide tiles
+    c = TQ._config(1, 4096, 4096, 132, max_k=128)  # o_proj decode on an H100: 64 tiles -> split K
+    assert (c.block_m, c.block_n, c.block_k) == (16, 64, 128) and c.split > 1
     assert c.split * TQ.triton.cdiv(TQ.triton.cdiv(4096, c.block_k), c.split) >= 4096 // c.block_k
-    assert TQ._config(1, 22016, 4096, 132).split == 1  # 688 tiles already fill the GPU
-    assert TQ._config(32, 4096, 4096, 132).block_m == 32
-    big = TQ._config(256, 12288, 4096, 132)
+    assert TQ._config(1, 22016, 4096, 132, max_k=128).split == 1  # 344 tiles already fill the GPU
+    assert TQ._config(32, 4096, 4096, 132, max_k=128).block_m == 32
+    big = TQ._config(256, 12288, 4096, 132, max_k=128)
     assert (big.block_m, big.block_n, big.block_k, big.split) == (128, 128, 64, 1)
-    assert TQ._config(256, 4096, 4096, 132).split == 4  # 64 big tiles on 132 SMs
+    assert TQ._config(256, 4096, 4096, 132, max_k=128).split == 4  # 64 big tiles on 132 SMs
     assert TQ._config(1, 4096, 4096, 132, max_k=32).block_k == 32
-    assert TQ._config(1, 64, 512, 132, split_k=100).split == 2  # capped by the K tiles (256 wide), none empty
+    assert TQ._config(1, 64, 512, 132, max_k=128, split_k=100).split == 4  # capped by the K tiles, none empty
     assert TQ._largest_pow2_divisor(48, 128) == 16 and TQ._largest_pow2_divisor(256, 128) == 128
 
 
@@ -154,85 +115,17 @@ def test_awq_dequantize_kernel(group, dtype):
 def test_dispatch_thresholds(monkeypatch):
     from pagedserve.model import quant_dispatch as qd
 
-    assert qd.fp8_use_triton(qd.FP8_TRITON_MAX_M - 1) and not qd.fp8_use_triton(qd.FP8_TRITON_MAX_M)
-    assert qd.int8_use_w8a8(qd.INT8_W8A8_FROM_M, 4096, 4096) and not qd.int8_use_w8a8(qd.INT8_W8A8_FROM_M - 1, 4096, 4096)
-    assert not qd.int8_use_w8a8(4096, 4100, 4096 + 4)  # _int_mm needs N % 8 == 0
-    assert not qd.int8_use_w8a8(4096, 4096, 300)  # ... and K % 8 == 0
-    monkeypatch.setenv("PAGEDSERVE_INT8_W8A8_FROM_M", "0")
-    assert not qd.int8_use_w8a8(16, 4096, 4096) and qd.int8_use_w8a8(17, 4096, 4096)  # and M > 16
-    monkeypatch.setenv("PAGEDSERVE_FP8_TRITON_MAX_M", "8")
-    assert not qd.fp8_use_triton(8)
+    lo, hi = qd.FP8_SCALED_MM_M
+    assert qd.fp8_use_scaled_mm(lo, 4096, 4096) and not qd.fp8_use_scaled_mm(lo - 1, 4096, 4096)
+    assert qd.fp8_use_scaled_mm(hi - 1, 4096, 4096) and not qd.fp8_use_scaled_mm(hi, 4096, 4096)
+    assert not qd.fp8_use_scaled_mm(lo, 4100, 4096) and not qd.fp8_use_scaled_mm(lo, 4096, 4104)  # % 16
+    monkeypatch.setenv("PAGEDSERVE_FP8_SCALED_MM_M", "0,0")
+    assert not qd.fp8_use_scaled_mm(lo, 4096, 4096)
+    monkeypatch.setenv("PAGEDSERVE_FP8_SCALED_MM_M", "0,1000000000")
+    assert qd.fp8_use_scaled_mm(1, 4096, 4096) and qd.fp8_use_scaled_mm(100000, 4096, 4096)
     assert qd.dense_from_m("awq", 4096, 4096) == qd.DEFAULT_DENSE_FROM_M["awq"]
     monkeypatch.setitem(qd.DENSE_FROM_M, ("awq", 4096, 4096), 48)
     assert qd.use_dense("awq", 48, 4096, 4096) and not qd.use_dense("awq", 47, 4096, 4096)
     assert not qd.use_dense("awq", 47, 4096, 11008)  # other shapes keep the default
     monkeypatch.setenv("PAGEDSERVE_QUANT_DENSE_M", "8")
     assert qd.use_dense("awq", 8, 4096, 11008) and not qd.use_dense("awq", 7, 4096, 11008)
-
-
-# -------------------------------------------------- fp8 weight-only (W8A16): the int8 kernel with e4m3 weights
-@pytest.mark.parametrize("m", [1, 20, 37])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fp8_weight_only_gemm(m, dtype):
-    """The e4m3 weight converts exactly to x's dtype (fp8 -> float only, so the interpreter's fp32 -> e4m3
-    carry bug cannot occur): the result equals the fp32 product of x and the dequantized weight."""
-    from pagedserve.model.fp8 import FP8, fp8_linear_weight_only_reference, quantize_fp8_rows
-
-    g = torch.Generator().manual_seed(50 + m)
-    n, k = 72, 300
-    w, b = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g).to(dtype)
-    q, s = quantize_fp8_rows(w)
-    assert q.dtype == FP8
-    x = torch.randn(m, k, generator=g).to(dtype)
-    ref = F.linear(x.float(), q.float() * s[:, None]) + b.float()
-    y = TQ.fp8_linear_triton(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b.to(DEVICE))
-    _check(y.cpu(), ref, dtype)
-    torch.testing.assert_close(fp8_linear_weight_only_reference(x, q, s, b).float(), ref,
-                               rtol=_RTOL[dtype], atol=1e-4 * ref.abs().max().item())
-    y = TQ.fp8_linear_triton(x.to(DEVICE).view(1, m, k), q.to(DEVICE), s.to(DEVICE), split_k=3)
-    _check(y.cpu().view(m, n), ref - b.float(), dtype)
-
-
-# -------------------------------------------------- int8 W8A8 (large M): activation quant + epilogue kernels
-def test_int8_per_token_quant_kernel():
-    from pagedserve.model.int8_w8a8 import quantize_int8_rows_rne_away
-
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 200, generator=g) * torch.logspace(-2, 2, 6).unsqueeze(1)
-    x[2] = 0  # an all-zero row: scale floor, zeros out
-    q, s = W8.per_token_quant_int8(x.to(DEVICE))
-    rq, rs = quantize_int8_rows_rne_away(x)
-    assert q.dtype == torch.int8 and s.shape == (6,)
-    torch.testing.assert_close(s.cpu(), rs, rtol=1e-6, atol=0)
-    diff = (q.cpu().int() - rq.int()).abs()
-    assert diff.max().item() <= 1 and diff.float().mean().item() < 1e-3  # a 1-ulp division may flip a tie
-    assert q.cpu().int().abs().amax(1)[[0, 1, 3, 4, 5]].eq(127).all() and q.cpu()[2].eq(0).all()
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_w8a8_epilogue_and_arithmetic(bias, dtype):
-    """The epilogue kernel on an int32 accumulator == the reference's fp32 scaling; and the W8A8 result is
-    within activation-quantization error of the weight-only one (the GEMM itself, torch._int_mm, runs in
-    tests/test_gpu.py; here torch's integer matmul stands in for it)."""
-    from pagedserve.model.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
-
-    g = torch.Generator().manual_seed(5)
-    m, n, k = 40, 72, 96
-    w = torch.randn(n, k, generator=g)
-    qw, sw = quantize_int8(w)
-    sw = sw.to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    x = torch.randn(m, k, generator=g).to(dtype)
-    qx, sx = quantize_int8_rows_rne_away(x)
-    acc = qx.int() @ qw.int().t()
-    y = W8.scale_epilogue(acc.to(DEVICE), sx.to(DEVICE), sw.to(DEVICE), b.to(DEVICE) if bias else None, dtype)
-    ref = int8_w8a8_reference(x, qw, sw, b)
-    assert y.dtype == dtype and y.shape == (m, n)
-    _check(y.cpu(), ref.float(), dtype) if dtype == torch.float32 else torch.testing.assert_close(
-        y.cpu().float(), ref.float(), rtol=2 ** -7, atol=1e-3)
-    weight_only = F.linear(x.float(), qw.float() * sw.float()[:, None]) + (b.float() if bias else 0)
-    rel = ((ref.float() - weight_only).norm() / weight_only.norm()).item()
-    assert 0 < rel < 0.02, rel  # activation rounding: ~1/254 of each row's absmax per element
-    if DEVICE.type == "cpu":  # torch._int_mm runs on the CPU too: the whole wrapper, minus nothing
-        torch.testing.assert_close(W8.int8_w8a8_linear(x, qw, sw, b).float(), ref.float(), rtol=2 ** -7, atol=1e-3)

@@ -99,3 +99,19 @@ def subprocess_test(test_file: str, needs_subprocess: bool):
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
 
     return test_in_subprocess
+
+
+def fp8_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Triton's e4m3 `a` equals torch's `b`: bit for bit on the GPU; on the CPU interpreter up to one e4m3
+    step, except for a known interpreter bug that is excused: triton 3.9's numpy fp32 -> e4m3 conversion
+    drops the carry when rounding up into the next binade (124.3 -> 64 instead of 128), i.e. `a` is then
+    exactly half of a power-of-two `b`."""
+    assert a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn and a.shape == b.shape
+    if DEVICE.type == "cuda":
+        assert torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+        return
+    af, bf = a.float().cpu(), b.float().cpu()
+    step = torch.maximum(af.abs(), bf.abs()) * 2.0 ** -3 + 2.0 ** -9
+    carry_bug = (af * 2 == bf) & (bf != 0) & (torch.log2(bf.abs()) == torch.log2(bf.abs()).round())
+    assert ((af - bf).abs() <= step).logical_or(carry_bug).all()
+    assert carry_bug.float().mean().item() < 0.1  # a bug of the conversion, not of the kernel

@@ -3,27 +3,24 @@
 W8A8 in fp8, vLLM's `--quantization fp8` scheme:
 * weights: q_w[n, :] = clamp(w[n, :] / s_w[n]) in e4m3, s_w[n] = max|w[n, :]| / 448 (one fp32 scale a row);
 * activations: each token row is quantized on the fly the same way, s_x[m] = max|x[m, :]| / 448;
-* y = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :], accumulated in fp32 by `torch._scaled_mm` (cuBLASLt
-  rowwise-scaled FP8 GEMM) on the GPU, with the scales applied in the epilogue.
-* Small batches (M < quant_dispatch.FP8_TRITON_MAX_M rows) skip the activation quantization: a Triton
-  weight-only kernel (W8A16, triton_quant.fp8_linear_triton) reads the e4m3 weight, converts it to bf16 in
-  registers and multiplies the bf16 activation. Decode is bound by weight bytes, which fp8 halves either
-  way, and rowwise `_scaled_mm` is slow at small M. Decode steps are therefore slightly more accurate than
-  large prefills (no activation rounding).
+* y = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :], accumulated in fp32 with both scales applied in the
+  GEMM's epilogue: our Triton W8A8 kernel (triton_w8a8.py) at most batch sizes, torch's rowwise
+  `_scaled_mm` where quant_dispatch measured it faster (M in FP8_SCALED_MM_M).
+* Decode (M = 1..16) is bound by weight bytes, which fp8 halves: 1.42x bf16 summed over a 7B layer's
+  GEMMs at M=1 on an H200 (the weight-only kernel that used to serve small M reached 0.96x).
 
 FP8 tensor cores exist from compute capability 8.9 (Ada) on; Hopper (9.0) is the target. vLLM allows 8.9,
 so do we; older GPUs and the CPU are refused in one line (`check_fp8_device`). The math itself
 (`fp8_linear_reference`) runs anywhere: it is what the CPU tests and the quality benchmark check.
 
-The per-token quantization of the activation is one Triton kernel on the GPU (`per_token_quant`: one
-program a row; pass 1 takes the row's absmax, pass 2 scales, clamps and casts), with no host sync, so it
-can be captured in a CUDA graph. `_scaled_mm` wants K and N multiples of 16 and the weight column-major:
-we keep W row-major [N, K] and pass W.t(), which is exactly that.
+The per-token quantization of the activation is one Triton kernel on the GPU
+(triton_w8a8.per_token_quant), with no host sync, so it can be captured in a CUDA graph. `_scaled_mm`
+wants K and N multiples of 16 and the weight column-major: we keep W row-major [N, K] and pass W.t(),
+which is exactly that (and the K-major operand the Triton kernel wants too).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.errors import ConfigError
@@ -78,9 +75,9 @@ def dequantize_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q fp8 [M, K], scale fp32 [M, 1]); one Triton kernel on CUDA, torch ops elsewhere."""
     if x.device.type == "cuda":
-        from pagedserve.model.triton_fp8 import per_token_quant_triton
+        from pagedserve.model.triton_w8a8 import per_token_quant as per_token_quant_triton
 
-        return per_token_quant_triton(x)
+        return per_token_quant_triton(x, FP8)
     q, s = quantize_fp8_rows(x)
     return q, s.unsqueeze(1)
 
@@ -99,34 +96,21 @@ def fp8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     return y.to(x.dtype).view(*lead, q_w.shape[0])
 
 
-def fp8_linear_weight_only_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
-                                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The small-M (W8A16) arithmetic on any device: x unquantized times the exactly dequantized e4m3
-    weight, fp32 accumulate, per-channel scale and bias in fp32, one rounding to x's dtype. What the
-    Triton weight-only kernel computes (up to the order of fp32 accumulation)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = (x2.float() @ q_w.float().t()) * s_w.float().unsqueeze(0)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).view(*lead, q_w.shape[0])
-
-
 def fp8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp8 linear as served: weight-only below quant_dispatch.FP8_TRITON_MAX_M rows, W8A8 (per-token
-    fp8 activations) from there. CUDA runs the kernels; elsewhere the same arithmetic in torch (emulation)."""
-    from pagedserve.model.quant_dispatch import fp8_use_triton
+    """The fp8 linear as served (W8A8 at every batch size): on CUDA the Triton kernel or `_scaled_mm`
+    (quant_dispatch.fp8_use_scaled_mm); elsewhere the same arithmetic in torch (emulation)."""
+    if x.device.type != "cuda":
+        return fp8_linear_reference(x, q_w, s_w, bias)
+    from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
+    from pagedserve.model.triton_w8a8 import w8a8_linear, w8a8_supported
 
-    if fp8_use_triton(x.numel() // x.shape[-1]):
-        if x.device.type == "cuda":
-            from pagedserve.model.triton_quant import fp8_linear_triton
-
-            return fp8_linear_triton(x, q_w, s_w, bias)
-        return fp8_linear_weight_only_reference(x, q_w, s_w, bias)
-    if x.device.type == "cuda":
+    n, k = q_w.shape
+    if fp8_use_scaled_mm(x.numel() // k, n, k):
         return fp8_linear_cuda(x, q_w, s_w, bias)
-    return fp8_linear_reference(x, q_w, s_w, bias)
+    if not w8a8_supported(n, k):
+        return fp8_linear_reference(x, q_w, s_w, bias)
+    return w8a8_linear(x, q_w, s_w, bias)
 
 
 def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
@@ -151,9 +135,8 @@ def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
 
 class Fp8Linear(nn.Module):
     """nn.Linear with an fp8 e4m3 weight [out, in] and an fp32 scale per output channel (`weight_scale`,
-    vLLM's checkpoint name). Forward: `fp8_linear` (weight-only Triton at small M, `_scaled_mm` above, on
-    CUDA; the same arithmetic elsewhere for tests and quality measurements: the engine refuses fp8 serving
-    off the GPU)."""
+    vLLM's checkpoint name). Forward: `fp8_linear` (the W8A8 kernels on CUDA; the same arithmetic elsewhere
+    for tests and quality measurements: the engine refuses fp8 serving off the GPU)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The fp8 storage type and its range, apart from fp8.py so the Triton kernels (triton_fp8.py) and the
+"""The fp8 storage type and its range, apart from fp8.py so the Triton kernels (triton_w8a8.py) and the
 torch paths (fp8.py) can both use them without importing each other."""
 import torch
 

@@ -1,4 +1,4 @@
-"""Weight-only quantized linears: int8 (quantized on load) and AWQ int4 (pre-quantized checkpoints).
+"""Quantized linears: int8 (quantized on load) and AWQ int4 (pre-quantized checkpoints).
 
 * ``int8``: after the dense weights are loaded, `quantize_model` swaps every plain ``nn.Linear`` of
   the transformer blocks for an `Int8Linear`: symmetric round-to-nearest, one scale per output
@@ -10,9 +10,10 @@ The embedding and the LM head stay in the compute dtype, as in vLLM: they are a 
 model's weights, and the logits are the most quantization-sensitive matmul. Quantized tensors are
 parameters (requires_grad=False), so parameter-byte counts (the startup log) see their real size.
 
-Forward: on CUDA, Triton kernels that dequantize tiles in registers (triton_quant.py) up to a measured
-batch size; above it int8 switches to W8A8 (per-token int8 activations, `torch._int_mm`: int8_w8a8.py)
-and AWQ to dequantize-to-bf16 + cuBLAS (quant_dispatch.py says where). On CPU,
+Forward: on CUDA, int8 is W8A8 at every batch size (per-token int8 activations on the int8 tensor
+cores, triton_w8a8.py; int8_w8a8.py is its arithmetic); AWQ dequantizes int4 tiles in registers
+(triton_quant.py) up to a measured batch size and then switches to dequantize-to-bf16 + cuBLAS
+(quant_dispatch.py says where). On CPU, int8 and AWQ stay weight-only,
 dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
 (AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
 CPU speed does not improve (the dense fp32 path also gets oneDNN's packed GEMM, these do not).
@@ -67,14 +68,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _on_gpu(x):
-            from pagedserve.model.quant_dispatch import int8_use_w8a8
-            from pagedserve.model.triton_quant import int8_linear_triton
+            from pagedserve.model.triton_w8a8 import w8a8_linear, w8a8_supported
 
-            if int8_use_w8a8(x.numel() // self.in_features, self.out_features, self.in_features):
-                from pagedserve.model.int8_w8a8 import int8_w8a8_linear
-
-                return int8_w8a8_linear(x, self.weight, self.scale, self.bias)
-            return int8_linear_triton(x, self.weight, self.scale, self.bias)
+            if w8a8_supported(self.out_features, self.in_features):
+                return w8a8_linear(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias

@@ -1,16 +1,16 @@
-"""Weight-only quantized GEMMs in Triton: y = x @ dequant(W)^T, dequantizing tiles in registers.
+"""AWQ int4 GEMM in Triton: y = x @ dequant(W)^T, dequantizing tiles in registers; and the split-K
+plumbing (tile configs, fp32 partials, the reduce kernel) that triton_w8a8.py shares.
 
-* ``int8_linear_triton`` / ``fp8_linear_triton``: W int8 or float8_e4m3fn [N, K] with one scale per
-  output row (one kernel, `_w8_kernel`, generic in the weight dtype: both convert exactly to the
-  activation dtype in registers); the scale multiplies the fp32 accumulator once at the end (it is
-  constant along K). For fp8 this is the weight-only (W8A16) small-M path: the activation stays in bf16.
+(The int8/fp8 weight-only kernel that lived here lost to the W8A8 kernel at every batch size on an
+H200, benchmarks/quant_tile_sweep.py, and is gone.)
+
 * ``awq_linear_triton``: AWQ GEMM layout (see awq_format.py): qweight int32 [K, N/8], qzeros int32
   [K/G, N/8], scales [K/G, N]. A K tile never straddles a group (BLOCK_K divides G), so each tile
   loads one row of zeros and scales. The packed words are loaded once per tile ([BLOCK_K, BLOCK_N/8])
   and the 8 nibbles unpacked by broadcasting over a trailing axis of 8, then reshaped to [BLOCK_K, BLOCK_N].
 
-Accuracy: the dot sees only exact values (int8, e4m3 or q - z in -15..15 are exact in bf16/fp16) and the
-scale multiplies the fp32 partial product of each K tile (int4) or the whole accumulator (int8), so the
+Accuracy: the dot sees only exact values (q - z in -15..15 is exact in bf16/fp16) and the
+scale multiplies the fp32 partial product of each K tile, so the
 result equals the fp32 dequantized reference up to fp32 accumulation order and the final rounding to x's
 dtype. (Rounding a dequantized (q - z) * s tile to bf16 before the dot costs ~2^-9 relative per weight,
 which is what made the old kernel miss a 2e-2 tolerance on the GPU.)
@@ -30,39 +30,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _w8_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
-                 stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
-    k_lo = pid_k * K_SPLIT  # K_SPLIT is a multiple of BLOCK_K
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + rk
-        k_ok = k < k_hi
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # No `other=` (it cannot be cast to an fp8 element type): masked lanes are zeroed after the
-        # conversion instead, so a stray NaN bit pattern of e4m3 never reaches the dot.
-        w_ok = n_ok[None, :] & k_ok[:, None]
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=w_ok)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.where(w_ok, w.to(tl.float32), 0.0), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.where(w_ok, w.to(x.dtype), 0.0).to(x.dtype))
-    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    acc = acc * s[None, :]
-    _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym, HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -119,10 +86,11 @@ def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUP, K_SP
     _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym, HAS_BIAS, SPLIT)
 
 
-@triton.jit
-def _reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym,
-                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """y[m, n] = sum_s partial[s, m, n] (+ bias[n]), cast to y's dtype."""
+@triton.jit(do_not_specialize=["M", "SPLIT"])
+def _reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT,
+                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum_s partial[s, m, n] (+ bias[n]), cast to y's dtype. M and SPLIT are plain runtime
+    values (no specialization on their value or divisibility): one compiled kernel serves every batch."""
     pid_m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = rn < N
@@ -160,25 +128,20 @@ def _sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _config(m: int, n: int, k: int, sms: int, max_k: int | None = None,
-            split_k: int | None = None) -> TileConfig:
+def _config(m: int, n: int, k: int, sms: int, max_k: int, split_k: int | None = None) -> TileConfig:
     """Static tiling by M bucket.
 
-    M <= 16 (decode): memory-bound; BLOCK_M=16 (the smallest tl.dot tile), long K steps (256 x 32 byte
-    tiles for int8/fp8, 128 x 64 for AWQ), and K split until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
+    M <= 16 (decode): memory-bound; BLOCK_M=16 (the smallest tl.dot tile), 128 x 64 K steps, and K split
+    until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
     M > 64: compute-bound-ish; 64/128 x 128 x 64 tiles, 4-8 warps, 3 stages; split (<= 4) only when the
-    tiles are fewer than the SMs.
-    AWQ's BLOCK_K must divide the group, so `max_k` caps it."""
-    if m <= 16 and max_k is None:  # int8/fp8: best of a sweep on an H200, 7B shapes, M=1 (5-10% over 64x128)
-        bm, bn, bk, warps, stages = 16, 32, 256, 4, 3
-    elif m <= 16:
+    tiles are fewer than the SMs. BLOCK_K must divide the AWQ group, so `max_k` caps it."""
+    if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
         bm, bn, bk, warps, stages = (32 if m <= 32 else 64), 64, 64, 4, 3
     else:
         bm, bn, bk, warps, stages = (64 if m <= 128 else 128), 128, 64, (4 if m <= 128 else 8), 3
-    if max_k is not None:
-        bk = min(bk, max_k)
+    bk = min(bk, max_k)
     k_tiles = triton.cdiv(k, bk)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split_k is None:
@@ -220,33 +183,9 @@ def _launch(kernel, x2: torch.Tensor, n: int, cfg: TileConfig, bias: torch.Tenso
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.split > 1:
         block = 256
-        _reduce_kernel[(m, triton.cdiv(n, block))](out, dummy, y, m, n, y.stride(0), HAS_BIAS=bias is not None,
-                                                   SPLIT=cfg.split, BLOCK=block)
+        _reduce_kernel[(m, triton.cdiv(n, block))](out, dummy, y, m, n, y.stride(0), cfg.split,
+                                                   HAS_BIAS=bias is not None, BLOCK=block)
     return y
-
-
-def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) @ (weight int8/e4m3 [N, K] * scale [N])^T + bias -> [..., N] in x's dtype.
-
-    `split_k` overrides the heuristic's K split (tests)."""
-    n, k = weight.shape
-    x2, lead = _prep(x, k)
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    cfg = _config(x2.shape[0], n, k, _sms(x.device), split_k=split_k)
-    y = _launch(_w8_kernel, x2, n, cfg, bias, (x2, weight, scale), (), (weight.stride(0),))
-    return y.view(*lead, n)
-
-
-def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                      bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """Weight-only fp8: x [..., K] (bf16/fp16/fp32) @ (weight e4m3 [N, K] * scale fp32 [N])^T + bias.
-
-    The e4m3 tile is converted to x's dtype in registers (exact) and multiplied by the unquantized
-    activation: half the weight bytes of bf16 and no activation-quant kernel, which is what wins at
-    decode-sized M, where torch's rowwise `_scaled_mm` is slow (see quant_dispatch.FP8_TRITON_MAX_M)."""
-    return int8_linear_triton(x, weight, scale, bias, split_k)
 
 
 def awq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

@@ -1,0 +1,227 @@
+"""W8A8 in Triton, one code path for fp8 (e4m3) and int8: per-token activation quant, then a GEMM on the
+8-bit tensor cores with both scales and the bias applied in its epilogue.
+
+* `per_token_quant(x, dtype)`: one program a row; pass 1 takes the row's absmax, pass 2 scales, clamps and
+  casts (fp8: the hardware's round-to-nearest cast; int8: round half away from zero, then clamp to +-127).
+  The second read hits L2 for a linear's input row (<= 64 KiB). Scales are fp32 [M, 1]. No host sync, so
+  it can be captured in a CUDA graph.
+* `w8a8_gemm`: y[m, n] = acc[m, n] * s_x[m] * s_w[n] (+ bias[n]) with acc = q_x[m, :] . q_w[n, :]
+  accumulated in fp32 (fp8) or int32 (int8, exact for K < 133,000). The weight stays row-major [N, K]:
+  both operands are K-major, the layout Hopper's fp8/int8 wgmma wants, so no transpose is ever made.
+  Loads carry no masks on K (the wrapper requires K % BLOCK_K == 0; 8-bit loads cannot take an `other=`)
+  and rows past M or N are wrapped onto valid ones (`% M`, `% N`) and dropped at the store.
+  With few output tiles (decode-sized M, N = 3584 on a 132-SM GPU) K is split: fp32 partials of the
+  scaled product go to [SPLIT, M, N] and triton_quant's reduce kernel sums them and adds the bias.
+
+Replaces `torch._scaled_mm` (rowwise) and `torch._int_mm` + a separate int32 -> dtype epilogue pass: the
+int32 accumulator of a [256, 37888] gate_up no longer makes a round trip through memory, and tile sizes
+are ours to pick per M (`_gemm_config`: from benchmarks/quant_tile_sweep.py on an H200). Summed over a
+7B layer's four GEMMs the kernel runs at 1.42x (fp8) and 1.48x (int8) bf16 cuBLAS at M=1, 1.44x at M=32,
+1.56x / 1.33x at M=1024; a weight-only GEMV written for decode lost to it at every M and was dropped.
+Under Triton's CPU interpreter the dot runs on fp32 copies of the 8-bit tiles (exact values).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.model.fp8_dtype import FP8, FP8_MAX
+from pagedserve.model.triton_quant import TileConfig, _interpreted, _reduce_kernel, _sms
+
+INT8_MAX = 127.0
+
+
+@triton.jit
+def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+                            QMAX: tl.constexpr, IS_INT: tl.constexpr, MIN_SCALE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0) / QMAX, MIN_SCALE)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + offs
+        v = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32) / scale
+        if IS_INT:
+            v = v + tl.where(v >= 0, 0.5, -0.5)  # then truncation toward zero: round half away from zero
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
+        else:
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        tl.store(q_ptr + row * stride_qm + k, v.to(q_ptr.dtype.element_ty), mask=k < K)
+
+
+def per_token_quant(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] of `dtype` (float8_e4m3fn or int8), scale fp32 [M, 1]), x[m] ~= q[m] * scale[m]."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=dtype, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k))
+        is_int = dtype == torch.int8
+        _per_token_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=INT8_MAX if is_int else FP8_MAX,
+                                      IS_INT=is_int, MIN_SCALE=1e-12, BLOCK=block,
+                                      num_warps=4 if block <= 2048 else 8)
+    return q, s
+
+
+@triton.jit(do_not_specialize=["M"])  # every batch size runs one compiled kernel per tile config
+def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
+                 stride_am, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row blocks walk the N tiles together, so a weight tile is reused from L2.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    am = (rm % M).to(tl.int64)  # wrapped rows: loads need no mask, the store drops them
+    wn = (rn % N).to(tl.int64)
+    k_lo = pid_k * K_SPLIT  # K_SPLIT and K are multiples of BLOCK_K
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    a_ptrs = a_ptr + am[:, None] * stride_am + (k_lo + rk)[None, :]
+    w_ptrs = w_ptr + wn[None, :] * stride_wn + (k_lo + rk)[:, None]
+    if IS_INT and not DOT_FP32:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(k_lo, k_hi, BLOCK_K):
+        a = tl.load(a_ptrs)
+        w = tl.load(w_ptrs)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        elif IS_INT:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    m_ok, n_ok = rm < M, rn < N
+    sa = tl.load(sa_ptr + am).to(tl.float32)
+    sw = tl.load(sw_ptr + wn).to(tl.float32)
+    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if not PARTIAL:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + wn).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(y_ptr + pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], out, mask=mask)
+
+
+# kind -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)), ...): the config with the least time
+# summed over the 7B projections at each measured M (benchmarks/quant_tile_sweep.py, H200,
+# results/quant_tile_sweep_h200.json). us, ours vs bf16 cuBLAS: fp8 90/128 (M=1), 90/130 (32),
+# 115/137 (128), 252/359 (512), 444/692 (1024); int8 86/128, 90/130, 121/137, 306/359, 520/692.
+_TILES = {
+    "fp8": ((16, (16, 64, 256, 4, 4)), (64, (64, 128, 128, 4, 4)), (128, (128, 64, 128, 4, 4)),
+            (512, (128, 128, 128, 4, 4)), (1 << 62, (128, 256, 128, 8, 3))),
+    "int8": ((16, (16, 64, 256, 4, 4)), (32, (32, 128, 128, 4, 4)), (64, (64, 128, 128, 4, 4)),
+             (128, (128, 64, 128, 4, 4)), (256, (128, 128, 256, 8, 3)), (512, (128, 128, 128, 4, 4)),
+             (1024, (128, 256, 128, 8, 3)), (1 << 62, (256, 128, 128, 8, 3))),
+}
+
+
+def _gemm_config(m: int, n: int, k: int, sms: int, kind: str = "fp8") -> TileConfig:
+    """Tiles by M bucket (`_TILES`), the K step cut to a divisor of K, and K split when the output tiles
+    alone leave SMs idle: to ~2 programs per SM for 16-row tiles (bound by weight bytes), ~1 otherwise
+    (the sweep: fewer, longer splits won at every M above 16; partials cost a write and a read each)."""
+    bm, bn, bk, warps, stages = next(t for top, t in _TILES[kind] if m <= top)
+    while k % bk:
+        bk //= 2
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_tiles = k // bk
+    target = 2 * sms if bm == 16 else sms
+    split = max(1, min(round(target / tiles), k_tiles // 4, 16))
+    per = triton.cdiv(k_tiles, split)
+    return TileConfig(bm, bn, bk, triton.cdiv(k_tiles, per), warps, stages)
+
+
+def w8a8_supported(n: int, k: int) -> bool:
+    """K must be a multiple of 16 (no K masks; the smallest K step); any N."""
+    return k % 16 == 0
+
+
+def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: TileConfig | None = None) -> torch.Tensor:
+    """q_x [M, K] (fp8/int8) with s_x [M, 1] fp32, q_w [N, K] of the same dtype with s_w [N] -> [M, N]."""
+    m, k = q_x.shape
+    n = q_w.shape[0]
+    if not w8a8_supported(n, k):
+        raise ValueError(f"w8a8_gemm needs K % 16 == 0, got K={k}")
+    y = torch.empty(m, n, dtype=out_dtype, device=q_x.device)
+    if m == 0:
+        return y
+    cfg = cfg or _gemm_config(m, n, k, _sms(q_x.device), "int8" if q_x.dtype == torch.int8 else "fp8")
+    out = y if cfg.split == 1 else torch.empty(cfg.split, m, n, dtype=torch.float32, device=q_x.device)
+    k_split = triton.cdiv(k // cfg.block_k, cfg.split) * cfg.block_k
+    dummy = bias if bias is not None else s_w
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split)
+    _w8a8_kernel[grid](q_x, q_w, s_x, s_w, dummy, out, m, n, k, k_split, q_x.stride(0), q_w.stride(0),
+                       y.stride(0), HAS_BIAS=bias is not None, IS_INT=q_x.dtype == torch.int8,
+                       DOT_FP32=_interpreted(), PARTIAL=cfg.split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                       BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split > 1:
+        block = 256
+        _reduce_kernel[(m, triton.cdiv(n, block))](out, dummy, y, m, n, y.stride(0), cfg.split,
+                                                   HAS_BIAS=bias is not None, BLOCK=block)
+    return y
+
+
+def w8a8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None = None,
+                cfg: TileConfig | None = None) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32) -> [..., N]: per-token quant to q_w's dtype, then the W8A8 GEMM."""
+    n, k = q_w.shape
+    lead = x.shape[:-1]
+    q_x, s_x = per_token_quant(x.reshape(-1, k), q_w.dtype)
+    return w8a8_gemm(q_x, s_x, q_w, s_w, bias, x.dtype, cfg).view(*lead, n)
+
+
+def warm_up_sizes(kind: str, max_m: int) -> list[int]:
+    """Both ends of every M bucket of `_TILES[kind]` up to `max_m` (the K split only grows as M shrinks
+    within a bucket, so the two ends reach the split and the unsplit variant of its tile config)."""
+    sizes, lo = [], 1
+    for top, _ in _TILES[kind]:
+        if lo > max_m:
+            break
+        sizes += sorted({lo, min(top, max_m)})
+        lo = top + 1
+    return sizes
+
+
+def warm_up(model: torch.nn.Module, dtype: torch.dtype, max_m: int) -> int:
+    """Compile, at start-up, every W8A8 kernel variant a forward pass of up to `max_m` rows can launch, so no
+    request ever waits for Triton's JIT (1-2 s a variant on an H200: a 7B int8 engine lost half its b=256
+    throughput to first-use compiles before this). M is not specialized (`do_not_specialize`), so a
+    variant is a tile config x split-or-not (x bias, x dtype): each distinct projection runs once at every
+    size of `warm_up_sizes`. Returns the number of forward calls made."""
+    calls, seen = 0, set()
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dtype not in (FP8, torch.int8) or w.device.type != "cuda":
+                continue
+            key = (type(mod), w.dtype, tuple(w.shape), getattr(mod, "bias", None) is not None)
+            if key in seen:
+                continue
+            seen.add(key)
+            for m in warm_up_sizes("int8" if w.dtype == torch.int8 else "fp8", max_m):
+                mod(torch.zeros(m, w.shape[1], dtype=dtype, device=w.device))
+                calls += 1
+    return calls
