@@ -97,6 +97,17 @@ def measure(name: str, llm: LLM, text_ids: list[int], prompts: list[list[int]], 
     return row, toks
 
 
+def emulate_int8_w8a8(model: torch.nn.Module) -> int:
+    """Make every Int8Linear compute the GPU's W8A8 arithmetic (int8_w8a8_reference) on this device."""
+    from pagedserve.model.int8_w8a8 import int8_w8a8_reference
+    from pagedserve.model.quantization import Int8Linear
+
+    mods = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in mods:
+        m.forward = lambda x, m=m: int8_w8a8_reference(x, m.weight, m.scale, m.bias)
+    return len(mods)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,9 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--methods", nargs="+", default=["none", "int8", "int4"],
-                   choices=["none", "int8", "int4", "fp8", "fp8_kv"],
+                   choices=["none", "int8", "int8_w8a8", "int4", "fp8", "fp8_kv"],
                    help="fp8: e4m3 W8A8 (emulated on the CPU: same arithmetic, not fast); fp8_kv: fp8 weights and "
-                        "an fp8 KV cache")
+                        "an fp8 KV cache; int8_w8a8: the GPU's int8 arithmetic (activations quantized per token "
+                        "too) where the device runs int8 weight-only (the CPU)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64: 576 = 9 x 64)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"greedy prompts (max {len(PROMPTS)})")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
@@ -122,6 +134,9 @@ def main(argv=None) -> int:
         elif method in ("fp8", "fp8_kv"):
             os.environ.setdefault("PAGEDSERVE_FP8_EMULATE", "1")  # used only where the device has no fp8 (CPU)
             llm = LLM(args.model, quantization="fp8", kv_cache_dtype="fp8" if method == "fp8_kv" else "auto", **kw)
+        elif method == "int8_w8a8":
+            llm = LLM(args.model, quantization="int8", **kw)
+            emulate_int8_w8a8(llm.engine.model)
         else:
             llm = LLM(args.model, quantization=None if method == "none" else method, **kw)
         device = str(llm.engine.device)
