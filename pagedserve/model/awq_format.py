@@ -16,8 +16,6 @@ benchmark checkpoints in the real on-disk format. Real AWQ checkpoints come from
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,10 +23,6 @@ import torch
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 PACK = 8  # int4 values per int32
-
-# HF names of the projections a Llama-family checkpoint quantizes (embeddings and LM head stay dense).
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[R, C] integers in 0..15 -> int32 [R, C / 8] in AWQ's interleaved nibble order."""
@@ -90,27 +84,12 @@ def write_awq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 128
 
     Everything else (embeddings, LM head, norms, biases, tokenizer files) is copied as is; the config
     gains `quantization_config`."""
-    from safetensors.torch import save_file
+    from pagedserve.model.checkpoint_writer import write_quantized_checkpoint
 
-    from pagedserve.model.loader import iter_weights
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        stem = name.rsplit(".", 1)[0]
+        qw, qz, sc = rtn_quantize(w, group_size)
+        return {stem + ".qweight": qw, stem + ".qzeros": qz, stem + ".scales": sc}
 
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in iter_weights(src):
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in PROJECTIONS:
-            qw, qz, sc = rtn_quantize(t, group_size)
-            stem = ".".join(parts[:-1])
-            out[stem + ".qweight"], out[stem + ".qzeros"], out[stem + ".scales"] = qw, qz, sc
-        else:
-            out[name] = t.contiguous()
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config(group_size)
-    cfg["torch_dtype"] = "float16"
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, dst / f.name)
-    return dst
+    return write_quantized_checkpoint(src, dst, quantize, {"quantization_config": quantization_config(group_size),
+                                                           "torch_dtype": "float16"})

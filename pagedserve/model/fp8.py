@@ -189,16 +189,6 @@ def fp8_linear_factory():
     return make
 
 
-def quantize_model_fp8(model: nn.Module) -> int:
-    """Swap the plain nn.Linear block projections for Fp8Linear (LM head stays dense); returns how many."""
-    head = getattr(model, "lm_head", None)
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear and child is not head]
-    for parent, name, child in swaps:
-        setattr(parent, name, Fp8Linear.from_linear(child))
-    return len(swaps)
-
-
 # -- KV cache ----------------------------------------------------------------------------------------
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 

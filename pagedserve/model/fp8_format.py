@@ -13,15 +13,12 @@ pagedserve keeps one fp32 scale per output channel, so a per-tensor scale is bro
 """
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pagedserve.errors import UnsupportedModelError
-from pagedserve.model.awq_format import PROJECTIONS
 from pagedserve.model.fp8 import quantize_fp8_rows
 
 FP8_METHODS = ("fp8", "compressed-tensors")
@@ -136,30 +133,16 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, scheme: str = "tensor
     scheme "tensor": quant_method "fp8" (vLLM/AutoFP8), one fp32 `weight_scale` per projection;
     scheme "channel": quant_method "compressed-tensors" (llm-compressor FP8_DYNAMIC), `weight_scale` [N, 1].
     Embeddings, LM head, norms, biases and tokenizer files are copied as they are."""
-    from safetensors.torch import save_file
-
-    from pagedserve.model.loader import iter_weights
+    from pagedserve.model.checkpoint_writer import write_quantized_checkpoint
 
     qcfg = quantization_config(scheme)
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in iter_weights(src):
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in PROJECTIONS:
-            if scheme == "tensor":
-                q, s = quantize_tensorwise(t)
-            else:
-                q, s = quantize_fp8_rows(t)
-                s = s.unsqueeze(1)
-            out[name], out[name + "_scale"] = q.contiguous(), s.contiguous()
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        if scheme == "tensor":
+            q, s = quantize_tensorwise(w)
         else:
-            out[name] = t.contiguous()
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = qcfg
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, dst / f.name)
-    return dst
+            q, s = quantize_fp8_rows(w)
+            s = s.unsqueeze(1)
+        return {name: q, name + "_scale": s}
+
+    return write_quantized_checkpoint(src, dst, quantize, {"quantization_config": qcfg})

@@ -232,16 +232,18 @@ def quantize_model(model: nn.Module, method: str) -> int:
     The LM head (`model.lm_head`) stays dense. "int8" and "fp8" quantize after loading; AWQ models
     (and pre-quantized fp8 checkpoints) are built quantized."""
     if method == "fp8":
-        from pagedserve.model.fp8 import quantize_model_fp8
+        from pagedserve.model.fp8 import Fp8Linear
 
-        return quantize_model_fp8(model)
-    if method != "int8":
+        make = Fp8Linear.from_linear
+    elif method == "int8":
+        make = Int8Linear.from_linear
+    else:
         raise ValueError(f"quantize_model handles int8 and fp8 only, got {method!r}")
     head = getattr(model, "lm_head", None)
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear and child is not head]
     for parent, name, child in swaps:
-        setattr(parent, name, Int8Linear.from_linear(child))
+        setattr(parent, name, make(child))
     return len(swaps)
 
 
