@@ -351,7 +351,9 @@ def median_run(runs: list[dict]) -> dict:
     return out
 
 
-def agreement(args) -> dict:
+def agreement(args, on_level=None) -> dict:
+    """Both clients at each level; `on_level(doc)` gets the result so far after every level (the caller
+    writes it: a run cut short by a time limit keeps the levels it finished)."""
     out = Path(tempfile.mkdtemp(prefix="agreement-"))
     peer, why = choose_peer(args)
     print(f"peer: {peer or 'skipped'} — {why}", flush=True)
@@ -373,6 +375,8 @@ def agreement(args) -> dict:
                     row[who + "_runs"] = rs
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if on_level:
+                on_level({"peer": peer, "peer_note": why, "levels": rows, "partial": True})
     print()
     print_agreement(rows, peer)
     return {"peer": peer, "peer_note": why, "levels": rows}
@@ -475,7 +479,11 @@ def main() -> None:
         if args.out == str(RESULTS / "bench_agreement.json"):
             args.out = str(RESULTS / "bench_agreement_selfcheck.json")
     else:
-        doc["agreement"] = agreement(args)
+        def save_partial(partial: dict) -> None:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({**doc, "agreement": partial}, indent=1, default=str))
+
+        doc["agreement"] = agreement(args, save_partial)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
     print(f"wrote {args.out}")
