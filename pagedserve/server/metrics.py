@@ -10,7 +10,8 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pagedserve.engine.async_engine import EngineObserver, EngineStats
+from pagedserve.engine.async_engine import EngineObserver
+from pagedserve.engine.engine_process import EngineStats
 
 prometheus_client.disable_created_metrics()
 

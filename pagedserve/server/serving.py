@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pagedserve.engine.async_engine import AsyncEngine, EngineOutput, RequestStream, SeqDelta
+from pagedserve.engine.async_engine import AsyncEngine, RequestStream
+from pagedserve.engine.engine_process import EngineOutput, SeqDelta
 from pagedserve.errors import (InvalidRequestError, ModelNotFoundError, NotReadyError, PagedServeError,
                                PromptTooLongError, QueueFullError)
 from pagedserve.sampling_params import SamplingParams
