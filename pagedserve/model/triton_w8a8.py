@@ -22,6 +22,8 @@ Under Triton's CPU interpreter the dot runs on fp32 copies of the 8-bit tiles (e
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,6 +158,12 @@ def _gemm_config(m: int, n: int, k: int, sms: int, kind: str = "fp8") -> TileCon
 def w8a8_supported(n: int, k: int) -> bool:
     """K must be a multiple of 16 (no K masks; the smallest K step); any N."""
     return k % 16 == 0
+
+
+@functools.lru_cache(maxsize=8)
+def int8_mma_available(index: int) -> bool:
+    """Triton's int8 tl.dot is tested here from Ampere (8.0) on; older GPUs take the dequantized path."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
