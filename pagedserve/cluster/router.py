@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,10 +36,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedserve.cluster import upstream
+from pagedserve.cluster.asgi_io import TooLarge, content_length, head_only, read_body
 from pagedserve.cluster.backends import Backend, BackendPool, normalize_url
 from pagedserve.cluster.policies import DEFAULT_POLICY, Policy, RequestInfo, make_policy
+from pagedserve.cluster.request_fields import BadRequest, parse_request
 from pagedserve.cluster.retry_budget import PoisonRegistry, RetryBudget
-from pagedserve.cluster.scrape import LocalGpuUtil, parse_engine_metrics
+from pagedserve.cluster.scrape import LocalGpuUtil
+from pagedserve.cluster.upkeep import BackendUpkeep
 
 log = logging.getLogger("pagedserve.router")
 disable_created_metrics()  # no *_created series, as vLLM
@@ -52,7 +54,6 @@ _REQ_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive",
 _RESP_DROP = frozenset({b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"date",
                         b"server", b"trailer", b"upgrade"})
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
-MAX_BODY_BYTES = 16 << 20  # as the server's limit: a larger body gets 413 here, before any backend sees it
 _DEATH_WINDOW_S = 1.0  # failures of one backend this close together are one death
 _JSON = [(b"content-type", b"application/json")]
 
@@ -82,69 +83,6 @@ class RouterConfig:
 
 def _error_body(message: str, status: int, type_: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": status}}).encode()
-
-
-def _content_text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]; anything else is the backend's to refuse
-        return "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
-    return ""
-
-
-class BadRequest(Exception):
-    """A body the router itself refuses (400)."""
-
-
-def parse_request(path: str, body: bytes, session: str | None, cfg: RouterConfig) -> RequestInfo:
-    """The fields policies use, from an OpenAI request body (tolerant: bad JSON is the backend's to reject)."""
-    info = RequestInfo(path=path, max_tokens=cfg.default_max_tokens)
-    if not body:
-        info.affinity_key = session
-        return info
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise BadRequest("the request body is not accepted: JSON nested too deeply") from None
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        info.affinity_key = session
-        return info
-    model = data.get("model")
-    info.model = model if isinstance(model, str) else None
-    info.stream = data.get("stream") is True
-    mt = data.get("max_completion_tokens") or data.get("max_tokens")
-    n = data.get("n")
-    if isinstance(mt, int) and mt > 0:
-        info.max_tokens = mt
-    if isinstance(n, int) and n > 1:
-        info.max_tokens *= min(n, 1024)
-    text = ""
-    n_tok = 0
-    messages = data.get("messages")
-    if isinstance(messages, list):
-        text = "".join(f"{m.get('role', '')}:{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
-    else:
-        prompt = data.get("prompt")
-        if isinstance(prompt, str):
-            text = prompt
-        elif isinstance(prompt, list) and prompt:
-            if all(isinstance(p, str) for p in prompt):  # a batch of prompts
-                text = prompt[0]
-                n_tok = sum(len(p) for p in prompt) // 4
-                info.max_tokens *= len(prompt)
-            elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):  # token ids
-                n_tok = len(prompt)
-                text = ",".join(map(str, prompt[: cfg.prefix_chars // 4]))
-            elif isinstance(prompt[0], list):  # a batch of token-id lists
-                n_tok = sum(len(p) for p in prompt if isinstance(p, list))
-                text = ",".join(map(str, prompt[0][: cfg.prefix_chars // 4]))
-                info.max_tokens *= len(prompt)
-    info.prompt_tokens = n_tok or len(text) // 4
-    user = data.get("user")
-    info.affinity_key = session or (user if isinstance(user, str) and user else None) or (text[: cfg.prefix_chars] or None)
-    return info
 
 
 class _Failure:
@@ -184,7 +122,7 @@ class _RouterCollector:
         yield from (healthy, inflight, load, ejections, n)
 
 
-class Router:
+class Router(BackendUpkeep):
     """ASGI application. `await router.start()` / `stop()` (or ASGI lifespan) run the
     background loops: health checks, metrics scrapes (when the policy needs them) and the
     backends-file watcher."""
@@ -274,7 +212,7 @@ class Router:
         kind = scope["type"]
         if kind == "http":
             if scope["method"] == "HEAD":  # the GET answer's head, no body
-                send = _head_only(send)
+                send = head_only(send)
                 scope = {**scope, "method": "GET"}
             try:
                 return await self._http(scope, receive, send)
@@ -343,8 +281,8 @@ class Router:
             await send(msg)
 
         try:
-            body = await _read_body(receive, declared=_content_length(scope))
-        except _TooLarge as e:
+            body = await read_body(receive, declared=content_length(scope))
+        except TooLarge as e:
             return await self._send_error(send, 413, str(e), "invalid_request_error")
         if body is None:
             return
@@ -606,8 +544,8 @@ class Router:
 
     async def _admin(self, scope, receive, send) -> None:
         try:
-            body = await _read_body(receive, 1 << 20, _content_length(scope))
-        except _TooLarge as e:
+            body = await read_body(receive, 1 << 20, content_length(scope))
+        except TooLarge as e:
             return await self._send_error(send, 413, str(e), "invalid_request_error")
         if body is None:
             return
@@ -654,173 +592,3 @@ class Router:
                 return await self._send_error(send, 404, f"no backend {url}", "not_found_error")
             return await self._send(send, 200, json.dumps({"removed": url}).encode())
         return await self._send_error(send, 405, "use GET, POST or DELETE on /admin/backends", "invalid_request_error")
-
-    # ------------------------------------------------------------------ membership
-    def add_backend(self, url: str, *, healthy: bool = False, **kw) -> Backend:
-        """Add a backend; unless healthy=True it gets traffic after its first passing health check."""
-        return self.pool.add(url, healthy=healthy, **kw)
-
-    def remove_backend(self, url: str) -> Backend | None:
-        return self.pool.remove(url)
-
-    def _read_backends_file(self) -> None:
-        path = self.cfg.backends_file
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError as e:
-            if self._file_mtime is not None:
-                log.warning("backends file %s unreadable: %s (keeping the current backends)", path, e)
-                self._file_mtime = None
-            return
-        if mtime == self._file_mtime:
-            return
-        self._file_mtime = mtime
-        urls = set()
-        with open(path) as f:
-            for line in f:
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    try:
-                        urls.add(normalize_url(line))
-                    except ValueError as e:
-                        log.warning("backends file %s: %s", path, e)
-        for url in sorted(urls - self._file_urls):
-            b = self.pool.get(url) or self.add_backend(url, healthy=False)
-            if self.started:
-                asyncio.ensure_future(self._check(b))
-        for url in self._file_urls - urls:
-            self.pool.remove(url)
-        self._file_urls = urls
-
-    async def _file_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.file_poll_interval)
-            try:
-                self._read_backends_file()
-            except Exception as e:  # pragma: no cover
-                log.warning("backends file: %s", e)
-
-    # ------------------------------------------------------------------ health and load
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self._check(b) for b in self.pool.all), return_exceptions=True)
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.health_interval)
-            await self.check_all()
-
-    async def _check(self, b: Backend) -> None:
-        if self.client is None:
-            return
-        connect = False
-        try:
-            r = await self.client.get(b.url + self.cfg.health_path, timeout=self.cfg.health_timeout)
-            ok = r.status_code == 200 or r.status_code == 404  # 404: a server without /health that answers
-            reason = f"{self.cfg.health_path} answered {r.status_code}"
-        except httpx.ConnectError:
-            ok, connect, reason = False, True, "connection refused"
-        except httpx.TimeoutException:
-            ok, reason = False, f"{self.cfg.health_path} timed out"
-        except httpx.HTTPError as e:
-            ok, reason = False, f"{self.cfg.health_path}: {type(e).__name__}"
-        if ok:
-            was = b.healthy
-            if self.pool.mark_up(b) and (not was or not b.models):
-                await self._refresh_models(b)
-        else:
-            b.health_failures += 1
-            # One refused connection or a 503 (not ready) is enough; a slow answer twice in a row.
-            if b.healthy and (connect or "503" in reason or b.health_failures >= 2):
-                self.pool.mark_down(b, reason)
-            elif not b.healthy:
-                b.reason = b.reason if b.ejected_until > time.monotonic() else reason
-
-    async def _refresh_models(self, b: Backend) -> None:
-        try:
-            r = await self.client.get(b.url + "/v1/models", timeout=self.cfg.health_timeout)
-            if r.status_code == 200:
-                b.models = frozenset(m.get("id") for m in r.json().get("data", []) if isinstance(m, dict))
-        except (httpx.HTTPError, ValueError, AttributeError):
-            pass
-
-    async def _scrape_loop(self) -> None:
-        while True:
-            try:
-                await self.scrape_all()
-            except Exception as e:  # pragma: no cover
-                log.debug("scrape failed: %s", e)
-            await asyncio.sleep(self.cfg.metrics_interval)
-
-    async def scrape_all(self) -> None:
-        local = {}
-        if self._gpu is not None and self._gpu.available and any(b.gpu_index is not None for b in self.pool.all):
-            local = await self._gpu.read()
-        await asyncio.gather(*(self._scrape(b, local) for b in self.pool.healthy), return_exceptions=True)
-
-    async def _scrape(self, b: Backend, local_gpu: dict) -> None:
-        try:
-            r = await self.client.get(b.url + "/metrics", timeout=self.cfg.health_timeout)
-        except httpx.HTTPError:
-            return
-        if r.status_code != 200:
-            return
-        m = parse_engine_metrics(r.text)
-        b.inflight_at_scrape = b.inflight
-        b.metrics_time = time.monotonic()
-        if "running" in m or "waiting" in m:
-            b.running = m.get("running", 0.0)
-            b.waiting = m.get("waiting", 0.0)
-        if "kv_usage" in m:
-            b.kv_usage = m["kv_usage"]
-        if b.gpu_index is not None and b.gpu_index in local_gpu:
-            b.gpu_util = local_gpu[b.gpu_index]
-        elif "gpu_util" in m:
-            b.gpu_util = m["gpu_util"]
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _content_length(scope) -> int | None:
-    for k, v in scope["headers"]:
-        if k == b"content-length":
-            return int(v) if v.isdigit() and len(v) < 19 else None
-    return None
-
-
-async def _read_body(receive, limit: int = MAX_BODY_BYTES, declared: int | None = None) -> bytes | None:
-    """The whole request body (None if the client went away first); _TooLarge past `limit` bytes,
-    at once when the declared Content-Length says so (without waiting for the bytes)."""
-    if declared is not None and declared > limit:
-        raise _TooLarge(f"the request body has {declared} bytes; the limit is {limit}")
-    msg = await receive()
-    if msg["type"] == "http.disconnect":
-        return None
-    body = msg.get("body", b"")
-    if not msg.get("more_body"):
-        if len(body) > limit:
-            raise _TooLarge(f"the request body exceeds the limit of {limit} bytes")
-        return body
-    parts, size = [body], len(body)
-    while msg.get("more_body"):
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            return None
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(f"the request body exceeds the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _head_only(send):
-    """Wrap `send` for a HEAD request: the GET answer's status and headers, no body bytes."""
-    async def head_send(msg):
-        if msg["type"] == "http.response.body":
-            if msg.get("more_body"):
-                return
-            msg = {"type": "http.response.body", "body": b""}
-        await send(msg)
-    return head_send
