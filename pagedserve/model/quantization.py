@@ -70,8 +70,7 @@ class Int8Linear(nn.Module):
         if _on_gpu(x):
             from pagedserve.model.triton_w8a8 import int8_mma_available, w8a8_linear, w8a8_supported
 
-            if w8a8_supported(self.out_features, self.in_features) and int8_mma_available(
-                    x.device.index if x.device.index is not None else torch.cuda.current_device()):
+            if w8a8_supported(self.out_features, self.in_features) and int8_mma_available(x.device.index):
                 return w8a8_linear(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
