@@ -7,6 +7,7 @@
     # CPU: the mock server (known timing), small numbers; and the client-ceiling self-check
     python benchmarks/bench_agreement.py --concurrency 1,64,256 --output-len 32
     ... --repeat 3 --prompts-per-stream 8   # GPU: alternate the clients 3x per level, compare medians
+    ... --range-ratio 0.5                   # both clients draw lengths in [64, 192]: no lockstep waves
     python benchmarks/bench_agreement.py --self-check
 
 Agreement: per level (default 1, 64, 256, 512 streams; 128-token random prompts, 128 new
@@ -130,6 +131,7 @@ def run_ours(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
     path = out / f"ours_c{c}_w{workers}.json"
     cmd = [sys.executable, "-m", "pagedserve.cli", "bench", "serve", "--url", url, "--concurrency", str(c),
            "--num-prompts", str(n), "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+           *(["--range-ratio", str(args.range_ratio)] if args.range_ratio else []),
            "--ignore-eos", "--temperature", str(args.temperature), "--warmup", "1", "--no-progress", "--workers",
            workers, "--save-json", str(path),
            "--timeout", str(args.request_timeout), *(["--model", model] if model else []),
@@ -199,6 +201,7 @@ def run_vllm(url: str, model: str, tokenizer: str | None, c: int, n: int, args, 
            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
            str(args.output_len), "--ignore-eos", "--temperature", str(args.temperature),  # else the server's default
            "--max-concurrency", str(c), "--num-prompts", str(n),
+           *(["--random-range-ratio", str(args.range_ratio)] if args.range_ratio else []),
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-dir", str(out), "--result-filename", name]
     print("$", " ".join(cmd), flush=True)
@@ -453,6 +456,9 @@ def main() -> None:
                    help="runs per client and level, alternating ours and the peer's; medians are compared")
     g.add_argument("--input-len", type=int, default=128)
     g.add_argument("--output-len", type=int, default=128)
+    g.add_argument("--range-ratio", type=float, default=0.0,
+                   help="prompt and output lengths uniform in len x [1 - r, 1 + r], for both clients (vLLM's "
+                        "--random-range-ratio): unequal lengths desynchronise closed-loop streams")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="sent by both clients (vllm bench serve sends none unless told: the server's default, 1.0)")
     g.add_argument("--workers", default="auto", help="our client's --workers")
