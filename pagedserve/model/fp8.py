@@ -72,16 +72,6 @@ def dequantize_fp8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
 
 
-def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q fp8 [M, K], scale fp32 [M, 1]); one Triton kernel on CUDA, torch ops elsewhere."""
-    if x.device.type == "cuda":
-        from pagedserve.model.triton_w8a8 import per_token_quant as per_token_quant_triton
-
-        return per_token_quant_triton(x, FP8)
-    q, s = quantize_fp8_rows(x)
-    return q, s.unsqueeze(1)
-
-
 def fp8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """The FP8 GEMM's arithmetic on any device: per-token quantized x times the fp8 weight, fp32 accumulate,
@@ -123,7 +113,9 @@ def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
         return x.new_empty(*lead, n)
     if k % 16 or n % 16:  # _scaled_mm's alignment rule; odd shapes take the exact but slow way
         return fp8_linear_reference(x, q_w, s_w, bias)
-    q_x, s_x = per_token_quant(x2)
+    from pagedserve.model.triton_w8a8 import per_token_quant
+
+    q_x, s_x = per_token_quant(x2, FP8)
     # Rowwise scaling produces bf16; fp16 models get a cast (cheap next to the GEMM).
     y = torch._scaled_mm(q_x, q_w.t(), scale_a=s_x, scale_b=s_w.view(1, n), out_dtype=torch.bfloat16)
     if y.dtype != x.dtype:
