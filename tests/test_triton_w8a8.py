@@ -4,7 +4,7 @@ GEMM (8-bit dot, both scales and the bias in its epilogue).
 Compiled on CUDA; through Triton's CPU interpreter elsewhere (tests/triton_interp.py). Shapes are tiny and
 chosen so the tails are exercised: N not a multiple of the N tile (wrapped channels dropped at the store),
 M not a multiple of the M tile, K a multiple of 16 but not of the default K step (the wrapper
-shrinks it), and K split into partials that a second kernel sums.
+shrinks it), and K split into partials that the last split of each tile sums.
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def test_w8a8_gemm_matches_reference(m, kind):
         cfg = type(cfg)(cfg.block_m, cfg.block_n, 32, split, cfg.num_warps, cfg.num_stages)
         y = WA.w8a8_gemm(qx.to(d), sx.view(-1, 1).to(d), qw.to(d), sw.to(d), None, dtype, cfg)
         _close(y, ref - b.float(), dtype)
+        assert WA._tile_locks(y.device).eq(0).all()  # the last split re-armed every tile's counter
     full = WA.w8a8_linear(x.to(d).view(1, m, k), qw.to(d), sw.to(d), b.to(d))
     assert full.shape == (1, m, n) and full.dtype == dtype
     if kind == "int8" or DEVICE.type == "cuda":  # the interpreter's e4m3 cast has a carry bug (fp8_close)

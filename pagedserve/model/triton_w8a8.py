@@ -11,7 +11,9 @@
   Loads carry no masks on K (the wrapper requires K % BLOCK_K == 0; 8-bit loads cannot take an `other=`)
   and rows past M or N are wrapped onto valid ones (`% M`, `% N`) and dropped at the store.
   With few output tiles (decode-sized M, N = 3584 on a 132-SM GPU) K is split: fp32 partials of the
-  scaled product go to [SPLIT, M, N] and triton_quant's reduce kernel sums them and adds the bias.
+  scaled product go to [SPLIT, M, N], and the last split of a tile to finish (an arrival counter per
+  tile) sums them in split order and writes y, in the same launch. A separate reduce kernel cost one
+  more launch per projection: 3 of the 4 7B projections split at M=1, ~2 us each inside a CUDA graph.
 
 Replaces `torch._scaled_mm` (rowwise) and `torch._int_mm` + a separate int32 -> dtype epilogue pass: the
 int32 accumulator of a [256, 37888] gate_up no longer makes a round trip through memory, and tile sizes
@@ -29,15 +31,34 @@ import triton
 import triton.language as tl
 
 from pagedserve.model.fp8_dtype import FP8, FP8_MAX
-from pagedserve.model.triton_quant import TileConfig, _interpreted, _reduce_kernel, _sms
+from pagedserve.model.triton_quant import TileConfig, _interpreted, _sms
 
 INT8_MAX = 127.0
 
 
 @triton.jit
+def quant_scale(amax, QMAX: tl.constexpr):
+    """A row's scale from its absmax (fp32): what every per-token quant here divides by."""
+    return tl.maximum(amax / QMAX, 1e-12)
+
+
+@triton.jit
+def quantize(x, scale, q_ptr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """fp32 values x / scale as q_ptr's element type. fp8: clamp, then the hardware's round-to-nearest cast;
+    int8: round half away from zero, then clamp to +-127. The fused norm and SiLU kernels call this too,
+    so their quantized output is bit-identical to this module's per_token_quant of the same values."""
+    v = x / scale
+    if IS_INT:
+        v = v + tl.where(v >= 0, 0.5, -0.5)  # then truncation toward zero: round half away from zero
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
+    else:
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    return v.to(q_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-                            QMAX: tl.constexpr, IS_INT: tl.constexpr, MIN_SCALE: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -45,17 +66,21 @@ def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
         k = k0 + offs
         x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / QMAX, MIN_SCALE)
+    scale = quant_scale(tl.max(amax, 0), QMAX)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         k = k0 + offs
-        v = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32) / scale
-        if IS_INT:
-            v = v + tl.where(v >= 0, 0.5, -0.5)  # then truncation toward zero: round half away from zero
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
-        else:
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        tl.store(q_ptr + row * stride_qm + k, v.to(q_ptr.dtype.element_ty), mask=k < K)
+        x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * stride_qm + k, quantize(x, scale, q_ptr, QMAX, IS_INT), mask=k < K)
+
+
+def qmax(dtype: torch.dtype) -> float:
+    """The largest magnitude a per-token quantized value of `dtype` (float8_e4m3fn or int8) takes."""
+    if dtype == torch.int8:
+        return INT8_MAX
+    if dtype == FP8:
+        return FP8_MAX
+    raise ValueError(f"per-token quantization is to float8_e4m3fn or int8, not {dtype}")
 
 
 def per_token_quant(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,15 +92,13 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Te
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         block = min(4096, triton.next_power_of_2(k))
-        is_int = dtype == torch.int8
-        _per_token_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=INT8_MAX if is_int else FP8_MAX,
-                                      IS_INT=is_int, MIN_SCALE=1e-12, BLOCK=block,
-                                      num_warps=4 if block <= 2048 else 8)
+        _per_token_quant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax(dtype),
+                                      IS_INT=dtype == torch.int8, BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return q, s
 
 
-@triton.jit(do_not_specialize=["M"])  # every batch size runs one compiled kernel per tile config
-def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
+@triton.jit(do_not_specialize=["M", "SPLIT"])  # every batch size runs one compiled kernel per tile config
+def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, K_SPLIT, SPLIT,
                  stride_am, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -118,13 +141,28 @@ def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, K_SPLIT,
     sw = tl.load(sw_ptr + wn).to(tl.float32)
     out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
     if not PARTIAL:
         if HAS_BIAS:
             out += tl.load(b_ptr + wn).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(y_ptr + pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], out, mask=mask)
+        # Split K: store this split's fp32 partial, then count arrivals on the tile's lock. The last split
+        # to arrive sums all partials in split order (deterministic whoever arrives last), writes y and
+        # re-arms the lock to 0 for the next launch (CUDA-graph replays included). The barrier makes every
+        # thread's partial visible before the release of the counter; .cg loads read them from L2.
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(p_ptr + pid_k * M * N + offs, out, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + wn).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
 # kind -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)), ...): the config with the least time
@@ -177,19 +215,37 @@ def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
     if m == 0:
         return y
     cfg = cfg or _gemm_config(m, n, k, _sms(q_x.device), "int8" if q_x.dtype == torch.int8 else "fp8")
-    out = y if cfg.split == 1 else torch.empty(cfg.split, m, n, dtype=torch.float32, device=q_x.device)
-    k_split = triton.cdiv(k // cfg.block_k, cfg.split) * cfg.block_k
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = cfg.split
+    locks = _tile_locks(q_x.device)
+    if split > 1 and tiles > locks.numel():  # more tiles than counters (a caller's own config): no split
+        split = 1
+    part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=q_x.device)
+    k_split = triton.cdiv(k // cfg.block_k, split) * cfg.block_k
     dummy = bias if bias is not None else s_w
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split)
-    _w8a8_kernel[grid](q_x, q_w, s_x, s_w, dummy, out, m, n, k, k_split, q_x.stride(0), q_w.stride(0),
-                       y.stride(0), HAS_BIAS=bias is not None, IS_INT=q_x.dtype == torch.int8,
-                       DOT_FP32=_interpreted(), PARTIAL=cfg.split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                       BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.split > 1:
-        block = 256
-        _reduce_kernel[(m, triton.cdiv(n, block))](out, dummy, y, m, n, y.stride(0), cfg.split,
-                                                   HAS_BIAS=bias is not None, BLOCK=block)
+    _w8a8_kernel[(tiles, split)](
+        q_x, q_w, s_x, s_w, dummy, y, part, locks, m, n, k, k_split, split, q_x.stride(0), q_w.stride(0),
+        y.stride(0), HAS_BIAS=bias is not None, IS_INT=q_x.dtype == torch.int8, DOT_FP32=_interpreted(),
+        PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
+
+
+_LOCKS = 4096
+
+
+@functools.lru_cache(maxsize=16)
+def _tile_locks_at(device: torch.device) -> torch.Tensor:
+    return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+
+
+def _tile_locks(device: torch.device) -> torch.Tensor:
+    """One int32 arrival counter per output tile of a split-K launch, shared by every launch on the device
+    (launches on one stream run one after another, and each leaves its counters at 0). Made on first use,
+    which warm_up reaches before any CUDA graph is captured."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _tile_locks_at(device)
 
 
 def w8a8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None = None,
