@@ -174,6 +174,65 @@ def test_silu_mul_rejects_odd_width():
         FO.silu_mul(torch.zeros(2, 7, device=DEVICE))
 
 
+# ------------------------------------------------------------------ per-token quantized outputs
+def _per_token_quant(y: torch.Tensor, quant: torch.dtype):
+    import pagedserve.model.triton_w8a8 as WA  # the kernel module fused_kernels itself imported
+
+    return WA.per_token_quant(y.reshape(-1, y.shape[-1]), quant)
+
+
+def _same_quant(qa, q, s, dtype):
+    assert isinstance(qa, FO.QuantizedActivation) and qa.dtype == dtype
+    assert qa.q.dtype == q.dtype and qa.q.shape == q.shape and qa.scale.shape == s.shape
+    assert torch.equal(qa.scale, s)
+    assert torch.equal(qa.q.view(torch.uint8) if q.dtype != torch.int8 else qa.q,
+                       q.view(torch.uint8) if q.dtype != torch.int8 else q)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h", [96, 100])
+def test_norms_quantized_output_equals_norm_then_quant(kind, dtype, h):
+    """The norm kernel asked for `quant` writes exactly what the norm followed by the W8A8 module's own
+    per-token quant writes (same helper, same values): bit-identical q and scales, with and without the
+    residual add (whose sum is still written in full). H=100 leaves padding lanes in the row block."""
+    quant = torch.float8_e4m3fn if kind == "fp8" else torch.int8
+    x = _rand(4, h, dtype=dtype, seed=h, scale=3.0)
+    x[2] = 0  # an all-zero row: the scale floor, zeros out
+    r = _rand(4, h, dtype=dtype, seed=h + 1)
+    w = (1 + 0.3 * _rand(h, dtype=torch.float32, seed=7)).to(dtype)
+    _same_quant(FO.rms_norm(x, w, 1e-6, quant), *_per_token_quant(FO.rms_norm(x, w, 1e-6), quant), dtype)
+    y_ref, res_ref = FO.add_rms_norm(x, r, w, 1e-6, inplace=False)
+    qa, res = FO.add_rms_norm(x, r.clone(), w, 1e-6, quant=quant)
+    _same_quant(qa, *_per_token_quant(y_ref, quant), dtype)
+    assert torch.equal(res, res_ref)
+    # the output rounds to x's dtype before it is quantized: a wider weight dtype gets the plain norm
+    assert isinstance(FO.rms_norm(x, w.float(), 1e-6, quant), torch.Tensor) or dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("i", [40, 4100])
+def test_silu_mul_quantized_output_equals_silu_mul_then_quant(kind, i):
+    """One program a row, two passes over I (4100 > the 4096 block: a second, partial block)."""
+    quant = torch.float8_e4m3fn if kind == "fp8" else torch.int8
+    gu = _rand(3, 2 * i, dtype=torch.bfloat16, seed=i, scale=2.0)
+    _same_quant(FO.silu_mul(gu, quant), *_per_token_quant(FO.silu_mul(gu), quant), torch.bfloat16)
+
+
+def test_quantized_output_reaches_the_w8a8_gemm():
+    """A QuantizedActivation from the norm is what Fp8Linear/Int8Linear's GEMM consumes: their forward on it
+    equals the W8A8 GEMM on the separately quantized norm output."""
+    import pagedserve.model.triton_w8a8 as WA
+    from pagedserve.model.quantization import Int8Linear
+
+    lin = Int8Linear.from_linear(torch.nn.Linear(96, 40).to(torch.bfloat16)).to(DEVICE)
+    x = _rand(5, 96, dtype=torch.bfloat16, seed=3)
+    w = _rand(96, dtype=torch.bfloat16, seed=4)
+    q, s = _per_token_quant(FO.rms_norm(x, w, 1e-6), torch.int8)
+    want = WA.w8a8_gemm(q, s, lin.weight, lin.scale, lin.bias, torch.bfloat16)
+    assert torch.equal(lin(FO.rms_norm(x, w, 1e-6, torch.int8)), want)
+
+
 # ------------------------------------------------------------------ RoPE
 def _rope_tables(positions, d, dtype, theta=10000.0):
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)

@@ -307,6 +307,29 @@ def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkey
     assert toks[0] == toks[1]
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_fused_activation_quant_is_exact(dirs, monkeypatch, kind):
+    """The norms and SiLU-and-mul writing the per-token quantized activation themselves (llama._input_quant)
+    give bit-identical logits to the linears quantizing it with their own kernel: the same values go
+    through the same quantize helper. bf16, where any extra or missing rounding would show."""
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    from pagedserve.bench.quality import prefill_logits
+    from pagedserve.model import llama
+
+    _, path = dirs["qwen2"]
+    eng = LLM(model=str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory=0.5,
+              quantization=kind).engine
+    asked, real = [], llama._input_quant
+    monkeypatch.setattr(llama, "_input_quant", lambda lin, x: asked.append(real(lin, x)) or asked[-1])
+    fused = [prefill_logits(eng, p) for p in _prompts(3)]
+    want = torch.float8_e4m3fn if kind == "fp8" else torch.int8
+    assert asked and all(a == want for a in asked)  # every norm and SiLU before a projection was asked
+    monkeypatch.setattr(llama, "_input_quant", lambda lin, x: None)
+    for p, f in zip(_prompts(3), fused):
+        assert torch.equal(prefill_logits(eng, p), f)
+
+
 @needs_fp8
 def test_fp8_kv_cache_on_gpu(dirs):
     """--kv-cache-dtype fp8: twice the blocks of a bf16 cache in the same memory; logits within fp8 error of

@@ -25,6 +25,8 @@ from torch import nn
 
 from pagedserve.errors import ConfigError
 from pagedserve.model.fp8_dtype import FP8, FP8_MAX
+from pagedserve.model.fused_ops import QuantizedActivation
+
 MIN_CAPABILITY = (8, 9)
 _MIN_SCALE = 1e-12
 
@@ -116,13 +118,29 @@ def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
     from pagedserve.model.triton_w8a8 import per_token_quant
 
     q_x, s_x = per_token_quant(x2, FP8)
+    return _scaled_mm_rowwise(q_x, s_x, q_w, s_w, bias, x.dtype).view(*lead, n)
+
+
+def _scaled_mm_rowwise(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     # Rowwise scaling produces bf16; fp16 models get a cast (cheap next to the GEMM).
-    y = torch._scaled_mm(q_x, q_w.t(), scale_a=s_x, scale_b=s_w.view(1, n), out_dtype=torch.bfloat16)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.view(*lead, n)
+    y = torch._scaled_mm(q_x, q_w.t(), scale_a=s_x, scale_b=s_w.view(1, -1), out_dtype=torch.bfloat16)
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return y if bias is None else y + bias
+
+
+def fp8_linear_quantized(x: QuantizedActivation, q_w: torch.Tensor, s_w: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear for an input already quantized per token (a fused norm or SiLU kernel wrote it), CUDA only:
+    the same GEMM choice as fp8_linear, minus the quant kernel."""
+    from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
+    from pagedserve.model.triton_w8a8 import w8a8_gemm
+
+    n, k = q_w.shape
+    if fp8_use_scaled_mm(x.q.shape[0], n, k):
+        return _scaled_mm_rowwise(x.q, x.scale, q_w, s_w, bias, x.dtype)
+    return w8a8_gemm(x.q, x.scale, q_w, s_w, bias, x.dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -165,7 +183,14 @@ class Fp8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_fp8_rows(self.weight, self.weight_scale, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quant(self, x: torch.Tensor) -> torch.dtype | None:
+        """FP8 when forward would quantize x per token with the shared kernel (CUDA, K % 16 == 0): the norm
+        or SiLU before this linear may then hand it a QuantizedActivation instead."""
+        return FP8 if x.is_cuda and self.in_features % 16 == 0 else None
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return fp8_linear_quantized(x, self.weight, self.weight_scale, self.bias)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:

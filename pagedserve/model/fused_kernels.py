@@ -1,5 +1,6 @@
 """Triton kernels for the decoder layer's elementwise work: RMSNorm, residual add + RMSNorm,
-SiLU-and-mul, in-place RoPE. Use them through `pagedserve.model.fused_ops`, which
+SiLU-and-mul, in-place RoPE. The norms and SiLU-and-mul can also emit their output quantized per token
+(fp8/int8) for the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through `pagedserve.model.fused_ops`, which
 holds the torch references and picks an implementation per tensor.
 
 Each kernel reads its inputs once and writes its outputs once, computes in
@@ -22,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.model.triton_w8a8 import qmax, quant_scale, quantize
+
 
 @triton.jit
 def _rnd(x, like_ptr, RNE: tl.constexpr):
@@ -40,14 +43,17 @@ def _rnd(x, like_ptr, RNE: tl.constexpr):
 # --------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr,
+    x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, s_ptr,
     stride_x, stride_r, stride_y, stride_nr,
     eps, H: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, RNE: tl.constexpr,
+    QUANT: tl.constexpr = False, QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False,
 ):
     """HF LlamaRMSNorm: y = w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype).
 
     ADD: x = (x + residual) first, rounded to x.dtype (the model adds in its own
     dtype), stored to new_res_ptr and normalised.
+    QUANT: y (rounded to x.dtype) is quantized per token for the W8A8 linear that reads it: y_ptr gets
+    the fp8/int8 row, s_ptr the row's fp32 scale, exactly as triton_w8a8.per_token_quant(y) would.
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -62,7 +68,13 @@ def _rms_norm_kernel(
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     n = _rnd(x * rstd, x_ptr, RNE).to(tl.float32)  # rounded to x.dtype before the weight
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, _rnd(w * n, y_ptr, RNE), mask=mask)
+    if QUANT:
+        y = _rnd(w * n, x_ptr, RNE).to(tl.float32)  # padding lanes are 0: they never raise the absmax
+        scale = quant_scale(tl.max(tl.abs(y), 0), QMAX)
+        tl.store(s_ptr + row, scale)
+        tl.store(y_ptr + row * stride_y + offs, quantize(y, scale, y_ptr, QMAX, IS_INT), mask=mask)
+    else:
+        tl.store(y_ptr + row * stride_y + offs, _rnd(w * n, y_ptr, RNE), mask=mask)
 
 
 def _row_launch(h: int) -> tuple[int, int]:
@@ -78,52 +90,104 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-              residual: torch.Tensor | None = None, new_residual: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch of _rms_norm_kernel over the rows of x; with `residual`, adds it first (ADD)."""
+              residual: torch.Tensor | None = None, new_residual: torch.Tensor | None = None,
+              quant: torch.dtype | None = None):
+    """One launch of _rms_norm_kernel over the rows of x; with `residual`, adds it first (ADD).
+    Returns y, or with `quant` (fp8/int8; out_dtype must be x.dtype) y quantized per token: (q, scale)."""
     h = x.shape[-1]
     x2 = _rows(x)
     add = residual is not None
     r2 = residual.view(-1, h) if add else x2
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x2.shape if quant else x.shape, dtype=quant or out_dtype, device=x.device)
     t = x2.shape[0]
+    s = torch.empty(t, 1, dtype=torch.float32, device=x.device) if quant else None
     if t == 0:
-        return y
+        return (y, s) if quant else y
     y2 = y.view(-1, h)
     nr2 = new_residual.view(-1, h) if add else y2
     block, warps = _row_launch(h)
     _rms_norm_kernel[(t,)](
-        x2, r2, weight, y2, nr2,
+        x2, r2, weight, y2, nr2, s if quant else y2,
         x2.stride(0), r2.stride(0) if add else 0, y2.stride(0), nr2.stride(0) if add else 0,
         float(eps), H=h, BLOCK=block, ADD=add, RNE=INTERPRETED, num_warps=warps,
+        **(_quant_args(quant, x.dtype, out_dtype) if quant else {}),
     )
-    return y
+    return (y, s) if quant else y
+
+
+def _quant_args(quant: torch.dtype, x_dtype: torch.dtype, out_dtype: torch.dtype) -> dict:
+    if out_dtype != x_dtype:
+        raise ValueError(f"a quantized norm output rounds to x's dtype {x_dtype} first, not {out_dtype}")
+    return dict(QUANT=True, QMAX=qmax(quant), IS_INT=quant == torch.int8)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    out_dtype: torch.dtype) -> torch.Tensor:
-    return _rms_norm(x, weight, eps, out_dtype)
+                    out_dtype: torch.dtype, quant: torch.dtype | None = None):
+    return _rms_norm(x, weight, eps, out_dtype, quant=quant)
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        out_dtype: torch.dtype, new_residual: torch.Tensor) -> torch.Tensor:
+                        out_dtype: torch.dtype, new_residual: torch.Tensor, quant: torch.dtype | None = None):
     """Writes x + residual into new_residual (may be residual itself) and returns the norm."""
-    return _rms_norm(x, weight, eps, out_dtype, residual, new_residual)
+    return _rms_norm(x, weight, eps, out_dtype, residual, new_residual, quant)
 
 
 # --------------------------------------------------------------------------
 # SiLU(gate) * up
 # --------------------------------------------------------------------------
 @triton.jit
+def _silu_mul_vals(gu_ptr, offs, mask, I: tl.constexpr, RNE: tl.constexpr):
+    """silu(gate) * up at `offs` of one row (gu_ptr at the row's start), silu rounded to the dtype before
+    the product (as F.silu then mul); fp32 of the value rounded to gu_ptr's dtype."""
+    g = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + I + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _rnd(tl.div_rn(g, 1.0 + tl.exp(-g)), gu_ptr, RNE).to(tl.float32)
+    return _rnd(s * u, gu_ptr, RNE).to(tl.float32)
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr, BLOCK: tl.constexpr,
                      RNE: tl.constexpr):
-    """out = silu(gate) * up, silu rounded to the dtype before the product (as F.silu then mul)."""
+    """out = silu(gate) * up in gate_up's dtype (out has that dtype)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
-    g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _rnd(tl.div_rn(g, 1.0 + tl.exp(-g)), out_ptr, RNE).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, _rnd(s * u, out_ptr, RNE), mask=mask)
+    v = _silu_mul_vals(gu_ptr + row * stride_gu, offs, mask, I, RNE)
+    tl.store(out_ptr + row * stride_o + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, stride_gu, stride_q, I: tl.constexpr, BLOCK: tl.constexpr,
+                           RNE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """silu(gate) * up quantized per token, one program a row: pass 1 takes the absmax, pass 2 recomputes
+    (the same ops, so the same values) and stores q; the product is never written out in the model dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    gu = gu_ptr + row * stride_gu
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_silu_mul_vals(gu, offs, offs < I, I, RNE)))
+    scale = quant_scale(tl.max(amax, 0), QMAX)
+    tl.store(s_ptr + row, scale)
+    for i0 in range(0, I, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        v = _silu_mul_vals(gu, offs, offs < I, I, RNE)
+        tl.store(q_ptr + row * stride_q + offs, quantize(v, scale, q_ptr, QMAX, IS_INT), mask=offs < I)
+
+
+def silu_mul_quant_triton(gate_up: torch.Tensor, quant: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [..., 2I] -> silu(gate) * up as (q [T, I] of `quant`, scale fp32 [T, 1]), per token."""
+    i = gate_up.shape[-1] // 2
+    gu = _rows(gate_up)
+    t = gu.shape[0]
+    q = torch.empty(t, i, dtype=quant, device=gate_up.device)
+    s = torch.empty(t, 1, dtype=torch.float32, device=gate_up.device)
+    if t and i:
+        block = min(4096, triton.next_power_of_2(i))
+        _silu_mul_quant_kernel[(t,)](gu, q, s, gu.stride(0), q.stride(0), I=i, BLOCK=block, RNE=INTERPRETED,
+                                     QMAX=qmax(quant), IS_INT=quant == torch.int8,
+                                     num_warps=8 if block >= 2048 else 4)
+    return q, s
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

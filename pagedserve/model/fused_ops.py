@@ -21,6 +21,7 @@ allocates more than its outputs, so they can be captured in CUDA graphs.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -56,6 +57,17 @@ def _triton_for(x: torch.Tensor) -> ModuleType | None:
     return None
 
 
+@dataclass
+class QuantizedActivation:
+    """An activation already quantized per token for a W8A8 linear (fp8/int8 Fp8Linear or Int8Linear on
+    CUDA), as written by a norm or SiLU-and-mul kernel asked for `quant`: the linear skips its own quant
+    kernel. Only those linears accept it; a caller asks for it only when `input_quant` says the linear
+    will take it at this batch size."""
+    q: torch.Tensor  # [T, K] float8_e4m3fn or int8
+    scale: torch.Tensor  # [T, 1] fp32: row t ~= q[t] * scale[t]
+    dtype: torch.dtype  # the activation's own dtype, which the linear's output takes
+
+
 def _check_last_dim(name: str, x: torch.Tensor, size: int) -> None:
     if x.shape[-1] != size:
         raise ValueError(f"{name} has last dimension {x.shape[-1]}, expected {size}")
@@ -71,13 +83,25 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * xf.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., H], weight [H] -> y [..., H] in promote_types(x.dtype, weight.dtype) (as HF)."""
+def _quant_ok(k: ModuleType | None, x: torch.Tensor, out_dtype: torch.dtype, quant: torch.dtype | None) -> bool:
+    """Emit a quantized output: asked for, Triton runs here, and the output keeps x's dtype."""
+    return quant is not None and k is not None and out_dtype == x.dtype
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             quant: torch.dtype | None = None) -> torch.Tensor | QuantizedActivation:
+    """x [..., H], weight [H] -> y [..., H] in promote_types(x.dtype, weight.dtype) (as HF).
+
+    quant (float8_e4m3fn / int8): return y quantized per token as a QuantizedActivation [T, H] where the
+    Triton kernel runs (bit-identical to quantizing y afterwards); elsewhere y itself."""
     _check_last_dim("weight", x, weight.shape[-1])
     k = _triton_for(x)
     if k is None:
         return rms_norm_ref(x, weight, eps)
-    return k.rms_norm_triton(x, weight, eps, torch.promote_types(x.dtype, weight.dtype))
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if _quant_ok(k, x, out_dtype, quant):
+        return QuantizedActivation(*k.rms_norm_triton(x, weight, eps, out_dtype, quant), x.dtype)
+    return k.rms_norm_triton(x, weight, eps, out_dtype)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -87,14 +111,15 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 inplace: bool = True, quant: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass over x and residual.
 
     The sum is rounded to the model dtype before the norm (HF adds the residual
     in the model dtype). With inplace=True (default) the sum overwrites
     `residual` and that same tensor is returned as new_residual: no extra
     allocation, but the caller's residual changes. x and residual must have
-    the same shape and dtype.
+    the same shape and dtype. `quant`: as in rms_norm.
     """
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
@@ -104,15 +129,18 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if k is None:
         return add_rms_norm_ref(x, residual, weight, eps, inplace)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    quant = quant if _quant_ok(k, x, out_dtype, quant) else None
     rows = _row_view(residual)
     if inplace and rows is not None:
-        return k.add_rms_norm_triton(x, residual, weight, eps, out_dtype, residual), residual
-    new_residual = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    y = k.add_rms_norm_triton(x, residual if rows is not None else residual.contiguous(), weight, eps,
-                              out_dtype, new_residual)
-    if inplace:  # residual is not a [rows, H] view with unit stride: rare, costs a copy
-        return y, residual.copy_(new_residual)
-    return y, new_residual
+        y = k.add_rms_norm_triton(x, residual, weight, eps, out_dtype, residual, quant)
+        new_residual = residual
+    else:
+        new_residual = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+        y = k.add_rms_norm_triton(x, residual if rows is not None else residual.contiguous(), weight, eps,
+                                  out_dtype, new_residual, quant)
+        if inplace:  # residual is not a [rows, H] view with unit stride: rare, costs a copy
+            new_residual = residual.copy_(new_residual)
+    return (QuantizedActivation(*y, x.dtype) if quant else y), new_residual
 
 
 def _row_view(t: torch.Tensor) -> torch.Tensor | None:
@@ -132,13 +160,15 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [..., 2I] (gate first, up second) -> silu(gate) * up [..., I]."""
+def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor | QuantizedActivation:
+    """gate_up [..., 2I] (gate first, up second) -> silu(gate) * up [..., I]; `quant` as in rms_norm."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} must be even")
     k = _triton_for(gate_up)
     if k is None:
         return silu_mul_ref(gate_up)
+    if _quant_ok(k, gate_up, gate_up.dtype, quant):
+        return QuantizedActivation(*k.silu_mul_quant_triton(gate_up, quant), gate_up.dtype)
     return k.silu_mul_triton(gate_up)
 
 

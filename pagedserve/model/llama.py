@@ -29,6 +29,14 @@ def _fused(x: torch.Tensor) -> bool:
     return FUSED_OPS and x.is_cuda
 
 
+def _input_quant(linear: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The 8-bit dtype `linear` quantizes x to per token (an fp8/int8 W8A8 linear on CUDA), or None. The
+    norm or SiLU-and-mul kernel before it then writes that form itself: one kernel fewer per projection
+    (3 of the 4 a layer; the attention output still goes through the linear's own quant kernel)."""
+    ask = getattr(linear, "input_quant", None)
+    return ask(x) if ask is not None and _fused(x) else None
+
+
 @dataclass
 class ModelArgs(DecoderShape):
     """DecoderShape plus what the model itself needs; `ModelArgs.from_hf(config)` reads both."""
@@ -86,9 +94,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quant: torch.dtype | None = None):
+        """`quant` (fused path only): return the output quantized per token (fused_ops.rms_norm)."""
         if _fused(x):
-            return fused_ops.rms_norm(x, self.weight, self.eps)
+            return fused_ops.rms_norm(x, self.weight, self.eps, quant)
         dtype = x.dtype
         if dtype == torch.float32:  # one fused op; the same arithmetic as below in fp32
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -96,10 +105,11 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor,
+                    quant: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); on CUDA one kernel that writes the sum into `residual`."""
         if _fused(x):
-            return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return fused_ops.add_rms_norm(x, residual, self.weight, self.eps, quant=quant)
         residual = x + residual
         return self(residual), residual
 
@@ -158,8 +168,8 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata):
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x)  # x may be a QuantizedActivation (DecoderLayer)
+        t = qkv.shape[0]
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.nkv, self.hd)
         if self.q_norm is None and isinstance(rope, BoundRope) and _fused(qkv):
             # q and k rotated in place inside the fused projection's output, one kernel
@@ -195,7 +205,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         if _fused(gate_up):
-            out = self.down_proj(fused_ops.silu_mul(gate_up))
+            out = self.down_proj(fused_ops.silu_mul(gate_up, _input_quant(self.down_proj, gate_up)))
         else:
             gate, up = gate_up.split(self.inter, dim=-1)
             out = self.down_proj(F.silu(gate).mul_(up))
@@ -213,12 +223,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, positions, rope, kv_cache, meta):
         """Carries the residual stream apart from the sublayer output, so each add fuses into the next
         norm: returns (mlp output, residual); the layer's output is their sum."""
+        quant = _input_quant(self.self_attn.qkv_proj, x)
         if residual is None:  # first layer
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm(x, quant)
         else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
+            h, residual = self.input_layernorm.add_forward(x, residual, quant)
         h = self.self_attn(h, positions, rope, kv_cache, meta)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual, _input_quant(self.mlp.gate_up_proj, h))
         return self.mlp(h), residual
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.errors import ConfigError, UnsupportedModelError
+from pagedserve.model.fused_ops import QuantizedActivation
 
 METHODS = ("int8", "awq", "fp8")
 _DENSE_CHUNK = 1 << 24  # elements of dequantized weight held at once by the CPU AWQ path
@@ -66,12 +67,24 @@ class Int8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _on_gpu(x):
-            from pagedserve.model.triton_w8a8 import int8_mma_available, w8a8_linear, w8a8_supported
+    def input_quant(self, x: torch.Tensor) -> torch.dtype | None:
+        """int8 when forward would quantize x per token (the W8A8 path): see Fp8Linear.input_quant."""
+        if not _on_gpu(x):
+            return None
+        from pagedserve.model.triton_w8a8 import int8_mma_available, w8a8_supported
 
-            if w8a8_supported(self.out_features, self.in_features) and int8_mma_available(x.device.index):
-                return w8a8_linear(x, self.weight, self.scale, self.bias)
+        ok = w8a8_supported(self.out_features, self.in_features) and int8_mma_available(x.device.index)
+        return torch.int8 if ok else None
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):  # only handed over when input_quant said int8
+            from pagedserve.model.triton_w8a8 import w8a8_gemm
+
+            return w8a8_gemm(x.q, x.scale, self.weight, self.scale, self.bias, x.dtype)
+        if self.input_quant(x) is not None:
+            from pagedserve.model.triton_w8a8 import w8a8_linear
+
+            return w8a8_linear(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
