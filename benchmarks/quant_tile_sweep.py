@@ -8,13 +8,15 @@ us; the engine's decode runs in graphs, so host launch overhead is left out):
   through the Triton kernel and through dequantize + cuBLAS (the two sides of DENSE_FROM_M);
 * every candidate tile config of the W8A8 Triton GEMM, fp8 and int8 (the activation quant included),
   each first checked against the fp32 arithmetic of the same quantized operands (a wrong one is reported
-  and never chosen).
+  and never chosen); and below AWQ's dense switch (M < 128) every AWQ tile config x split x unpacking
+  (reshape of the unpacked words, or per-column gather loads), checked against the dequantized product.
 Printed per M, summed over the four projections (one decoder layer's GEMMs): the best config per
 projection, and the best single config for all four ("uniform": what a static table keyed on M can do).
 results/quant_tile_sweep_h200.json also holds the first run's weight-only kernels (a GEMV and the old
 tl.dot kernel, since deleted: W8A8 beat both at every M) and `_int_mm`.
 
     python benchmarks/quant_tile_sweep.py --out $OUT/quant_tile_sweep.json     # ~3-4 min on an H200
+    python benchmarks/quant_tile_sweep.py --kinds awq --ms 1,16,32,64,128      # the AWQ kernel's tiles
     python benchmarks/quant_tile_sweep.py --dry-run                            # CPU interpreter, tiny shapes
 """
 from __future__ import annotations
@@ -45,6 +47,11 @@ GEMM_TILES = {  # M bucket upper bound -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, sta
               (256, 128, 128, 8, 3), (128, 128, 128, 4, 4)],
 }
 SPLIT_FACTORS = (0.5, 1, 2)  # x the table's K split, for shapes that split
+AWQ_TILES = {  # the AWQ kernel below its dense switch (M < 128); BLOCK_K divides the group (128)
+    32: [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4), (32, 64, 128, 4, 4),
+         (32, 128, 64, 4, 3)],
+    128: [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 4, 3), (32, 128, 128, 4, 4), (128, 128, 64, 8, 3)],
+}
 
 
 def parse_args(argv=None):
@@ -109,11 +116,15 @@ def main(argv=None) -> int:
         for m in args.ms:
             x = torch.randn(m, k, device=dev).to(dt)
             r = {"shape": name, "k": k, "n": n, "m": m, "bf16": bench(lambda: F.linear(x, wb), cuda), "cand": {}}
-            if "awq" in args.kinds and cuda:
+            if "awq" in args.kinds:
+                awq_want = F.linear(x.float(), awq_ref)
                 for label, fn in (("awq_triton", lambda: awq_linear_triton(x, *awq)),
                                   ("awq_dense", lambda: awq_linear_dense(x, *awq))):
-                    err = rel(fn(), F.linear(x.float(), awq_ref))
-                    r[label] = bench(fn, cuda) if err < 2e-2 else float("nan")
+                    if cuda:
+                        err = rel(fn(), awq_want)
+                        r[label] = bench(fn, cuda) if err < 2e-2 else float("nan")
+                if m < 128:
+                    sweep_awq(r, x, awq, awq_want, m, n, k, sms, dt, cuda)
             for kind in (kd for kd in args.kinds if kd != "awq"):
                 qw, sw = quant[kind]
                 qx, sx = per_token_quant(x, qw.dtype)
@@ -156,7 +167,7 @@ def main(argv=None) -> int:
             rows.append(r)
             best = {}
             for kind in args.kinds:
-                c = {lab: us for lab, us in r["cand"].items() if lab.startswith(f"{kind} w8a8")}
+                c = {lab: us for lab, us in r["cand"].items() if lab.startswith(f"{kind} ")}
                 if c:
                     lab = min(c, key=c.get)
                     best[kind] = (c[lab], lab)
@@ -176,6 +187,38 @@ def main(argv=None) -> int:
     return 0
 
 
+def sweep_awq(r: dict, x, awq, want, m: int, n: int, k: int, sms: int, dt, cuda: bool) -> None:
+    """Every AWQ tile candidate x split x unpacking (reshape / per-column gather) into r["cand"]."""
+    from pagedserve.model.triton_quant import TileConfig, _config, awq_linear_triton
+
+    table = _config(m, n, k, sms, max_k=128)
+    bucket = min(b for b in AWQ_TILES if m <= b)
+    tiles = set(AWQ_TILES[bucket]) | {(table.block_m, table.block_n, table.block_k, table.num_warps,
+                                       table.num_stages)}
+    for bm, bn, bk, warps, stages in sorted(tiles):
+        n_tiles = -(-m // bm) * -(-n // bn)
+        auto = max(1, min(4 * sms // n_tiles, (k // bk) // 4, 16)) if n_tiles < 2 * sms else 1
+        for f in ((0.5, 1, 2) if auto > 1 else (1, 2) if n_tiles < sms else (1,)):
+            split = max(1, min(int(auto * f), k // bk))
+            per = -(-(k // bk) // split)
+            split = -(-(k // bk) // per)
+            cfg = TileConfig(bm, bn, bk, split, warps, stages)
+            for gather in (False, True):
+                label = f"awq {bm}x{bn}x{bk} w{warps} st{stages} s{split} {'gather' if gather else 'reshape'}"
+                if label in r["cand"]:
+                    continue
+                fn = lambda cfg=cfg, gather=gather: awq_linear_triton(x, *awq, cfg=cfg, gather=gather)  # noqa: E731
+                try:
+                    err = rel(fn(), want)
+                except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
+                    print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                if err > 2e-2:
+                    print(f"  WRONG M={m} {label}: rel err {err:.2e}", flush=True)
+                    continue
+                r["cand"][label] = bench(fn, cuda)
+
+
 def summarize(rows: list[dict], args) -> list[dict]:
     """Per M, summed over the projections: bf16, the torch/AWQ paths, W8A8 best-per-shape and uniform."""
     print("\n== per M, us summed over the projections (ratio = bf16 / path) ==")
@@ -188,8 +231,8 @@ def summarize(rows: list[dict], args) -> list[dict]:
         for key in ("fp8_scaled_mm", "awq_triton", "awq_dense"):
             if all(key in r for r in rs):
                 s[key] = sum(r[key] for r in rs)
-        for kind in (kd for kd in args.kinds if kd != "awq"):
-            pre = f"{kind} w8a8"
+        for kind in args.kinds:
+            pre = f"{kind} "
             per_shape = [min((us for lab, us in r["cand"].items() if lab.startswith(pre)), default=None) for r in rs]
             if None in per_shape:
                 continue

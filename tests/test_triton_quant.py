@@ -69,11 +69,23 @@ def test_awq_gemm(m, group, dtype):
 @pytest.mark.parametrize("split", [1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("group", [32, 64])
-def test_awq_gemm_split_k(split, bias, group):
+@pytest.mark.parametrize("gather", [False, True])
+def test_awq_gemm_split_k(split, bias, group, gather):
+    """Both unpackings, K split into partials that the last split of each tile sums (counters re-armed)."""
     x, qw, qz, sc, b, ref = _awq_case(4, 48, 224 if group == 32 else 192, group, torch.bfloat16, split)
     y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE),
-                             b.to(DEVICE) if bias else None, split_k=split)
+                             b.to(DEVICE) if bias else None, split_k=split, gather=gather)
     _check(y.cpu(), ref + b.float() if bias else ref, torch.bfloat16)
+    assert TQ.tile_locks(y.device).eq(0).all()
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_awq_gather_unpack_matches(m):
+    """The per-column-load unpacking on a tile wider than a word group and N past the last tile."""
+    n, k = 200, 256
+    x, qw, qz, sc, b, ref = _awq_case(m, n, k, 64, torch.bfloat16, 7 + m)
+    y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE), gather=True)
+    _check(y.cpu(), ref + b.float(), torch.bfloat16)
 
 
 def test_tile_config_buckets_and_split():

@@ -90,7 +90,7 @@ def test_w8a8_gemm_matches_reference(m, kind):
         cfg = type(cfg)(cfg.block_m, cfg.block_n, 32, split, cfg.num_warps, cfg.num_stages)
         y = WA.w8a8_gemm(qx.to(d), sx.view(-1, 1).to(d), qw.to(d), sw.to(d), None, dtype, cfg)
         _close(y, ref - b.float(), dtype)
-        assert WA._tile_locks(y.device).eq(0).all()  # the last split re-armed every tile's counter
+        assert WA.tile_locks(y.device).eq(0).all()  # the last split re-armed every tile's counter
     full = WA.w8a8_linear(x.to(d).view(1, m, k), qw.to(d), sw.to(d), b.to(d))
     assert full.shape == (1, m, n) and full.dtype == dtype
     if kind == "int8" or DEVICE.type == "cuda":  # the interpreter's e4m3 cast has a carry bug (fp8_close)
@@ -124,6 +124,12 @@ def test_warm_up_reaches_both_ends_of_every_bucket():
 
 def test_warm_up_skips_models_off_the_gpu():
     from pagedserve.model.fp8 import Fp8Linear
+    from pagedserve.model.quant_warmup import warm_up
 
     model = torch.nn.Sequential(Fp8Linear.from_linear(torch.nn.Linear(32, 16)), torch.nn.Linear(16, 8))
-    assert WA.warm_up(model, torch.float32, 64) == 0
+    assert warm_up(model, torch.float32, 64) == 0
+
+
+def test_awq_warm_up_sizes():
+    assert TQ.awq_warm_up_sizes(127) == [1, 16, 17, 32, 33, 64, 65, 127]
+    assert TQ.awq_warm_up_sizes(20) == [1, 16, 17, 20]

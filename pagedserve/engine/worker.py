@@ -181,19 +181,19 @@ class Worker:
         a, model = self.args, self.model
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers,
                                   model.args.num_kv_heads, a.head_dim, self.dtype, self.device, kv_dtype=self.kv_dtype)
+        if self.device.type == "cuda" and self.quantization:  # before capture: see quant_warmup
+            from pagedserve.model.quant_warmup import warm_up
+
+            t0 = time.perf_counter()
+            n = warm_up(self.model, self.dtype, self.max_num_batched_tokens)
+            log.info("%s kernels warmed up for up to %d tokens (%d calls) in %.1fs", self.quantization,
+                     self.max_num_batched_tokens, n, time.perf_counter() - t0)
         if self.tp is not None:  # no CUDA graphs with TP yet (NCCL capture untested)
             from pagedserve.distributed.executor import attach
 
             attach(self)
         elif self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len)
-        if self.device.type == "cuda" and self.quantization in ("fp8", "int8"):
-            from pagedserve.model.triton_w8a8 import warm_up
-
-            t0 = time.perf_counter()
-            n = warm_up(self.model, self.dtype, self.max_num_batched_tokens)
-            log.info("W8A8 kernels warmed up for up to %d tokens (%d calls) in %.1fs",
-                     self.max_num_batched_tokens, n, time.perf_counter() - t0)
 
     # -- set-up helpers ----------------------------------------------------
     def _resolve_max_model_len(self) -> int:

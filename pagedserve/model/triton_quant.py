@@ -1,13 +1,16 @@
 """AWQ int4 GEMM in Triton: y = x @ dequant(W)^T, dequantizing tiles in registers; and the split-K
-plumbing (tile configs, fp32 partials, the reduce kernel) that triton_w8a8.py shares.
+plumbing (tile configs, the shared tile epilogue `store_tile` with its arrival counters) that
+triton_w8a8.py shares.
 
 (The int8/fp8 weight-only kernel that lived here lost to the W8A8 kernel at every batch size on an
 H200, benchmarks/quant_tile_sweep.py, and is gone.)
 
 * ``awq_linear_triton``: AWQ GEMM layout (see awq_format.py): qweight int32 [K, N/8], qzeros int32
   [K/G, N/8], scales [K/G, N]. A K tile never straddles a group (BLOCK_K divides G), so each tile
-  loads one row of zeros and scales. The packed words are loaded once per tile ([BLOCK_K, BLOCK_N/8])
-  and the 8 nibbles unpacked by broadcasting over a trailing axis of 8, then reshaped to [BLOCK_K, BLOCK_N].
+  loads one row of zeros and scales. Two ways to unpack a tile (`gather`, measured against each other
+  by benchmarks/quant_tile_sweep.py --kinds awq): load the packed words once ([BLOCK_K, BLOCK_N/8]) and
+  unpack the 8 nibbles over a trailing axis, then reshape to [BLOCK_K, BLOCK_N]; or load each word once
+  per column it holds and shift per column, which needs no reshape of a register tile.
 
 Accuracy: the dot sees only exact values (q - z in -15..15 is exact in bf16/fp16) and the
 scale multiplies the fp32 partial product of each K tile, so the
@@ -16,11 +19,11 @@ dtype. (Rounding a dequantized (q - z) * s tile to bf16 before the dot costs ~2^
 which is what made the old kernel miss a 2e-2 tolerance on the GPU.)
 
 Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K). With few output tiles (decode-sized M, N=4096 on a
-132-SM GPU) K is split: each split writes fp32 partials [SPLIT_K, M, N] and a small reduce kernel sums
-them, adds the bias and casts; deterministic, and capturable in CUDA graphs (no host syncs; buffers come
-from torch.empty). Tile sizes come from a small static table keyed on M (see ``_config``).
-Under Triton's CPU interpreter, bf16/fp16 ``tl.dot`` operands are multiplied as raw bits (triton 3.9),
-so there the dot runs on fp32 copies.
+132-SM GPU) K is split: each split writes fp32 partials [SPLIT_K, M, N] and the last split of each tile
+sums them (store_tile); deterministic, and capturable in CUDA graphs (no host syncs; buffers come
+from torch.empty, counters re-arm themselves). Tile sizes come from a small static table keyed on M
+(see ``_config``). Under Triton's CPU interpreter, bf16/fp16 ``tl.dot`` operands are multiplied as raw
+bits (triton 3.9), so there the dot runs on fp32 copies.
 """
 from __future__ import annotations
 
@@ -33,22 +36,41 @@ import triton.language as tl
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym,
-              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """SPLIT == 1: bias, cast, store y. Otherwise store the fp32 partial [pid_k, M, N]; the reduce adds the bias."""
+def store_tile(acc, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, tile, pid_k, M, N, stride_ym, SPLIT,
+               HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Write one output tile of an fp32 accumulator (both quantized GEMMs end here).
+
+    Unsplit: + bias, cast, store y. Split K (PARTIAL): store this split's fp32 partial at [pid_k, M, N], then
+    count arrivals on the tile's lock; the last split to arrive sums all partials in split order
+    (deterministic whichever split is last), adds the bias, writes y and re-arms the lock to 0 for the
+    next launch (CUDA-graph replays included). The barrier makes every thread's partial visible before
+    the counter's release; the .cg loads read partials from L2. This replaced a separate reduce kernel:
+    one launch fewer per split projection, ~2 us each inside a CUDA graph at decode."""
     mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT == 1:
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    if PARTIAL:
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(p_ptr + pid_k * M * N + offs, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUP, K_SPLIT,
+@triton.jit(do_not_specialize=["M", "SPLIT"])  # one compiled kernel per tile config serves every batch size
+def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, GROUP, K_SPLIT, SPLIT,
                 stride_xm, stride_ym,
-                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -65,17 +87,26 @@ def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUP, K_SP
     # Column c*8 + j sits in nibble AWQ_REVERSE_ORDER[j] = (0, 4, 1, 5, 2, 6, 3, 7)[j].
     j = tl.arange(0, 8)
     shift = ((j // 2) + (j % 2) * 4) * 4
+    jn = rn % 8
+    shift_n = ((jn // 2) + (jn % 2) * 4) * 4  # GATHER: the same shift per output column
     k_lo = pid_k * K_SPLIT  # K % BLOCK_K == 0 and K_SPLIT % BLOCK_K == 0 (the wrapper checks)
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-        packed = tl.load(qw_ptr + k[:, None] * npk + rc[None, :], mask=c_ok[None, :], other=0)  # [BK, WORDS]
-        q = tl.reshape((packed[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
         g = k0 // GROUP
-        zp = tl.load(qz_ptr + g * npk + rc, mask=c_ok, other=0)  # [WORDS]
-        z = tl.reshape((zp[:, None] >> shift[None, :]) & 0xF, (BLOCK_N,))
+        if GATHER:
+            # Each word is loaded by the 8 columns it holds (the repeats hit L1) and shifted per column:
+            # [BLOCK_K, BLOCK_N] straight away, no reshape of a register tile.
+            packed = tl.load(qw_ptr + k[:, None] * npk + (rn // 8)[None, :], mask=n_ok[None, :], other=0)
+            q = (packed >> shift_n[None, :]) & 0xF
+            z = (tl.load(qz_ptr + g * npk + rn // 8, mask=n_ok, other=0) >> shift_n) & 0xF
+        else:
+            packed = tl.load(qw_ptr + k[:, None] * npk + rc[None, :], mask=c_ok[None, :], other=0)  # [BK, WORDS]
+            q = tl.reshape((packed[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+            zp = tl.load(qz_ptr + g * npk + rc, mask=c_ok, other=0)  # [WORDS]
+            z = tl.reshape((zp[:, None] >> shift[None, :]) & 0xF, (BLOCK_N,))
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         wq = q - z[None, :]  # exact small integers
         if DOT_FP32:
@@ -83,23 +114,29 @@ def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUP, K_SP
         else:
             part = tl.dot(x, wq.to(x.dtype))
         acc += part * s[None, :]
-    _epilogue(acc, b_ptr, y_ptr, rm, rn, m_ok, n_ok, pid_k, M, N, stride_ym, HAS_BIAS, SPLIT)
+    store_tile(acc, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, pid_m * tl.num_programs(1) + pid_n, pid_k,
+               M, N, stride_ym, SPLIT, HAS_BIAS, PARTIAL)
 
 
-@triton.jit(do_not_specialize=["M", "SPLIT"])
-def _reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT,
-                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """y[m, n] = sum_s partial[s, m, n] (+ bias[n]), cast to y's dtype. M and SPLIT are plain runtime
-    values (no specialization on their value or divisibility): one compiled kernel serves every batch."""
-    pid_m = tl.program_id(0)
-    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    n_ok = rn < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(p_ptr + s * M * N + pid_m * N + rn, mask=n_ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+_LOCKS = 4096
+
+
+@functools.lru_cache(maxsize=16)
+def _tile_locks_at(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Made inside a capture, the zero fill would run only when the graph replays.
+        raise RuntimeError("split-K counters must be made before CUDA-graph capture "
+                           "(pagedserve.model.quant_warmup.warm_up does it at start-up)")
+    return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+
+
+def tile_locks(device: torch.device) -> torch.Tensor:
+    """One int32 arrival counter per output tile of a split-K launch (store_tile), shared by every launch on
+    the device: launches on one stream run one after another and each leaves its counters at 0. Made on
+    first use, which the start-up warm-up reaches before any CUDA graph is captured."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _tile_locks_at(device)
 
 
 def _interpreted() -> bool:
@@ -135,12 +172,12 @@ def _config(m: int, n: int, k: int, sms: int, max_k: int, split_k: int | None = 
     until there are ~4 programs per SM. 16 < M <= 64: BLOCK_M 32/64, still split when tiles are few.
     M > 64: compute-bound-ish; 64/128 x 128 x 64 tiles, 4-8 warps, 3 stages; split (<= 4) only when the
     tiles are fewer than the SMs. BLOCK_K must divide the AWQ group, so `max_k` caps it."""
-    if m <= 16:
+    if m <= _AWQ_BUCKETS[0]:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
-    elif m <= 64:
-        bm, bn, bk, warps, stages = (32 if m <= 32 else 64), 64, 64, 4, 3
+    elif m <= _AWQ_BUCKETS[2]:
+        bm, bn, bk, warps, stages = (32 if m <= _AWQ_BUCKETS[1] else 64), 64, 64, 4, 3
     else:
-        bm, bn, bk, warps, stages = (64 if m <= 128 else 128), 128, 64, (4 if m <= 128 else 8), 3
+        bm, bn, bk, warps, stages = (64 if m <= _AWQ_BUCKETS[3] else 128), 128, 64, (4 if m <= 128 else 8), 3
     bk = min(bk, max_k)
     k_tiles = triton.cdiv(k, bk)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -157,6 +194,20 @@ def _config(m: int, n: int, k: int, sms: int, max_k: int, split_k: int | None = 
     return TileConfig(bm, bn, bk, split, warps, stages)
 
 
+_AWQ_BUCKETS = (16, 32, 64, 128)  # the largest M of each tiling of `_config` below the last
+
+
+def awq_warm_up_sizes(max_m: int) -> list[int]:
+    """Both ends of every M bucket of `_config` up to `max_m` (see triton_w8a8.warm_up_sizes)."""
+    sizes, lo = [], 1
+    for top in (*_AWQ_BUCKETS, 1 << 62):
+        if lo > max_m:
+            break
+        sizes += sorted({lo, min(top, max_m)})
+        lo = top + 1
+    return sizes
+
+
 def _prep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
@@ -167,39 +218,33 @@ def _prep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
     return x2, lead
 
 
-def _launch(kernel, x2: torch.Tensor, n: int, cfg: TileConfig, bias: torch.Tensor | None, tensors: tuple,
-            extra: tuple, w_strides: tuple) -> torch.Tensor:
-    """Run `kernel` with cfg's grid; with split-K, into fp32 partials and then the reduce kernel."""
-    m, k = x2.shape
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    out = y if cfg.split == 1 else torch.empty(cfg.split, m, n, dtype=torch.float32, device=x2.device)
-    k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split) * cfg.block_k
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split)
-    dummy = bias if bias is not None else x2
-    kernel[grid](*tensors, dummy, out, m, n, k, *extra, k_split, x2.stride(0), *w_strides,
-                 y.stride(0), HAS_BIAS=bias is not None,
-                 DOT_FP32=x2.dtype == torch.float32 or _interpreted(), SPLIT=cfg.split,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.split > 1:
-        block = 256
-        _reduce_kernel[(m, triton.cdiv(n, block))](out, dummy, y, m, n, y.stride(0), cfg.split,
-                                                   HAS_BIAS=bias is not None, BLOCK=block)
-    return y
-
-
 def awq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                      bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(qweight, qzeros, scales)^T + bias -> [..., N] in x's dtype."""
+                      bias: torch.Tensor | None = None, split_k: int | None = None,
+                      cfg: TileConfig | None = None, gather: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequant(qweight, qzeros, scales)^T + bias -> [..., N] in x's dtype. `cfg` overrides the
+    tiling (benchmarks/quant_tile_sweep.py); `gather` unpacks by per-column loads instead of a reshape."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     group = k // qzeros.shape[0]
     if group % 16 or (group > 64 and group % 64):
         raise ValueError(f"AWQ group size {group} must be a multiple of 16 (and of 64 when above 64)")
     x2, lead = _prep(x, k)
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
-    cfg = _config(x2.shape[0], n, k, _sms(x.device), max_k=_largest_pow2_divisor(group, 128),
-                  split_k=split_k)
-    y = _launch(_awq_kernel, x2, n, cfg, bias, (x2, qweight, qzeros, scales), (group,), ())
+    m = x2.shape[0]
+    cfg = cfg or _config(m, n, k, _sms(x.device), max_k=_largest_pow2_divisor(group, 128), split_k=split_k)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y.view(*lead, n)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split)
+    locks = tile_locks(x2.device)
+    split = cfg.split if grid[0] * grid[1] <= locks.numel() else 1
+    part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    k_split = triton.cdiv(triton.cdiv(k, cfg.block_k), split) * cfg.block_k
+    _awq_kernel[grid[:2] + (split,)](
+        x2, qweight, qzeros, scales, bias if bias is not None else scales, y, part, locks, m, n, k, group,
+        k_split, split, x2.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+        DOT_FP32=x2.dtype == torch.float32 or _interpreted(), PARTIAL=split > 1, GATHER=gather,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return y.view(*lead, n)
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.model.fp8_dtype import FP8, FP8_MAX
-from pagedserve.model.triton_quant import TileConfig, _interpreted, _sms
+from pagedserve.model.triton_quant import TileConfig, _interpreted, _sms, store_tile, tile_locks
 
 INT8_MAX = 127.0
 
@@ -140,29 +140,8 @@ def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M,
     sa = tl.load(sa_ptr + am).to(tl.float32)
     sw = tl.load(sw_ptr + wn).to(tl.float32)
     out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    if not PARTIAL:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + wn).to(tl.float32)[None, :]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Split K: store this split's fp32 partial, then count arrivals on the tile's lock. The last split
-        # to arrive sums all partials in split order (deterministic whoever arrives last), writes y and
-        # re-arms the lock to 0 for the next launch (CUDA-graph replays included). The barrier makes every
-        # thread's partial visible before the release of the counter; .cg loads read them from L2.
-        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(p_ptr + pid_k * M * N + offs, out, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT):
-                total += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + wn).to(tl.float32)[None, :]
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock_ptr + pid, 0, sem="relaxed", scope="gpu")
+    store_tile(out, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, pid, pid_k, M, N, stride_ym, SPLIT,
+               HAS_BIAS, PARTIAL)
 
 
 # kind -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)), ...): the config with the least time
@@ -217,7 +196,7 @@ def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
     cfg = cfg or _gemm_config(m, n, k, _sms(q_x.device), "int8" if q_x.dtype == torch.int8 else "fp8")
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split = cfg.split
-    locks = _tile_locks(q_x.device)
+    locks = tile_locks(q_x.device)
     if split > 1 and tiles > locks.numel():  # more tiles than counters (a caller's own config): no split
         split = 1
     part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=q_x.device)
@@ -230,22 +209,6 @@ def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
-
-_LOCKS = 4096
-
-
-@functools.lru_cache(maxsize=16)
-def _tile_locks_at(device: torch.device) -> torch.Tensor:
-    return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
-
-
-def _tile_locks(device: torch.device) -> torch.Tensor:
-    """One int32 arrival counter per output tile of a split-K launch, shared by every launch on the device
-    (launches on one stream run one after another, and each leaves its counters at 0). Made on first use,
-    which warm_up reaches before any CUDA graph is captured."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _tile_locks_at(device)
 
 
 def w8a8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -267,25 +230,3 @@ def warm_up_sizes(kind: str, max_m: int) -> list[int]:
         sizes += sorted({lo, min(top, max_m)})
         lo = top + 1
     return sizes
-
-
-def warm_up(model: torch.nn.Module, dtype: torch.dtype, max_m: int) -> int:
-    """Compile, at start-up, every W8A8 kernel variant a forward pass of up to `max_m` rows can launch, so no
-    request ever waits for Triton's JIT (1-2 s a variant on an H200: a 7B int8 engine lost half its b=256
-    throughput to first-use compiles before this). M is not specialized (`do_not_specialize`), so a
-    variant is a tile config x split-or-not (x bias, x dtype): each distinct projection runs once at every
-    size of `warm_up_sizes`. Returns the number of forward calls made."""
-    calls, seen = 0, set()
-    with torch.no_grad():
-        for mod in model.modules():
-            w = getattr(mod, "weight", None)
-            if not isinstance(w, torch.Tensor) or w.dtype not in (FP8, torch.int8) or w.device.type != "cuda":
-                continue
-            key = (type(mod), w.dtype, tuple(w.shape), getattr(mod, "bias", None) is not None)
-            if key in seen:
-                continue
-            seen.add(key)
-            for m in warm_up_sizes("int8" if w.dtype == torch.int8 else "fp8", max_m):
-                mod(torch.zeros(m, w.shape[1], dtype=dtype, device=w.device))
-                calls += 1
-    return calls
