@@ -8,8 +8,8 @@ us; the engine's decode runs in graphs, so host launch overhead is left out):
   through the Triton kernel and through dequantize + cuBLAS (the two sides of DENSE_FROM_M);
 * every candidate tile config of the W8A8 Triton GEMM, fp8 and int8 (the activation quant included),
   each first checked against the fp32 arithmetic of the same quantized operands (a wrong one is reported
-  and never chosen); and below AWQ's dense switch (M < 128) every AWQ tile config x split x unpacking
-  (reshape of the unpacked words, or per-column gather loads), checked against the dequantized product.
+  and never chosen); and below AWQ's dense switch (M < 128) the AWQ kernels' tile configs x splits, on the
+  checkpoint layout and on the K-strided one, checked against the dequantized product.
 Printed per M, summed over the four projections (one decoder layer's GEMMs): the best config per
 projection, and the best single config for all four ("uniform": what a static table keyed on M can do).
 results/quant_tile_sweep_h200.json also holds the first run's weight-only kernels (a GEMV and the old
@@ -188,35 +188,50 @@ def main(argv=None) -> int:
 
 
 def sweep_awq(r: dict, x, awq, want, m: int, n: int, k: int, sms: int, dt, cuda: bool) -> None:
-    """Every AWQ tile candidate x split x unpacking (reshape / per-column gather) into r["cand"]."""
-    from pagedserve.model.triton_quant import TileConfig, _config, awq_linear_triton
+    """AWQ candidates into r["cand"]: the checkpoint-layout kernel ("R", unpack + reshape) over its tile
+    configs x splits, and the transposed kernel over the K-strided layout ("T") over its tiles x splits."""
+    from pagedserve.model.awq_format import to_kstrided
+    from pagedserve.model.triton_quant import TileConfig, _config, awq_linear_triton, awq_t_config, awq_t_linear
 
+    def splits(n_tiles: int, auto: int, k_steps: int) -> set[int]:
+        out = set()
+        for f in ((0.5, 1, 2) if auto > 1 else (1, 2) if n_tiles < sms else (1,)):
+            split = max(1, min(int(auto * f), k_steps))
+            per = -(-k_steps // split)
+            out.add(-(-k_steps // per))
+        return out
+
+    cands = []
     table = _config(m, n, k, sms, max_k=128)
     bucket = min(b for b in AWQ_TILES if m <= b)
-    tiles = set(AWQ_TILES[bucket]) | {(table.block_m, table.block_n, table.block_k, table.num_warps,
-                                       table.num_stages)}
-    for bm, bn, bk, warps, stages in sorted(tiles):
+    for bm, bn, bk, warps, stages in sorted(set(AWQ_TILES[bucket]) | {(table.block_m, table.block_n, table.block_k,
+                                                                          table.num_warps, table.num_stages)}):
         n_tiles = -(-m // bm) * -(-n // bn)
         auto = max(1, min(4 * sms // n_tiles, (k // bk) // 4, 16)) if n_tiles < 2 * sms else 1
-        for f in ((0.5, 1, 2) if auto > 1 else (1, 2) if n_tiles < sms else (1,)):
-            split = max(1, min(int(auto * f), k // bk))
-            per = -(-(k // bk) // split)
-            split = -(-(k // bk) // per)
+        for split in splits(n_tiles, auto, k // bk):
             cfg = TileConfig(bm, bn, bk, split, warps, stages)
-            for gather in (False, True):
-                label = f"awq {bm}x{bn}x{bk} w{warps} st{stages} s{split} {'gather' if gather else 'reshape'}"
-                if label in r["cand"]:
-                    continue
-                fn = lambda cfg=cfg, gather=gather: awq_linear_triton(x, *awq, cfg=cfg, gather=gather)  # noqa: E731
-                try:
-                    err = rel(fn(), want)
-                except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
-                    print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    continue
-                if err > 2e-2:
-                    print(f"  WRONG M={m} {label}: rel err {err:.2e}", flush=True)
-                    continue
-                r["cand"][label] = bench(fn, cuda)
+            cands.append((f"awq R {bm}x{bn}x{bk} w{warps} st{stages} s{split}",
+                          lambda cfg=cfg: awq_linear_triton(x, *awq, cfg=cfg)))
+    kq, kz = to_kstrided(awq[0], awq[1])
+    t_auto = awq_t_config(m, n, k, sms)
+    for bn in (32, 64, 128):
+        for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+            n_tiles = -(-m // t_auto.block_m) * -(-n // bn)
+            auto = 1 if n_tiles >= 2 * sms else max(1, min(-(-2 * sms // n_tiles), (k // 128) // 2, 16))
+            for split in splits(n_tiles, auto, k // 128):
+                cfg = TileConfig(t_auto.block_m, bn, 128, split, warps, stages)
+                cands.append((f"awq T {t_auto.block_m}x{bn}x128 w{warps} st{stages} s{split}",
+                              lambda cfg=cfg: awq_t_linear(x, kq, kz, awq[2], cfg=cfg)))
+    for label, fn in cands:
+        try:
+            err = rel(fn(), want)
+        except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
+            print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if err > 2e-2:
+            print(f"  WRONG M={m} {label}: rel err {err:.2e}", flush=True)
+            continue
+        r["cand"][label] = bench(fn, cuda)
 
 
 def summarize(rows: list[dict], args) -> list[dict]:

@@ -69,23 +69,44 @@ def test_awq_gemm(m, group, dtype):
 @pytest.mark.parametrize("split", [1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("group", [32, 64])
-@pytest.mark.parametrize("gather", [False, True])
-def test_awq_gemm_split_k(split, bias, group, gather):
-    """Both unpackings, K split into partials that the last split of each tile sums (counters re-armed)."""
+def test_awq_gemm_split_k(split, bias, group):
+    """K split into partials that the last split of each tile sums (and re-arms its counter)."""
     x, qw, qz, sc, b, ref = _awq_case(4, 48, 224 if group == 32 else 192, group, torch.bfloat16, split)
     y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE),
-                             b.to(DEVICE) if bias else None, split_k=split, gather=gather)
+                             b.to(DEVICE) if bias else None, split_k=split)
     _check(y.cpu(), ref + b.float() if bias else ref, torch.bfloat16)
     assert TQ.tile_locks(y.device).eq(0).all()
 
 
-@pytest.mark.parametrize("m", [1, 20])
-def test_awq_gather_unpack_matches(m):
-    """The per-column-load unpacking on a tile wider than a word group and N past the last tile."""
-    n, k = 200, 256
-    x, qw, qz, sc, b, ref = _awq_case(m, n, k, 64, torch.bfloat16, 7 + m)
-    y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE), gather=True)
-    _check(y.cpu(), ref + b.float(), torch.bfloat16)
+def test_kstrided_layout_round_trip():
+    from pagedserve.model.awq_format import dequantize_kstrided, to_kstrided
+
+    _, qw, qz, sc, _, _ = _awq_case(1, 40, 384, 64, torch.float32, 3)
+    a, z = to_kstrided(qw, qz)
+    assert a.shape == (40, 48) and a.dtype == torch.int32 and z.shape == (6, 40) and z.dtype == torch.uint8
+    assert torch.equal(dequantize_kstrided(a, z, sc), dequantize(qw, qz, sc))
+    with pytest.raises(ValueError, match="% 128"):
+        to_kstrided(*rtn_quantize(torch.randn(8, 96), 32)[:2])
+
+
+@pytest.mark.parametrize("m, group, split", [(1, 128, 1), (1, 128, 3), (20, 64, 2), (37, 32, 1), (70, 256, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_awq_t_kernel(m, group, split, dtype):
+    """The transposed kernel over the K-strided layout: groups spanning whole 128-row blocks (one scale per
+    block) and smaller ones (a scale per 16-row slice); N past the last tile; split K; bias."""
+    from pagedserve.model.awq_format import to_kstrided
+
+    n, k = 200, 768
+    x, qw, qz, sc, b, ref = _awq_case(m, n, k, group, dtype, 50 + m)
+    a, z = to_kstrided(qw, qz)
+    cfg = TQ.awq_t_config(m, n, k, 8)
+    cfg = TQ.TileConfig(cfg.block_m, cfg.block_n, 128, split, cfg.num_warps, cfg.num_stages)
+    d = DEVICE
+    y = TQ.awq_t_linear(x.to(d), a.to(d), z.to(d), sc.to(d), b.to(d), cfg=cfg)
+    _check(y.cpu(), ref + b.float(), dtype)
+    assert TQ.tile_locks(y.device).eq(0).all()
+    y = TQ.awq_t_linear(x.to(d).view(m, 1, k), a.to(d), z.to(d), sc.to(d))  # the default config, no bias
+    _check(y.cpu().view(m, n), ref, dtype)
 
 
 def test_tile_config_buckets_and_split():

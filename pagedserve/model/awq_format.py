@@ -75,6 +75,42 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return ((q - z).to(dtype) * s).t().contiguous()
 
 
+KBLOCK = 128  # K rows per block of the K-strided packing
+
+
+def to_kstrided(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ GEMM-format tensors -> the K-strided layout of triton_quant's transposed kernel.
+
+    qw int32 [N, K / 8]: in each block of 128 K rows, word w (0..15) of row n holds, in nibble j (bits
+    4j..4j+3), q[k = block * 128 + 16 j + w, n]. Shifting out nibble j of a block's 16 words gives the
+    [N, 16] slice of K rows 16 j .. 16 j + 15 directly, with no reshape. zeros uint8 [K / G, N], unpacked.
+    Needs K % 128 == 0. Same int4 bytes as the checkpoint's packing."""
+    k = qweight.shape[0]
+    if k % KBLOCK:
+        raise ValueError(f"the K-strided layout needs in_features % {KBLOCK} == 0, got {k}")
+    q = unpack_int4(qweight).t().to(torch.int64)  # [N, K]
+    n = q.shape[0]
+    q = q.reshape(n, k // KBLOCK, 8, 16)  # [N, block, j, w]
+    words = torch.zeros(n, k // KBLOCK, 16, dtype=torch.int64, device=q.device)
+    for j in range(8):
+        words |= q[:, :, j, :] << (4 * j)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return words.reshape(n, k // 8).contiguous(), unpack_int4(qzeros).to(torch.uint8).contiguous()
+
+
+def dequantize_kstrided(qw: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [N, K] of the K-strided layout (`to_kstrided`)."""
+    n, k = qw.shape[0], qw.shape[1] * 8
+    group = k // zeros.shape[0]
+    words = qw.reshape(n, k // KBLOCK, 1, 16)
+    shifts = (torch.arange(8, device=qw.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
+    q = ((words >> shifts) & 0xF).reshape(n, k)
+    z = zeros.t().to(torch.int32).repeat_interleave(group, dim=1)
+    s = scales.t().to(dtype).repeat_interleave(group, dim=1)
+    return (q - z).to(dtype) * s
+
+
 def quantization_config(group_size: int) -> dict:
     return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
 

@@ -7,10 +7,12 @@ H200, benchmarks/quant_tile_sweep.py, and is gone.)
 
 * ``awq_linear_triton``: AWQ GEMM layout (see awq_format.py): qweight int32 [K, N/8], qzeros int32
   [K/G, N/8], scales [K/G, N]. A K tile never straddles a group (BLOCK_K divides G), so each tile
-  loads one row of zeros and scales. Two ways to unpack a tile (`gather`, measured against each other
-  by benchmarks/quant_tile_sweep.py --kinds awq): load the packed words once ([BLOCK_K, BLOCK_N/8]) and
-  unpack the 8 nibbles over a trailing axis, then reshape to [BLOCK_K, BLOCK_N]; or load each word once
-  per column it holds and shift per column, which needs no reshape of a register tile.
+  loads one row of zeros and scales. The packed words are loaded once per tile ([BLOCK_K, BLOCK_N/8])
+  and the 8 nibbles unpacked by broadcasting over a trailing axis of 8, then reshaped to [BLOCK_K, BLOCK_N].
+  (Loading each word once per column it holds instead, which needs no reshape, ran ~10x slower on an
+  H200: benchmarks/results/quant_tile_sweep_awq_h200.json.)
+* ``awq_t_linear``: the same product over the K-strided layout (awq_format.to_kstrided), with the weight
+  as the dot's first operand: see `_awq_t_kernel`.
 
 Accuracy: the dot sees only exact values (q - z in -15..15 is exact in bf16/fp16) and the
 scale multiplies the fp32 partial product of each K tile, so the
@@ -70,7 +72,7 @@ def store_tile(acc, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, tile, pid
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compiled kernel per tile config serves every batch size
 def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, GROUP, K_SPLIT, SPLIT,
                 stride_xm, stride_ym,
-                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr, GATHER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,8 +89,6 @@ def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, 
     # Column c*8 + j sits in nibble AWQ_REVERSE_ORDER[j] = (0, 4, 1, 5, 2, 6, 3, 7)[j].
     j = tl.arange(0, 8)
     shift = ((j // 2) + (j % 2) * 4) * 4
-    jn = rn % 8
-    shift_n = ((jn // 2) + (jn % 2) * 4) * 4  # GATHER: the same shift per output column
     k_lo = pid_k * K_SPLIT  # K % BLOCK_K == 0 and K_SPLIT % BLOCK_K == 0 (the wrapper checks)
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -96,17 +96,10 @@ def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, 
         k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
         g = k0 // GROUP
-        if GATHER:
-            # Each word is loaded by the 8 columns it holds (the repeats hit L1) and shifted per column:
-            # [BLOCK_K, BLOCK_N] straight away, no reshape of a register tile.
-            packed = tl.load(qw_ptr + k[:, None] * npk + (rn // 8)[None, :], mask=n_ok[None, :], other=0)
-            q = (packed >> shift_n[None, :]) & 0xF
-            z = (tl.load(qz_ptr + g * npk + rn // 8, mask=n_ok, other=0) >> shift_n) & 0xF
-        else:
-            packed = tl.load(qw_ptr + k[:, None] * npk + rc[None, :], mask=c_ok[None, :], other=0)  # [BK, WORDS]
-            q = tl.reshape((packed[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
-            zp = tl.load(qz_ptr + g * npk + rc, mask=c_ok, other=0)  # [WORDS]
-            z = tl.reshape((zp[:, None] >> shift[None, :]) & 0xF, (BLOCK_N,))
+        packed = tl.load(qw_ptr + k[:, None] * npk + rc[None, :], mask=c_ok[None, :], other=0)  # [BK, WORDS]
+        q = tl.reshape((packed[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+        zp = tl.load(qz_ptr + g * npk + rc, mask=c_ok, other=0)  # [WORDS]
+        z = tl.reshape((zp[:, None] >> shift[None, :]) & 0xF, (BLOCK_N,))
         s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
         wq = q - z[None, :]  # exact small integers
         if DOT_FP32:
@@ -116,6 +109,93 @@ def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, 
         acc += part * s[None, :]
     store_tile(acc, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, pid_m * tl.num_programs(1) + pid_n, pid_k,
                M, N, stride_ym, SPLIT, HAS_BIAS, PARTIAL)
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT"])
+def _awq_t_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, GROUP, K_SPLIT, SPLIT,
+                  stride_xm, stride_ym, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr,
+                  BLOCK_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y^T = W x^T over the K-strided layout (awq_format.to_kstrided): the dequantized weight is the dot's
+    first operand ([BLOCK_N, 16] per nibble, straight from a shift and a mask: no reshape), x^T the second.
+    A K step is one 128-row block: its [BLOCK_N, 16] words are loaded once, nibble j is the slice of rows
+    16 j .. 16 j + 15. BLOCK_GROUP: the group spans whole blocks (G % 128 == 0), so the scale multiplies
+    the block's sum once; otherwise each 16-row slice is scaled by its own group's scale."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    rw = tl.arange(0, 16)
+    kw = K // 8  # words per weight row
+    k_lo = pid_k * K_SPLIT  # multiples of 128 (the wrapper checks)
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, 128):
+        packed = tl.load(qw_ptr + rn[:, None].to(tl.int64) * kw + (k0 // 8 + rw)[None, :],
+                         mask=n_ok[:, None], other=0)  # [BN, 16]
+        if BLOCK_GROUP:
+            g = k0 // GROUP
+            z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0).to(tl.int32)
+            blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8):
+            kj = k0 + 16 * j
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (kj + rw)[:, None], mask=m_ok[None, :], other=0.0)
+            if not BLOCK_GROUP:
+                g = kj // GROUP
+                z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0).to(tl.int32)
+            w = ((packed >> (4 * j)) & 0xF) - z[:, None]  # exact small integers
+            if DOT_FP32:
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(w.to(xt.dtype), xt)
+            if BLOCK_GROUP:
+                blk += part
+            else:
+                acc += part * tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        if BLOCK_GROUP:
+            acc += blk * tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    store_tile(tl.trans(acc), y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok,
+               pid_n * tl.num_programs(1) + pid_m, pid_k, M, N, stride_ym, SPLIT, HAS_BIAS, PARTIAL)
+
+
+def awq_t_config(m: int, n: int, k: int, sms: int) -> TileConfig:
+    """Tiles of the transposed kernel: BLOCK_M (the dot's N side) 16/32/64 by M, BLOCK_N 64 (the weight rows),
+    K split until ~2 programs per SM when the tiles are few. block_k is the packing block (128)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_blocks = k // 128
+    split = 1 if tiles >= 2 * sms else max(1, min(triton.cdiv(2 * sms, tiles), k_blocks // 2, 16))
+    per = triton.cdiv(k_blocks, split)
+    return TileConfig(bm, bn, 128, triton.cdiv(k_blocks, per), 4, 3)
+
+
+def awq_t_linear(x: torch.Tensor, qw: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, cfg: TileConfig | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T over the K-strided layout (qw int32 [N, K/8], zeros uint8 [K/G, N], scales [K/G, N])."""
+    n, k = qw.shape[0], qw.shape[1] * 8
+    group = k // zeros.shape[0]
+    if k % 128 or group % 16:
+        raise ValueError(f"the K-strided AWQ kernel needs K % 128 == 0 and a group of 16s, got K={k}, G={group}")
+    x2, lead = _prep(x, k)
+    m = x2.shape[0]
+    cfg = cfg or awq_t_config(m, n, k, _sms(x.device))
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y.view(*lead, n)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split)
+    locks = tile_locks(x2.device)
+    split = cfg.split if grid[0] * grid[1] <= locks.numel() else 1
+    part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    k_split = triton.cdiv(k // 128, split) * 128
+    _awq_t_kernel[grid[:2] + (split,)](
+        x2, qw, zeros, scales, bias if bias is not None else scales, y, part, locks, m, n, k, group, k_split, split,
+        x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOT_FP32=x2.dtype == torch.float32 or _interpreted(),
+        PARTIAL=split > 1, BLOCK_GROUP=group % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.view(*lead, n)
 
 
 _LOCKS = 4096
@@ -220,9 +300,9 @@ def _prep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
 
 def awq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None = None, split_k: int | None = None,
-                      cfg: TileConfig | None = None, gather: bool = False) -> torch.Tensor:
+                      cfg: TileConfig | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(qweight, qzeros, scales)^T + bias -> [..., N] in x's dtype. `cfg` overrides the
-    tiling (benchmarks/quant_tile_sweep.py); `gather` unpacks by per-column loads instead of a reshape."""
+    tiling (benchmarks/quant_tile_sweep.py)."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     group = k // qzeros.shape[0]
     if group % 16 or (group > 64 and group % 64):
@@ -242,7 +322,7 @@ def awq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     _awq_kernel[grid[:2] + (split,)](
         x2, qweight, qzeros, scales, bias if bias is not None else scales, y, part, locks, m, n, k, group,
         k_split, split, x2.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-        DOT_FP32=x2.dtype == torch.float32 or _interpreted(), PARTIAL=split > 1, GATHER=gather,
+        DOT_FP32=x2.dtype == torch.float32 or _interpreted(), PARTIAL=split > 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return y.view(*lead, n)
