@@ -8,8 +8,9 @@ us; the engine's decode runs in graphs, so host launch overhead is left out):
   through the Triton kernel and through dequantize + cuBLAS (the two sides of DENSE_FROM_M);
 * every candidate tile config of the W8A8 Triton GEMM, fp8 and int8 (the activation quant included),
   each first checked against the fp32 arithmetic of the same quantized operands (a wrong one is reported
-  and never chosen); and below AWQ's dense switch (M < 128) the AWQ kernels' tile configs x splits, on the
-  checkpoint layout and on the K-strided one, checked against the dequantized product.
+  and never chosen); and below AWQ's dense switch (M < 128) the AWQ kernel's tile configs x splits (its
+  K-strided layout), checked against the dequantized product. quant_tile_sweep_awq_h200.json also holds
+  the checkpoint-layout kernel that the K-strided one replaced ("awq R" candidates).
 Printed per M, summed over the four projections (one decoder layer's GEMMs): the best config per
 projection, and the best single config for all four ("uniform": what a static table keyed on M can do).
 results/quant_tile_sweep_h200.json also holds the first run's weight-only kernels (a GEMV and the old
@@ -47,11 +48,6 @@ GEMM_TILES = {  # M bucket upper bound -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, sta
               (256, 128, 128, 8, 3), (128, 128, 128, 4, 4)],
 }
 SPLIT_FACTORS = (0.5, 1, 2)  # x the table's K split, for shapes that split
-AWQ_TILES = {  # the AWQ kernel below its dense switch (M < 128); BLOCK_K divides the group (128)
-    32: [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4), (32, 64, 128, 4, 4),
-         (32, 128, 64, 4, 3)],
-    128: [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 128, 4, 3), (32, 128, 128, 4, 4), (128, 128, 64, 8, 3)],
-}
 
 
 def parse_args(argv=None):
@@ -95,7 +91,8 @@ def main(argv=None) -> int:
     from pagedserve.model.awq_format import dequantize, rtn_quantize
     from pagedserve.model.fp8 import fp8_linear_cuda, quantize_fp8_rows
     from pagedserve.model.quantization import quantize_int8
-    from pagedserve.model.triton_quant import TileConfig, _sms, awq_linear_dense, awq_linear_triton
+    from pagedserve.model.awq_format import to_kstrided
+    from pagedserve.model.triton_quant import TileConfig, _sms, awq_linear, awq_linear_dense
     from pagedserve.model.triton_w8a8 import _gemm_config, per_token_quant, w8a8_gemm
 
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -110,15 +107,15 @@ def main(argv=None) -> int:
         q8, s8 = quantize_int8(w)
         quant = {"fp8": quantize_fp8_rows(w), "int8": (q8, s8.float())}
         awq = rtn_quantize(w.cpu(), 128)
-        awq = (awq[0].to(dev), awq[1].to(dev), awq[2].to(dev, dt))
-        awq_ref = dequantize(*awq).float()
+        awq_ref = dequantize(*awq).float().to(dev)
+        awq = (*(t.to(dev) for t in to_kstrided(awq[0], awq[1])), awq[2].to(dev, dt))  # the GPU kernels' layout
         del w
         for m in args.ms:
             x = torch.randn(m, k, device=dev).to(dt)
             r = {"shape": name, "k": k, "n": n, "m": m, "bf16": bench(lambda: F.linear(x, wb), cuda), "cand": {}}
             if "awq" in args.kinds:
                 awq_want = F.linear(x.float(), awq_ref)
-                for label, fn in (("awq_triton", lambda: awq_linear_triton(x, *awq)),
+                for label, fn in (("awq_triton", lambda: awq_linear(x, *awq)),
                                   ("awq_dense", lambda: awq_linear_dense(x, *awq))):
                     if cuda:
                         err = rel(fn(), awq_want)
@@ -188,50 +185,33 @@ def main(argv=None) -> int:
 
 
 def sweep_awq(r: dict, x, awq, want, m: int, n: int, k: int, sms: int, dt, cuda: bool) -> None:
-    """AWQ candidates into r["cand"]: the checkpoint-layout kernel ("R", unpack + reshape) over its tile
-    configs x splits, and the transposed kernel over the K-strided layout ("T") over its tiles x splits."""
-    from pagedserve.model.awq_format import to_kstrided
-    from pagedserve.model.triton_quant import TileConfig, _config, awq_linear_triton, awq_t_config, awq_t_linear
+    """The AWQ kernel's candidates into r["cand"]: BLOCK_N x warps/stages x K split around awq_config's."""
+    from pagedserve.model.triton_quant import TileConfig, awq_config, awq_linear
 
-    def splits(n_tiles: int, auto: int, k_steps: int) -> set[int]:
-        out = set()
-        for f in ((0.5, 1, 2) if auto > 1 else (1, 2) if n_tiles < sms else (1,)):
-            split = max(1, min(int(auto * f), k_steps))
-            per = -(-k_steps // split)
-            out.add(-(-k_steps // per))
-        return out
-
-    cands = []
-    table = _config(m, n, k, sms, max_k=128)
-    bucket = min(b for b in AWQ_TILES if m <= b)
-    for bm, bn, bk, warps, stages in sorted(set(AWQ_TILES[bucket]) | {(table.block_m, table.block_n, table.block_k,
-                                                                          table.num_warps, table.num_stages)}):
-        n_tiles = -(-m // bm) * -(-n // bn)
-        auto = max(1, min(4 * sms // n_tiles, (k // bk) // 4, 16)) if n_tiles < 2 * sms else 1
-        for split in splits(n_tiles, auto, k // bk):
-            cfg = TileConfig(bm, bn, bk, split, warps, stages)
-            cands.append((f"awq R {bm}x{bn}x{bk} w{warps} st{stages} s{split}",
-                          lambda cfg=cfg: awq_linear_triton(x, *awq, cfg=cfg)))
-    kq, kz = to_kstrided(awq[0], awq[1])
-    t_auto = awq_t_config(m, n, k, sms)
+    auto = awq_config(m, n, k, sms)
+    k_steps = k // 128
     for bn in (32, 64, 128):
         for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
-            n_tiles = -(-m // t_auto.block_m) * -(-n // bn)
-            auto = 1 if n_tiles >= 2 * sms else max(1, min(-(-2 * sms // n_tiles), (k // 128) // 2, 16))
-            for split in splits(n_tiles, auto, k // 128):
-                cfg = TileConfig(t_auto.block_m, bn, 128, split, warps, stages)
-                cands.append((f"awq T {t_auto.block_m}x{bn}x128 w{warps} st{stages} s{split}",
-                              lambda cfg=cfg: awq_t_linear(x, kq, kz, awq[2], cfg=cfg)))
-    for label, fn in cands:
-        try:
-            err = rel(fn(), want)
-        except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
-            print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            continue
-        if err > 2e-2:
-            print(f"  WRONG M={m} {label}: rel err {err:.2e}", flush=True)
-            continue
-        r["cand"][label] = bench(fn, cuda)
+            n_tiles = -(-m // auto.block_m) * -(-n // bn)
+            base = 1 if n_tiles >= 4 * sms else max(1, min(-(-4 * sms // n_tiles), k_steps // 2, 16))
+            splits = set()
+            for f in ((0.5, 1, 2) if base > 1 else (1, 2) if n_tiles < sms else (1,)):
+                split = max(1, min(int(base * f), k_steps))
+                per = -(-k_steps // split)
+                splits.add(-(-k_steps // per))
+            for split in sorted(splits):
+                cfg = TileConfig(auto.block_m, bn, 128, split, warps, stages)
+                label = f"awq {auto.block_m}x{bn}x128 w{warps} st{stages} s{split}"
+                fn = lambda cfg=cfg: awq_linear(x, *awq, cfg=cfg)  # noqa: E731
+                try:
+                    err = rel(fn(), want)
+                except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
+                    print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                if err > 2e-2:
+                    print(f"  WRONG M={m} {label}: rel err {err:.2e}", flush=True)
+                    continue
+                r["cand"][label] = bench(fn, cuda)
 
 
 def summarize(rows: list[dict], args) -> list[dict]:

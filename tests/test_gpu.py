@@ -127,20 +127,23 @@ def test_kv_pool_from_gpu_memory_utilization(dirs):
 # -- weight quantization (int8, AWQ int4): Triton GEMMs compiled on the GPU --------------------------------------
 
 
-@pytest.mark.parametrize("m", [1, 16, 200])
-def test_awq_kernel_7b_shapes(m):
-    """The Triton AWQ int4 GEMM on 7B-sized matrices (4096 -> 11008) against dequantize + F.linear."""
-    from pagedserve.model.awq_format import dequantize, rtn_quantize
-    from pagedserve.model.triton_quant import awq_linear_triton
+@pytest.mark.parametrize("m", [1, 16, 33, 100])
+@pytest.mark.parametrize("n,k", [(11008, 4096), (4096, 11008)])
+def test_awq_kernel_7b_shapes(m, n, k):
+    """The Triton AWQ int4 GEMM (K-strided layout) on 7B-sized matrices against dequantize + F.linear; the
+    split ones (few output tiles) reduce in the kernel, so also twice in a row (the counters re-armed)."""
+    from pagedserve.model.awq_format import dequantize, rtn_quantize, to_kstrided
+    from pagedserve.model.triton_quant import awq_linear
 
     g = torch.Generator().manual_seed(m)
-    n, k = 11008, 4096
     w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
     qw, qz, sc = rtn_quantize(w, 128)
     ref = torch.nn.functional.linear(x.float(), dequantize(qw, qz, sc.bfloat16()).cuda())
-    y = awq_linear_triton(x, qw.cuda(), qz.cuda(), sc.to("cuda", torch.bfloat16))
-    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    a, z = to_kstrided(qw, qz)
+    for _ in range(2):
+        y = awq_linear(x, a.cuda(), z.cuda(), sc.to("cuda", torch.bfloat16))
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
 
 
 def test_awq_on_gpu_matches_dequantized_model(dirs, tmp_path):
@@ -155,6 +158,8 @@ def test_awq_on_gpu_matches_dequantized_model(dirs, tmp_path):
     deq_dir = save(_dequantized_hf(build_hf("llama"), awq_dir), tmp_path / "deq")
     awq = LLM(model=str(awq_dir), dtype="float32", max_model_len=256, kv_cache_memory=0.5)
     assert awq.engine.runner.graphs
+    # down_proj (in 128) takes the K-strided Triton kernel; the 64-wide inputs the unpack-per-call path
+    assert any(getattr(m, "kstrided", False) for m in awq.engine.model.modules())
     dense = LLM(model=str(deq_dir), dtype="float32", max_model_len=256, kv_cache_memory=0.5, enforce_eager=True)
     eager = LLM(model=str(awq_dir), dtype="float32", max_model_len=256, kv_cache_memory=0.5, enforce_eager=True)
     prompts = _prompts(4)
@@ -221,7 +226,7 @@ def test_w8a8_gemm_7b_shapes(kind, m):
 @pytest.mark.parametrize("m", [17, 256, 600])
 def test_awq_large_m_path_7b_shape(m):
     """AWQ's large-M path: dequantize (one Triton pass) + cuBLAS."""
-    from pagedserve.model.awq_format import dequantize, rtn_quantize
+    from pagedserve.model.awq_format import dequantize, rtn_quantize, to_kstrided
     from pagedserve.model.triton_quant import awq_linear_dense
 
     g = torch.Generator().manual_seed(m)
@@ -230,7 +235,8 @@ def test_awq_large_m_path_7b_shape(m):
     x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
     qw, qz, sc = rtn_quantize(w, 128)
     ref = torch.nn.functional.linear(x.float(), dequantize(qw, qz, sc.bfloat16()).cuda())
-    y = awq_linear_dense(x, qw.cuda(), qz.cuda(), sc.to("cuda", torch.bfloat16))
+    a, z = to_kstrided(qw, qz)
+    y = awq_linear_dense(x, a.cuda(), z.cuda(), sc.to("cuda", torch.bfloat16))
     assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
 
 

@@ -92,6 +92,25 @@ def test_awq_linear_reference_matches_dequantized(monkeypatch):
     assert torch.allclose(m(x), ref, atol=1e-4)
 
 
+def test_awq_linear_repacks_for_the_gpu_kernels():
+    """to_kstrided keeps the weight (dequantized and forward unchanged) and only takes K % 128 == 0."""
+    from pagedserve.model.quantization import prepare_awq_for_gpu
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(32, 256, generator=g), torch.randn(32, generator=g)
+    qw, qz, sc = rtn_quantize(w, 64)
+    m = AWQLinear(256, 32, bias=True, group_size=64)
+    with torch.no_grad():
+        m.qweight.copy_(qw), m.qzeros.copy_(qz), m.scales.copy_(sc), m.bias.copy_(b)
+    small = AWQLinear(64, 32, group_size=32)
+    x = torch.randn(3, 256, generator=g)
+    before, w_before = m(x), m.dequantized()
+    assert prepare_awq_for_gpu(nn.Sequential(m, small)) == (1, 1)
+    assert m.kstrided and m.qweight.shape == (32, 32) and m.qzeros.dtype == torch.uint8 and not small.kstrided
+    assert torch.equal(m.dequantized(), w_before)
+    assert torch.allclose(m(x), before, atol=1e-4)
+
+
 def test_quantize_model_keeps_lm_head_dense_and_onednn_leaves_quantized_alone():
     from pagedserve.model.runner import use_onednn_linears
 

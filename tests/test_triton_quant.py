@@ -1,4 +1,4 @@
-"""Triton AWQ int4 GEMM against the dequantized reference (int8/fp8: tests/test_triton_w8a8.py).
+"""Triton AWQ int4 GEMM (K-strided layout) against the dequantized reference (int8/fp8: tests/test_triton_w8a8.py).
 
 On CUDA they run compiled; elsewhere through Triton's CPU interpreter (set up by
 tests/triton_interp.py: TRITON_INTERPRET=1 while the kernels are imported and run, or a fresh
@@ -53,29 +53,11 @@ def _awq_case(m, n, k, group, dtype, seed):
     return x, qw, qz, sc, b, ref
 
 
-@pytest.mark.parametrize("m, group", [(1, 32), (5, 128), (20, 64), (37, 64), (70, 128), (130, 32)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_awq_gemm(m, group, dtype):
-    n, k = 200, 256  # n: a multiple of 8 but not of the 64/128-wide tiles; several K tiles and groups
-    x, qw, qz, sc, b, ref = _awq_case(m, n, k, group, dtype, 100 + m)
-    y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE))
-    _check(y.cpu(), ref + b.float(), dtype)
-    y = TQ.awq_linear_triton(x.to(DEVICE).view(m, 1, k), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE))
-    _check(y.cpu().view(m, n), ref, dtype)
-    y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE), split_k=2)
-    _check(y.cpu(), ref + b.float(), dtype)
+def _kstrided(qw, qz):
+    from pagedserve.model.awq_format import to_kstrided
 
-
-@pytest.mark.parametrize("split", [1, 2, 3])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("group", [32, 64])
-def test_awq_gemm_split_k(split, bias, group):
-    """K split into partials that the last split of each tile sums (and re-arms its counter)."""
-    x, qw, qz, sc, b, ref = _awq_case(4, 48, 224 if group == 32 else 192, group, torch.bfloat16, split)
-    y = TQ.awq_linear_triton(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE),
-                             b.to(DEVICE) if bias else None, split_k=split)
-    _check(y.cpu(), ref + b.float() if bias else ref, torch.bfloat16)
-    assert TQ.tile_locks(y.device).eq(0).all()
+    a, z = to_kstrided(qw, qz)
+    return a.to(DEVICE), z.to(DEVICE)
 
 
 def test_kstrided_layout_round_trip():
@@ -89,57 +71,57 @@ def test_kstrided_layout_round_trip():
         to_kstrided(*rtn_quantize(torch.randn(8, 96), 32)[:2])
 
 
-@pytest.mark.parametrize("m, group, split", [(1, 128, 1), (1, 128, 3), (20, 64, 2), (37, 32, 1), (70, 256, 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_awq_t_kernel(m, group, split, dtype):
-    """The transposed kernel over the K-strided layout: groups spanning whole 128-row blocks (one scale per
-    block) and smaller ones (a scale per 16-row slice); N past the last tile; split K; bias."""
-    from pagedserve.model.awq_format import to_kstrided
-
-    n, k = 200, 768
-    x, qw, qz, sc, b, ref = _awq_case(m, n, k, group, dtype, 50 + m)
-    a, z = to_kstrided(qw, qz)
-    cfg = TQ.awq_t_config(m, n, k, 8)
-    cfg = TQ.TileConfig(cfg.block_m, cfg.block_n, 128, split, cfg.num_warps, cfg.num_stages)
-    d = DEVICE
-    y = TQ.awq_t_linear(x.to(d), a.to(d), z.to(d), sc.to(d), b.to(d), cfg=cfg)
+# groups spanning whole 128-row blocks (one scale a block: 128, 256) and smaller (a scale per 16-row slice)
+@pytest.mark.parametrize("m, group", [(1, 128), (5, 32), (20, 64), (37, 256), (70, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_awq_gemm(m, group, dtype):
+    n, k = 200, 768  # n: a multiple of 8 but not of the 64-wide tile; six 128-row K blocks
+    x, qw, qz, sc, b, ref = _awq_case(m, n, k, group, dtype, 100 + m)
+    a, z = _kstrided(qw, qz)
+    y = TQ.awq_linear(x.to(DEVICE), a, z, sc.to(DEVICE), b.to(DEVICE))
     _check(y.cpu(), ref + b.float(), dtype)
-    assert TQ.tile_locks(y.device).eq(0).all()
-    y = TQ.awq_t_linear(x.to(d).view(m, 1, k), a.to(d), z.to(d), sc.to(d))  # the default config, no bias
+    y = TQ.awq_linear(x.to(DEVICE).view(m, 1, k), a, z, sc.to(DEVICE))
     _check(y.cpu().view(m, n), ref, dtype)
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 6])
+@pytest.mark.parametrize("bias", [False, True])
+def test_awq_gemm_split_k(split, bias):
+    """K split into partials that the last split of each tile sums (and re-arms its counter)."""
+    x, qw, qz, sc, b, ref = _awq_case(4, 48, 768, 64, torch.bfloat16, split)
+    a, z = _kstrided(qw, qz)
+    cfg = TQ.TileConfig(16, 64, 128, split, 4, 3)
+    y = TQ.awq_linear(x.to(DEVICE), a, z, sc.to(DEVICE), b.to(DEVICE) if bias else None, cfg=cfg)
+    _check(y.cpu(), ref + b.float() if bias else ref, torch.bfloat16)
+    assert TQ.tile_locks(y.device).eq(0).all()
+
+
 def test_tile_config_buckets_and_split():
-    c = TQ._config(1, 4096, 4096, 132, max_k=128)  # o_proj decode on an H100: 64 tiles -> split K
-    assert (c.block_m, c.block_n, c.block_k) == (16, 64, 128) and c.split > 1
-    assert c.split * TQ.triton.cdiv(TQ.triton.cdiv(4096, c.block_k), c.split) >= 4096 // c.block_k
-    assert TQ._config(1, 22016, 4096, 132, max_k=128).split == 1  # 344 tiles already fill the GPU
-    assert TQ._config(32, 4096, 4096, 132, max_k=128).block_m == 32
-    big = TQ._config(256, 12288, 4096, 132, max_k=128)
-    assert (big.block_m, big.block_n, big.block_k, big.split) == (128, 128, 64, 1)
-    assert TQ._config(256, 4096, 4096, 132, max_k=128).split == 4  # 64 big tiles on 132 SMs
-    assert TQ._config(1, 4096, 4096, 132, max_k=32).block_k == 32
-    assert TQ._config(1, 64, 512, 132, max_k=128, split_k=100).split == 4  # capped by the K tiles, none empty
-    assert TQ._largest_pow2_divisor(48, 128) == 16 and TQ._largest_pow2_divisor(256, 128) == 128
+    c = TQ.awq_config(1, 3584, 3584, 132)  # o_proj decode on an H200: 56 tiles -> K split to ~4 per SM
+    assert (c.block_m, c.block_n, c.block_k, c.split) == (16, 64, 128, 10)
+    assert c.split * TQ.triton.cdiv(3584 // 128, c.split) >= 3584 // 128  # no split is left empty
+    assert TQ.awq_config(1, 37888, 3584, 132).split == 1  # 592 tiles already fill the GPU
+    assert TQ.awq_config(32, 4608, 3584, 132).block_m == 32 and TQ.awq_config(33, 4608, 3584, 132).block_m == 64
+    assert TQ.awq_warm_up_sizes(127) == [1, 16, 17, 32, 33, 127]
 
 
-def test_awq_gemm_refuses_bad_group():
-    qw, qz, sc = rtn_quantize(torch.randn(8, 96), 96)
-    with pytest.raises(ValueError, match="group size 96"):
-        TQ.awq_linear_triton(torch.randn(1, 96, device=DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE))
+def test_awq_gemm_refuses_other_layouts():
+    qw, qz, sc = rtn_quantize(torch.randn(8, 256), 128)
+    with pytest.raises(ValueError, match="K-strided"):  # the checkpoint's own packing
+        TQ.awq_linear(torch.randn(1, 256, device=DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE))
 
 
 # -------------------------------------------------- AWQ dense path (large M): dequantize, then cuBLAS
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_awq_dequantize_kernel(group, dtype):
-    n, k = 200, 256  # n: not a multiple of the 128-wide tile; K: several 32-row tiles per group
+    n, k = 200, 256  # n: not a multiple of the 64-row tile
     x, qw, qz, sc, b, ref = _awq_case(3, n, k, group, dtype, 7)
-    w = TQ.awq_dequantize_triton(qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), dtype)
-    assert w.shape == (k, n) and w.dtype == dtype
-    exact = dequantize(qw, qz, sc).t()  # [K, N] fp32
-    torch.testing.assert_close(w.cpu().float(), exact, rtol=_RTOL[dtype], atol=1e-6)
-    y = TQ.awq_linear_dense(x.to(DEVICE), qw.to(DEVICE), qz.to(DEVICE), sc.to(DEVICE), b.to(DEVICE))
+    a, z = _kstrided(qw, qz)
+    w = TQ.awq_dequantize(a, z, sc.to(DEVICE), dtype)
+    assert w.shape == (n, k) and w.dtype == dtype
+    torch.testing.assert_close(w.cpu().float(), dequantize(qw, qz, sc), rtol=_RTOL[dtype], atol=1e-6)
+    y = TQ.awq_linear_dense(x.to(DEVICE), a, z, sc.to(DEVICE), b.to(DEVICE))
     # The weight is rounded to `dtype` before the GEMM here: allow that rounding too.
     err = ((y.cpu().float() - (ref + b.float())).abs().max() / ref.abs().max()).item()
     assert err < (1e-5 if dtype == torch.float32 else 2e-2), err

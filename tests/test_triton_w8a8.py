@@ -129,7 +129,3 @@ def test_warm_up_skips_models_off_the_gpu():
     model = torch.nn.Sequential(Fp8Linear.from_linear(torch.nn.Linear(32, 16)), torch.nn.Linear(16, 8))
     assert warm_up(model, torch.float32, 64) == 0
 
-
-def test_awq_warm_up_sizes():
-    assert TQ.awq_warm_up_sizes(127) == [1, 16, 17, 32, 33, 64, 65, 127]
-    assert TQ.awq_warm_up_sizes(20) == [1, 16, 17, 20]

@@ -24,8 +24,8 @@ from pagedserve.model.fp8 import check_fp8_device, fp8_linear_factory, kv_cache_
 from pagedserve.model.fp8_format import normalize_fp8_tensor
 from pagedserve.model.llama import ModelArgs
 from pagedserve.model.loader import init_dummy_weights, iter_weights, read_hf_config, resolve_model_dir
-from pagedserve.model.quantization import (awq_linear_factory, is_prequantized_fp8, quantize_model,
-                                           resolve_quantization)
+from pagedserve.model.quantization import (awq_linear_factory, is_prequantized_fp8, prepare_awq_for_gpu,
+                                           quantize_model, resolve_quantization)
 from pagedserve.model.registry import resolve_architecture
 from pagedserve.model.runner import ModelRunner
 from pagedserve.runtime import configure_engine_threads
@@ -171,6 +171,11 @@ class Worker:
             log.info("quantization %s: %d linear layers quantized per channel", self.quantization,
                      quantize_model(model, self.quantization))
             model.to(self.device)
+        if self.quantization == "awq" and self.device.type == "cuda":
+            done, left = prepare_awq_for_gpu(model)
+            if left:
+                log.warning("AWQ: %d of %d linears have in_features not a multiple of 128 and run the slow "
+                            "unpack-per-call path", left, done + left)
         model.eval()
         self.model = model
 

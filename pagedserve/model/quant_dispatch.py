@@ -23,9 +23,10 @@ replays, microseconds summed over the four, bf16 cuBLAS first:
 * Both need K % 16 == 0 (no masks along K); other shapes multiply a dequantized copy (correct, slow;
   no model we know has such a projection).
 * AWQ (`DENSE_FROM_M` / `DEFAULT_DENSE_FROM_M` = 128): from it on, dequantize the whole int4 weight into
-  a temporary of the compute dtype (one Triton pass) and call cuBLAS: at M=128 it wins on every shape
-  (e.g. qkv 26 vs 44 us), at M=64 the Triton int4 kernel still wins on gate_up (133 vs 192).
-  `DENSE_FROM_M` maps (method, N, K) to a measured switch point for shapes that differ.
+  a temporary of the compute dtype (one Triton pass) and call cuBLAS. Summed over the 7B layer
+  (results/quant_tile_sweep_awq_h200.json) the K-strided Triton kernel takes 238 us at M=64 against the
+  dense path's 343, and they meet at M=96 (358 vs 349). `DENSE_FROM_M` maps (method, N, K) to a measured
+  switch point for shapes that differ.
 
 Environment overrides for A/B runs: PAGEDSERVE_FP8_SCALED_MM_M="lo,hi" (the window; "0,0" never uses
 `_scaled_mm`, "0,1000000000" always does), PAGEDSERVE_QUANT_DENSE_M (a huge value disables AWQ's large-M

@@ -23,11 +23,11 @@ def _sizes(mod: nn.Module, max_m: int) -> tuple[int, list[int]] | None:
 
         return w.shape[1], warm_up_sizes("int8" if w.dtype == torch.int8 else "fp8", max_m)
     qw = getattr(mod, "qweight", None)
-    if isinstance(qw, torch.Tensor) and qw.is_cuda:  # AWQ: Triton below the dense switch, one dense call
+    if getattr(mod, "kstrided", False) and qw.is_cuda:  # AWQ: Triton below the dense switch, one dense call
         from pagedserve.model.quant_dispatch import dense_from_m
         from pagedserve.model.triton_quant import awq_warm_up_sizes
 
-        k, n = qw.shape[0], qw.shape[1] * 8
+        k, n = mod.in_features, mod.out_features
         dense = dense_from_m("awq", n, k)
         sizes = awq_warm_up_sizes(min(max_m, dense - 1))
         return k, sizes + ([dense] if dense <= max_m else [])

@@ -12,7 +12,8 @@ parameters (requires_grad=False), so parameter-byte counts (the startup log) see
 
 Forward: on CUDA, int8 is W8A8 at every batch size (per-token int8 activations on the int8 tensor
 cores, triton_w8a8.py; int8_w8a8.py is its arithmetic); AWQ dequantizes int4 tiles in registers
-(triton_quant.py) up to a measured batch size and then switches to dequantize-to-bf16 + cuBLAS
+(triton_quant.py, after repacking to its K-strided layout on the GPU) up to a measured batch size and
+then switches to dequantize-to-bf16 + cuBLAS
 (quant_dispatch.py says where). On CPU, int8 and AWQ stay weight-only,
 dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
 (AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
@@ -126,20 +127,38 @@ class AWQLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from pagedserve.model.awq_format import dequantize
+    kstrided = False  # qweight/qzeros hold the GPU kernels' layout (to_kstrided), not the checkpoint's
 
+    def to_kstrided(self) -> bool:
+        """Repack qweight/qzeros into the K-strided layout the GPU kernels read (triton_quant; the same int4
+        bytes). Needs in_features % 128 == 0; returns whether the module now holds that layout."""
+        from pagedserve.model.awq_format import KBLOCK, to_kstrided
+
+        if not self.kstrided and self.in_features % KBLOCK == 0 and self.group_size % 16 == 0:
+            qw, z = to_kstrided(self.qweight.data, self.qzeros.data)
+            self.qweight = nn.Parameter(qw, requires_grad=False)
+            self.qzeros = nn.Parameter(z, requires_grad=False)
+            self.kstrided = True
+        return self.kstrided
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from pagedserve.model.awq_format import dequantize, dequantize_kstrided
+
+        if self.kstrided:
+            return dequantize_kstrided(self.qweight, self.qzeros, self.scales, dtype)
         return dequantize(self.qweight, self.qzeros, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _on_gpu(x):
+        if self.kstrided:
+            if not _on_gpu(x):  # moved off the GPU after repacking: correct, not fast
+                return F.linear(x, self.dequantized(x.dtype), self.bias)
             from pagedserve.model.quant_dispatch import use_dense
-            from pagedserve.model.triton_quant import awq_linear_dense, awq_linear_triton
+            from pagedserve.model.triton_quant import awq_linear, awq_linear_dense
 
             if use_dense("awq", x.numel() // self.in_features, self.out_features, self.in_features):
                 return awq_linear_dense(x, self.qweight, self.qzeros, self.scales, self.bias)
-            return awq_linear_triton(x, self.qweight, self.qzeros, self.scales, self.bias)
-        return self._forward_reference(x)
+            return awq_linear(x, self.qweight, self.qzeros, self.scales, self.bias)
+        return self._forward_reference(x)  # the CPU; a GPU only for in_features not a multiple of 128
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Unpack -> (q - z) * s -> F.linear, over K chunks of whole groups so the dense temporary stays bounded."""
@@ -237,6 +256,13 @@ def awq_linear_factory(hf_config: dict):
         return AWQLinear(in_features, out_features, bias, cfg.group_size, dtype=torch.get_default_dtype())
 
     return make
+
+
+def prepare_awq_for_gpu(model: nn.Module) -> tuple[int, int]:
+    """Repack every AWQ linear for the GPU kernels; returns (repacked, left in the checkpoint layout)."""
+    mods = [m for m in model.modules() if isinstance(m, AWQLinear)]
+    done = sum(m.to_kstrided() for m in mods)
+    return done, len(mods) - done
 
 
 def quantize_model(model: nn.Module, method: str) -> int:
