@@ -210,15 +210,6 @@ def test_norms_quantized_output_equals_norm_then_quant(kind, dtype, h):
     assert isinstance(FO.rms_norm(x, w.float(), 1e-6, quant), torch.Tensor) or dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int8"])
-@pytest.mark.parametrize("i", [40, 4100])
-def test_silu_mul_quantized_output_equals_silu_mul_then_quant(kind, i):
-    """One program a row, two passes over I (4100 > the 4096 block: a second, partial block)."""
-    quant = torch.float8_e4m3fn if kind == "fp8" else torch.int8
-    gu = _rand(3, 2 * i, dtype=torch.bfloat16, seed=i, scale=2.0)
-    _same_quant(FO.silu_mul(gu, quant), *_per_token_quant(FO.silu_mul(gu), quant), torch.bfloat16)
-
-
 def test_quantized_output_reaches_the_w8a8_gemm():
     """A QuantizedActivation from the norm is what Fp8Linear/Int8Linear's GEMM consumes: their forward on it
     equals the W8A8 GEMM on the separately quantized norm output."""

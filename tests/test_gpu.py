@@ -315,7 +315,7 @@ def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkey
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_fused_activation_quant_is_exact(dirs, monkeypatch, kind):
-    """The norms and SiLU-and-mul writing the per-token quantized activation themselves (llama._input_quant)
+    """The norms writing the per-token quantized activation themselves (llama._input_quant)
     give bit-identical logits to the linears quantizing it with their own kernel: the same values go
     through the same quantize helper. bf16, where any extra or missing rounding would show."""
     if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
@@ -330,7 +330,7 @@ def test_fused_activation_quant_is_exact(dirs, monkeypatch, kind):
     monkeypatch.setattr(llama, "_input_quant", lambda lin, x: asked.append(real(lin, x)) or asked[-1])
     fused = [prefill_logits(eng, p) for p in _prompts(3)]
     want = torch.float8_e4m3fn if kind == "fp8" else torch.int8
-    assert asked and all(a == want for a in asked)  # every norm and SiLU before a projection was asked
+    assert asked and all(a == want for a in asked)  # every norm before a projection was asked
     monkeypatch.setattr(llama, "_input_quant", lambda lin, x: None)
     for p, f in zip(_prompts(3), fused):
         assert torch.equal(prefill_logits(eng, p), f)

@@ -1,6 +1,6 @@
 """Triton kernels for the decoder layer's elementwise work: RMSNorm, residual add + RMSNorm,
-SiLU-and-mul, in-place RoPE. The norms and SiLU-and-mul can also emit their output quantized per token
-(fp8/int8) for the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through `pagedserve.model.fused_ops`, which
+SiLU-and-mul, in-place RoPE. The norms can also emit their output quantized per token (fp8/int8) for
+the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through `pagedserve.model.fused_ops`, which
 holds the torch references and picks an implementation per tensor.
 
 Each kernel reads its inputs once and writes its outputs once, computes in
@@ -154,40 +154,6 @@ def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr, BLOC
     mask = offs < I
     v = _silu_mul_vals(gu_ptr + row * stride_gu, offs, mask, I, RNE)
     tl.store(out_ptr + row * stride_o + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, stride_gu, stride_q, I: tl.constexpr, BLOCK: tl.constexpr,
-                           RNE: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
-    """silu(gate) * up quantized per token, one program a row: pass 1 takes the absmax, pass 2 recomputes
-    (the same ops, so the same values) and stores q; the product is never written out in the model dtype."""
-    row = tl.program_id(0).to(tl.int64)
-    gu = gu_ptr + row * stride_gu
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(_silu_mul_vals(gu, offs, offs < I, I, RNE)))
-    scale = quant_scale(tl.max(amax, 0), QMAX)
-    tl.store(s_ptr + row, scale)
-    for i0 in range(0, I, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        v = _silu_mul_vals(gu, offs, offs < I, I, RNE)
-        tl.store(q_ptr + row * stride_q + offs, quantize(v, scale, q_ptr, QMAX, IS_INT), mask=offs < I)
-
-
-def silu_mul_quant_triton(gate_up: torch.Tensor, quant: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up [..., 2I] -> silu(gate) * up as (q [T, I] of `quant`, scale fp32 [T, 1]), per token."""
-    i = gate_up.shape[-1] // 2
-    gu = _rows(gate_up)
-    t = gu.shape[0]
-    q = torch.empty(t, i, dtype=quant, device=gate_up.device)
-    s = torch.empty(t, 1, dtype=torch.float32, device=gate_up.device)
-    if t and i:
-        block = min(4096, triton.next_power_of_2(i))
-        _silu_mul_quant_kernel[(t,)](gu, q, s, gu.stride(0), q.stride(0), I=i, BLOCK=block, RNE=INTERPRETED,
-                                     QMAX=qmax(quant), IS_INT=quant == torch.int8,
-                                     num_warps=8 if block >= 2048 else 4)
-    return q, s
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,7 @@ def _triton_for(x: torch.Tensor) -> ModuleType | None:
 @dataclass
 class QuantizedActivation:
     """An activation already quantized per token for a W8A8 linear (fp8/int8 Fp8Linear or Int8Linear on
-    CUDA), as written by a norm or SiLU-and-mul kernel asked for `quant`: the linear skips its own quant
-    kernel. Only those linears accept it; a caller asks for it only when `input_quant` says the linear
+    CUDA), as written by a norm kernel asked for `quant`: the linear skips its own quant kernel. Only those linears accept it; a caller asks for it only when `input_quant` says the linear
     will take it at this batch size."""
     q: torch.Tensor  # [T, K] float8_e4m3fn or int8
     scale: torch.Tensor  # [T, 1] fp32: row t ~= q[t] * scale[t]
@@ -160,15 +159,13 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor | QuantizedActivation:
-    """gate_up [..., 2I] (gate first, up second) -> silu(gate) * up [..., I]; `quant` as in rms_norm."""
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2I] (gate first, up second) -> silu(gate) * up [..., I]."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} must be even")
     k = _triton_for(gate_up)
     if k is None:
         return silu_mul_ref(gate_up)
-    if _quant_ok(k, gate_up, gate_up.dtype, quant):
-        return QuantizedActivation(*k.silu_mul_quant_triton(gate_up, quant), gate_up.dtype)
     return k.silu_mul_triton(gate_up)
 
 
