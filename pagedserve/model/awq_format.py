@@ -41,7 +41,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """int32 [R, C / 8] -> int32 [R, C] values in 0..15 (inverse of `pack_int4`)."""
-    shifts = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32, device=packed.device) * 4
+    # AWQ_REVERSE_ORDER[j] * 4, computed on the device: no host-to-device copy, so the GPU's unpack-per-call
+    # path (in_features not a multiple of 128) can be captured in a CUDA graph.
+    j = torch.arange(8, dtype=torch.int32, device=packed.device)
+    shifts = (j // 2 + (j % 2) * 4) * 4
     vals = (packed.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift; the mask drops the sign bits
     return vals.reshape(packed.shape[0], -1)
 
