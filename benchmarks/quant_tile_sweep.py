@@ -151,16 +151,10 @@ def main(argv=None) -> int:
                         if f"{kind} {label}" in r["cand"]:
                             continue
                         cfg = TileConfig(bm, bn, bk, split, warps, stages)
-                        try:
-                            err = rel(w8a8_gemm(qx, sx, qw, sw, None, dt, cfg), ref)
-                        except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
-                            print(f"  skip {kind} {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                            continue
-                        if err > 2e-2:
-                            print(f"  WRONG {name} M={m} {kind} {label}: rel err {err:.2e}", flush=True)
-                            continue
-                        us = bench(lambda cfg=cfg: w8a8_gemm(qx, sx, qw, sw, None, dt, cfg), cuda)
-                        r["cand"][f"{kind} {label}"] = us + r[f"{kind}_quant_us"]
+                        us = timed_if_correct(f"{name} M={m} {kind} {label}", ref, cuda,
+                                              lambda cfg=cfg: w8a8_gemm(qx, sx, qw, sw, None, dt, cfg))
+                        if us is not None:
+                            r["cand"][f"{kind} {label}"] = us + r[f"{kind}_quant_us"]
             rows.append(r)
             best = {}
             for kind in args.kinds:
@@ -184,6 +178,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def timed_if_correct(label: str, ref, cuda: bool, fn) -> float | None:
+    """fn's median time, or None (said why) when it fails to compile or misses the fp32 reference."""
+    try:
+        err = rel(fn(), ref)
+    except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
+        print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None
+    if err > 2e-2:
+        print(f"  WRONG {label}: rel err {err:.2e}", flush=True)
+        return None
+    return bench(fn, cuda)
+
+
 def sweep_awq(r: dict, x, awq, want, m: int, n: int, k: int, sms: int, dt, cuda: bool) -> None:
     """The AWQ kernel's candidates into r["cand"]: BLOCK_N x warps/stages x K split around awq_config's."""
     from pagedserve.model.triton_quant import TileConfig, awq_config, awq_linear
@@ -202,16 +209,9 @@ def sweep_awq(r: dict, x, awq, want, m: int, n: int, k: int, sms: int, dt, cuda:
             for split in sorted(splits):
                 cfg = TileConfig(auto.block_m, bn, 128, split, warps, stages)
                 label = f"awq {auto.block_m}x{bn}x128 w{warps} st{stages} s{split}"
-                fn = lambda cfg=cfg: awq_linear(x, *awq, cfg=cfg)  # noqa: E731
-                try:
-                    err = rel(fn(), want)
-                except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
-                    print(f"  skip {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    continue
-                if err > 2e-2:
-                    print(f"  WRONG M={m} {label}: rel err {err:.2e}", flush=True)
-                    continue
-                r["cand"][label] = bench(fn, cuda)
+                us = timed_if_correct(f"M={m} {label}", want, cuda, lambda cfg=cfg: awq_linear(x, *awq, cfg=cfg))
+                if us is not None:
+                    r["cand"][label] = us
 
 
 def summarize(rows: list[dict], args) -> list[dict]:

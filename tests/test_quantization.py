@@ -77,13 +77,19 @@ def test_int8_linear_matches_dequantized_reference():
     assert rel < 0.01
 
 
-def test_awq_linear_reference_matches_dequantized(monkeypatch):
-    g = torch.Generator().manual_seed(3)
-    w, b = torch.randn(32, 128, generator=g), torch.randn(32, generator=g)
-    qw, qz, sc = rtn_quantize(w, 32)
-    m = AWQLinear(128, 32, bias=True, group_size=32)
+def _awq_linear(seed: int, k: int, group: int) -> tuple[AWQLinear, tuple, torch.Tensor, torch.Generator]:
+    """An AWQLinear [k -> 32] with a bias, loaded with the RTN quantization of a random weight."""
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(32, k, generator=g), torch.randn(32, generator=g)
+    qw, qz, sc = rtn_quantize(w, group)
+    m = AWQLinear(k, 32, bias=True, group_size=group)
     with torch.no_grad():
         m.qweight.copy_(qw), m.qzeros.copy_(qz), m.scales.copy_(sc), m.bias.copy_(b)
+    return m, (qw, qz, sc), b, g
+
+
+def test_awq_linear_reference_matches_dequantized(monkeypatch):
+    m, (qw, qz, sc), b, g = _awq_linear(3, 128, 32)
     x = torch.randn(5, 128, generator=g)
     ref = F.linear(x, dequantize(qw, qz, sc), b)
     assert torch.allclose(m(x), ref, atol=1e-4)
@@ -96,12 +102,7 @@ def test_awq_linear_repacks_for_the_gpu_kernels():
     """to_kstrided keeps the weight (dequantized and forward unchanged) and only takes K % 128 == 0."""
     from pagedserve.model.quantization import prepare_awq_for_gpu
 
-    g = torch.Generator().manual_seed(4)
-    w, b = torch.randn(32, 256, generator=g), torch.randn(32, generator=g)
-    qw, qz, sc = rtn_quantize(w, 64)
-    m = AWQLinear(256, 32, bias=True, group_size=64)
-    with torch.no_grad():
-        m.qweight.copy_(qw), m.qzeros.copy_(qz), m.scales.copy_(sc), m.bias.copy_(b)
+    m, _, _, g = _awq_linear(4, 256, 64)
     small = AWQLinear(64, 32, group_size=32)
     x = torch.randn(3, 256, generator=g)
     before, w_before = m(x), m.dequantized()
