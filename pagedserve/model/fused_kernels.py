@@ -136,24 +136,16 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 # SiLU(gate) * up
 # --------------------------------------------------------------------------
 @triton.jit
-def _silu_mul_vals(gu_ptr, offs, mask, I: tl.constexpr, RNE: tl.constexpr):
-    """silu(gate) * up at `offs` of one row (gu_ptr at the row's start), silu rounded to the dtype before
-    the product (as F.silu then mul); fp32 of the value rounded to gu_ptr's dtype."""
-    g = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + I + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _rnd(tl.div_rn(g, 1.0 + tl.exp(-g)), gu_ptr, RNE).to(tl.float32)
-    return _rnd(s * u, gu_ptr, RNE).to(tl.float32)
-
-
-@triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr, BLOCK: tl.constexpr,
                      RNE: tl.constexpr):
-    """out = silu(gate) * up in gate_up's dtype (out has that dtype)."""
+    """out = silu(gate) * up, silu rounded to the dtype before the product (as F.silu then mul)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
-    v = _silu_mul_vals(gu_ptr + row * stride_gu, offs, mask, I, RNE)
-    tl.store(out_ptr + row * stride_o + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _rnd(tl.div_rn(g, 1.0 + tl.exp(-g)), out_ptr, RNE).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, _rnd(s * u, out_ptr, RNE), mask=mask)
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,9 @@ def _triton_for(x: torch.Tensor) -> ModuleType | None:
 @dataclass
 class QuantizedActivation:
     """An activation already quantized per token for a W8A8 linear (fp8/int8 Fp8Linear or Int8Linear on
-    CUDA), as written by a norm kernel asked for `quant`: the linear skips its own quant kernel. Only those linears accept it; a caller asks for it only when `input_quant` says the linear
-    will take it at this batch size."""
+    CUDA), as written by a norm kernel asked for `quant`: the linear skips its own quant kernel. Only
+    those linears accept it; a caller asks for it only when the linear's `input_quant` says it will
+    quantize this input itself."""
     q: torch.Tensor  # [T, K] float8_e4m3fn or int8
     scale: torch.Tensor  # [T, 1] fp32: row t ~= q[t] * scale[t]
     dtype: torch.dtype  # the activation's own dtype, which the linear's output takes
@@ -82,9 +83,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * xf.to(x.dtype)
 
 
-def _quant_ok(k: ModuleType | None, x: torch.Tensor, out_dtype: torch.dtype, quant: torch.dtype | None) -> bool:
-    """Emit a quantized output: asked for, Triton runs here, and the output keeps x's dtype."""
-    return quant is not None and k is not None and out_dtype == x.dtype
+def _quant_ok(x: torch.Tensor, out_dtype: torch.dtype, quant: torch.dtype | None) -> bool:
+    """Emit a quantized output (on the Triton path): asked for, and the output keeps x's dtype."""
+    return quant is not None and out_dtype == x.dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -98,7 +99,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if k is None:
         return rms_norm_ref(x, weight, eps)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    if _quant_ok(k, x, out_dtype, quant):
+    if _quant_ok(x, out_dtype, quant):
         return QuantizedActivation(*k.rms_norm_triton(x, weight, eps, out_dtype, quant), x.dtype)
     return k.rms_norm_triton(x, weight, eps, out_dtype)
 
@@ -128,7 +129,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if k is None:
         return add_rms_norm_ref(x, residual, weight, eps, inplace)
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    quant = quant if _quant_ok(k, x, out_dtype, quant) else None
+    quant = quant if _quant_ok(x, out_dtype, quant) else None
     rows = _row_view(residual)
     if inplace and rows is not None:
         y = k.add_rms_norm_triton(x, residual, weight, eps, out_dtype, residual, quant)
