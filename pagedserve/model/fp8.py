@@ -132,7 +132,7 @@ def _scaled_mm_rowwise(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, 
 
 def fp8_linear_quantized(x: QuantizedActivation, q_w: torch.Tensor, s_w: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8_linear for an input already quantized per token (a fused norm or SiLU kernel wrote it), CUDA only:
+    """fp8_linear for an input already quantized per token (a fused norm kernel wrote it), CUDA only:
     the same GEMM choice as fp8_linear, minus the quant kernel."""
     from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
     from pagedserve.model.triton_w8a8 import w8a8_gemm
@@ -185,7 +185,7 @@ class Fp8Linear(nn.Module):
 
     def input_quant(self, x: torch.Tensor) -> torch.dtype | None:
         """FP8 when forward would quantize x per token with the shared kernel (CUDA, K % 16 == 0): the norm
-        or SiLU before this linear may then hand it a QuantizedActivation instead."""
+        before this linear may then hand it a QuantizedActivation instead."""
         return FP8 if x.is_cuda and self.in_features % 16 == 0 else None
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
