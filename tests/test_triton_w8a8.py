@@ -90,7 +90,7 @@ def test_w8a8_gemm_matches_reference(m, kind):
         cfg = type(cfg)(cfg.block_m, cfg.block_n, 32, split, cfg.num_warps, cfg.num_stages)
         y = WA.w8a8_gemm(qx.to(d), sx.view(-1, 1).to(d), qw.to(d), sw.to(d), None, dtype, cfg)
         _close(y, ref - b.float(), dtype)
-        assert WA.tile_locks(y.device).eq(0).all()  # the last split re-armed every tile's counter
+        assert TQ.tile_locks(y.device).eq(0).all()  # the last split re-armed every tile's counter
     full = WA.w8a8_linear(x.to(d).view(1, m, k), qw.to(d), sw.to(d), b.to(d))
     assert full.shape == (1, m, n) and full.dtype == dtype
     if kind == "int8" or DEVICE.type == "cuda":  # the interpreter's e4m3 cast has a carry bug (fp8_close)

@@ -159,15 +159,22 @@ def awq_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     return TileConfig(bm, bn, KBLOCK, triton.cdiv(k_blocks, per), 4, 3)
 
 
-def awq_warm_up_sizes(max_m: int) -> list[int]:
-    """Both ends of every M bucket of `awq_config` up to `max_m` (see triton_w8a8.warm_up_sizes)."""
+def bucket_ends(tops, max_m: int) -> list[int]:
+    """Both ends of every M bucket (given by their largest M, ascending) up to `max_m`: the sizes the start-up
+    warm-up runs. Within a bucket the K split only grows as M shrinks, so the two ends reach both the split
+    and the unsplit variant of the bucket's tile config."""
     sizes, lo = [], 1
-    for top in (*_AWQ_BUCKETS, 1 << 62):
+    for top in tops:
         if lo > max_m:
             break
         sizes += sorted({lo, min(top, max_m)})
         lo = top + 1
     return sizes
+
+
+def awq_warm_up_sizes(max_m: int) -> list[int]:
+    """bucket_ends of `awq_config`'s M buckets."""
+    return bucket_ends((*_AWQ_BUCKETS, 1 << 62), max_m)
 
 
 def _prep(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple]:
@@ -201,9 +208,7 @@ def awq_linear(x: torch.Tensor, qw: torch.Tensor, zeros: torch.Tensor, scales: t
     if m == 0:
         return y.view(*lead, n)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
-    locks = tile_locks(x2.device)
-    split = cfg.split if grid[0] * grid[1] <= locks.numel() else 1
-    part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    split, part, locks = split_k_buffers(y, grid[0] * grid[1], cfg.split)
     k_split = triton.cdiv(k // KBLOCK, split) * KBLOCK
     _awq_kernel[grid + (split,)](
         x2, qw, zeros, scales, bias if bias is not None else scales, y, part, locks, m, n, k, group, k_split, split,
@@ -224,6 +229,16 @@ def _tile_locks_at(device: torch.device) -> torch.Tensor:
         raise RuntimeError("split-K counters must be made before CUDA-graph capture "
                            "(pagedserve.model.quant_warmup.warm_up does it at start-up)")
     return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+
+
+def split_k_buffers(y: torch.Tensor, tiles: int, split: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(split, fp32 partials [split, M, N] (y itself when unsplit), arrival counters) for a launch writing y
+    [M, N] in `tiles` output tiles; no split when the tiles outnumber the counters (a caller's own config)."""
+    locks = tile_locks(y.device)
+    if tiles > locks.numel():
+        split = 1
+    part = y if split == 1 else torch.empty(split, *y.shape, dtype=torch.float32, device=y.device)
+    return split, part, locks
 
 
 def tile_locks(device: torch.device) -> torch.Tensor:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.model.fp8_dtype import FP8, FP8_MAX
-from pagedserve.model.triton_quant import TileConfig, _interpreted, _sms, store_tile, tile_locks
+from pagedserve.model.triton_quant import TileConfig, _interpreted, _sms, bucket_ends, split_k_buffers, store_tile
 
 INT8_MAX = 127.0
 
@@ -196,11 +196,7 @@ def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
         return y
     cfg = cfg or _gemm_config(m, n, k, _sms(q_x.device), "int8" if q_x.dtype == torch.int8 else "fp8")
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    split = cfg.split
-    locks = tile_locks(q_x.device)
-    if split > 1 and tiles > locks.numel():  # more tiles than counters (a caller's own config): no split
-        split = 1
-    part = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=q_x.device)
+    split, part, locks = split_k_buffers(y, tiles, cfg.split)
     k_split = triton.cdiv(k // cfg.block_k, split) * cfg.block_k
     dummy = bias if bias is not None else s_w
     _w8a8_kernel[(tiles, split)](
@@ -222,12 +218,5 @@ def w8a8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor, bias: tor
 
 
 def warm_up_sizes(kind: str, max_m: int) -> list[int]:
-    """Both ends of every M bucket of `_TILES[kind]` up to `max_m` (the K split only grows as M shrinks
-    within a bucket, so the two ends reach the split and the unsplit variant of its tile config)."""
-    sizes, lo = [], 1
-    for top, _ in _TILES[kind]:
-        if lo > max_m:
-            break
-        sizes += sorted({lo, min(top, max_m)})
-        lo = top + 1
-    return sizes
+    """triton_quant.bucket_ends of `_TILES[kind]`'s M buckets."""
+    return bucket_ends((top for top, _ in _TILES[kind]), max_m)
