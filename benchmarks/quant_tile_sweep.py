@@ -6,11 +6,14 @@ For each projection (qkv, o, gate_up, down of Qwen2.5-7B) and each M, timed as C
 us; the engine's decode runs in graphs, so host launch overhead is left out):
 * bf16 F.linear (cuBLAS); fp8 through torch's rowwise `_scaled_mm` (with our per-token quant); AWQ int4
   through the Triton kernel and through dequantize + cuBLAS (the two sides of DENSE_FROM_M);
-* every candidate tile config of the W8A8 Triton GEMM, fp8 and int8 (the activation quant included),
+* every candidate tile config of the W8A8 Triton GEMM, fp8 and int8 (the activation quant included; for
+  M <= 64 also with the operands swapped, y^T = W x^T),
   each first checked against the fp32 arithmetic of the same quantized operands (a wrong one is reported
   and never chosen); and below AWQ's dense switch (M < 128) the AWQ kernel's tile configs x splits (its
   K-strided layout), checked against the dequantized product. quant_tile_sweep_awq_h200.json also holds
-  the checkpoint-layout kernel that the K-strided one replaced ("awq R" candidates).
+  the checkpoint-layout kernel that the K-strided one replaced ("awq R" candidates), and
+  quant_tile_sweep_awq_wide_h200.json a dropped variant with one dot of depth 128 a block ("x128"; "x16"
+  is the kernel kept, 8 dots of depth 16).
 Printed per M, summed over the four projections (one decoder layer's GEMMs): the best config per
 projection, and the best single config for all four ("uniform": what a static table keyed on M can do).
 results/quant_tile_sweep_h200.json also holds the first run's weight-only kernels (a GEMV and the old
@@ -48,6 +51,10 @@ GEMM_TILES = {  # M bucket upper bound -> (BLOCK_M, BLOCK_N, BLOCK_K, warps, sta
               (256, 128, 128, 8, 3), (128, 128, 128, 4, 4)],
 }
 SPLIT_FACTORS = (0.5, 1, 2)  # x the table's K split, for shapes that split
+# y^T = W x^T (the kernel's SWAP_AB) for decode-sized M: BLOCK_N weight rows are the dot's first side
+SWAP_TILES = {32: [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 64, 128, 4, 5),
+                   (32, 64, 256, 4, 4), (32, 128, 128, 4, 4), (16, 256, 128, 8, 3)],
+              64: [(32, 128, 128, 4, 4), (64, 128, 128, 4, 4), (32, 64, 256, 4, 4)]}
 
 
 def parse_args(argv=None):
@@ -131,26 +138,28 @@ def main(argv=None) -> int:
                 r[f"{kind}_quant_us"] = bench(lambda: per_token_quant(x, qw.dtype), cuda)
                 bucket = min(b for b in GEMM_TILES if m <= b)
                 table = _gemm_config(m, n, k, sms, kind)
-                tiles = set(GEMM_TILES[bucket]) | {(table.block_m, table.block_n, table.block_k, table.num_warps,
-                                                     table.num_stages)}
-                for bm, bn, bk, warps, stages in sorted(tiles):
+                cands = {(t, False) for t in GEMM_TILES[bucket]} | {((table.block_m, table.block_n, table.block_k,
+                                                                     table.num_warps, table.num_stages), table.swap_ab)}
+                if m <= max(SWAP_TILES):
+                    cands |= {(t, True) for t in SWAP_TILES[min(b for b in SWAP_TILES if m <= b)]}
+                for (bm, bn, bk, warps, stages), swap in sorted(cands):
                     if k % bk:
                         continue
                     # the table's split rule for these tiles, and its neighbours
-                    auto = _gemm_config(m, n, k, sms, kind).split if (bm, bn, bk) == (
-                        table.block_m, table.block_n, table.block_k) else None
+                    auto = _gemm_config(m, n, k, sms, kind).split if (bm, bn, bk, swap) == (
+                        table.block_m, table.block_n, table.block_k, table.swap_ab) else None
                     n_tiles = -(-m // bm) * -(-n // bn)
                     if auto is None:
-                        target = 2 * sms if bm == 16 else sms
-                        auto = max(1, min(round(target / n_tiles), (k // bk) // 4, 16))
-                    for f in (SPLIT_FACTORS if auto > 1 else (1, 2) if n_tiles < sms else (1,)):
+                        auto = max(1, min(round(sms / n_tiles), (k // bk) // (16 if swap else 4), 16))
+                    factors = SPLIT_FACTORS + ((4,) if swap else ())
+                    for f in (factors if auto > 1 else (1, 2, 4) if swap else (1, 2) if n_tiles < sms else (1,)):
                         split = max(1, min(int(auto * f), k // bk))
                         per = -(-(k // bk) // split)
                         split = -(-(k // bk) // per)
-                        label = f"w8a8 {bm}x{bn}x{bk} w{warps} st{stages} s{split}"
+                        label = f"w8a8{'T' if swap else ''} {bm}x{bn}x{bk} w{warps} st{stages} s{split}"
                         if f"{kind} {label}" in r["cand"]:
                             continue
-                        cfg = TileConfig(bm, bn, bk, split, warps, stages)
+                        cfg = TileConfig(bm, bn, bk, split, warps, stages, swap)
                         us = timed_if_correct(f"{name} M={m} {kind} {label}", ref, cuda,
                                               lambda cfg=cfg: w8a8_gemm(qx, sx, qw, sw, None, dt, cfg))
                         if us is not None:

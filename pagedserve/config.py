@@ -17,7 +17,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available else cpu
     max_model_len: int | None = None  # default: min(model's context, 8192)
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped
+    max_num_batched_tokens: int | None = None  # tokens one step may compute; default: default_token_budget
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: float | None = None  # GiB; CPU default 2 GiB, GPU: from utilization
@@ -35,6 +35,7 @@ class EngineConfig:
     # stay on the device). None = on for a single CUDA device, off on CPU (nothing to overlap there).
     async_scheduling: bool | None = None
     max_logprobs: int = 20
+    serving: bool = False  # set by the OpenAI server: a smaller default token budget (shorter steps under load)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -78,3 +79,19 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+GiB = 1 << 30
+
+
+def default_token_budget(device_memory: int, device_name: str, serving: bool) -> int:
+    """max_num_batched_tokens when the user sets none: vLLM's defaults, so a user moving over keeps them.
+    GPUs of >= 70 GiB other than the A100 (H100, H200, MI300): 16,384 tokens offline, 8,192 served; other
+    GPUs 8,192 / 2,048 (vLLM found large budgets slow on the A100). The CPU (device_memory 0) keeps 2,048:
+    it computes a prefill chunk slowly, and every running stream waits for the step that holds it."""
+    if device_memory <= 0:
+        return 2048
+    if device_memory >= 70 * GiB and "a100" not in device_name.lower():
+        return 8192 if serving else 16384
+    return 2048 if serving else 8192
+

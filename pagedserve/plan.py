@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pagedserve.config import default_token_budget
 from pagedserve.errors import ConfigError
 from pagedserve.model.hf_config import DecoderShape
 
@@ -240,7 +241,8 @@ def make_plan(p: PlanInput) -> Plan:
     db = DTYPE_BYTES[dtype]
     max_len = p.max_model_len or min(m.max_position_embeddings, 8192)
     seq_len = min(p.seq_len or max_len, max_len)
-    mnbt = p.max_num_batched_tokens or 2048  # the engine's default token budget
+    mnbt = p.max_num_batched_tokens or (  # the served engine's default token budget
+        default_token_budget(int(p.gpu.memory_gib * GiB), p.gpu.name, serving=True) if p.gpu else 2048)
     weights = weight_bytes(m, db, p.quantization, tp)
     if p.kv_cache_dtype not in KV_DTYPE_BYTES:
         raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPE_BYTES)}, got {p.kv_cache_dtype!r}",

@@ -97,10 +97,12 @@ def test_awq_gemm_split_k(split, bias):
 
 
 def test_tile_config_buckets_and_split():
-    c = TQ.awq_config(1, 3584, 3584, 132)  # o_proj decode on an H200: 56 tiles -> K split to ~4 per SM
-    assert (c.block_m, c.block_n, c.block_k, c.split) == (16, 64, 128, 10)
+    c = TQ.awq_config(1, 3584, 3584, 132)  # o_proj decode on an H200: 28 tiles -> K split toward ~8 per SM
+    assert (c.block_m, c.block_n, c.block_k, c.split) == (16, 128, 128, 14)
     assert c.split * TQ.triton.cdiv(3584 // 128, c.split) >= 3584 // 128  # no split is left empty
-    assert TQ.awq_config(1, 37888, 3584, 132).split == 1  # 592 tiles already fill the GPU
+    assert TQ.awq_config(1, 37888, 3584, 132).split == 4  # gate_up: 296 tiles, 4 splits (the sweep's best)
+    c = TQ.awq_config(64, 37888, 3584, 132)  # 64-row tiles: ~2 programs per SM, 8 warps
+    assert (c.split, c.num_warps) == (1, 8) and TQ.awq_config(64, 4608, 3584, 132).split == 7
     assert TQ.awq_config(32, 4608, 3584, 132).block_m == 32 and TQ.awq_config(33, 4608, 3584, 132).block_m == 64
     assert TQ.awq_warm_up_sizes(127) == [1, 16, 17, 32, 33, 127]
 

@@ -85,9 +85,9 @@ def test_w8a8_gemm_matches_reference(m, kind):
     d = DEVICE
     y = WA.w8a8_gemm(qx.to(d), sx.view(-1, 1).to(d), qw.to(d), sw.to(d), b.to(d), dtype)
     _close(y, ref, dtype)
-    for split in (2, 3):  # 3 K tiles of 32 per split 1; split 3: one tile each
+    for split, swap in ((2, False), (3, False), (1, True), (3, True)):  # split 3: one K tile of 32 each
         cfg = WA._gemm_config(m, n, k, 8)
-        cfg = type(cfg)(cfg.block_m, cfg.block_n, 32, split, cfg.num_warps, cfg.num_stages)
+        cfg = type(cfg)(cfg.block_m, cfg.block_n, 32, split, cfg.num_warps, cfg.num_stages, swap)
         y = WA.w8a8_gemm(qx.to(d), sx.view(-1, 1).to(d), qw.to(d), sw.to(d), None, dtype, cfg)
         _close(y, ref - b.float(), dtype)
         assert TQ.tile_locks(y.device).eq(0).all()  # the last split re-armed every tile's counter
@@ -106,7 +106,10 @@ def test_w8a8_refuses_k_not_multiple_of_16():
 
 def test_gemm_config_k_step_divides_k_and_splits_small_outputs():
     c = WA._gemm_config(1, 3584, 18944, 132)  # down_proj decode: 56 tiles of 64 -> split K
-    assert 18944 % c.block_k == 0 and c.split > 1
+    assert 18944 % c.block_k == 0 and c.split == 2 and c.swap_ab
+    c = WA._gemm_config(16, 4608, 3584, 132)  # qkv decode: 14 K steps of 256, too short to split
+    assert (c.block_m, c.block_n, c.split, c.swap_ab) == (16, 64, 1, True)
+    assert WA._gemm_config(32, 4608, 3584, 132).block_m == 32 and not WA._gemm_config(33, 4608, 3584, 132).swap_ab
     c = WA._gemm_config(512, 37888, 3584, 132)
     assert (c.block_m, c.split) == (128, 1) and 3584 % c.block_k == 0
     assert WA._gemm_config(2048, 4608, 3584, 132, "int8").block_m == 256  # per-kind tables
@@ -118,7 +121,7 @@ def test_warm_up_reaches_both_ends_of_every_bucket():
     assert sizes[:4] == [1, 16, 17, 32] and sizes[-2:] == [1025, 8192]
     for top, _ in WA._TILES["int8"][:-1]:
         assert top in sizes and top + 1 in sizes
-    assert WA.warm_up_sizes("fp8", 100) == [1, 16, 17, 64, 65, 100]
+    assert WA.warm_up_sizes("fp8", 100) == [1, 16, 17, 32, 33, 64, 65, 100]
     assert WA.warm_up_sizes("fp8", 1) == [1]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, default_token_budget
 from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.errors import ConfigError, OutOfMemoryError
@@ -138,7 +138,7 @@ class Worker:
                                                         worker_main=tp_worker_main)
         self.dtype = select_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._resolve_max_model_len()
-        self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        self.max_num_batched_tokens = config.max_num_batched_tokens or self._default_token_budget()
         self._check_memory()  # before allocating anything: refuse with numbers, not an OOM later
         self.served_model_name = config.served_model_name or (
             "SmolLM2-135M-Instruct" if config.model in (None, "default") else str(config.model).rstrip("/"))
@@ -147,6 +147,12 @@ class Worker:
         self.runner = None
         self.num_kv_blocks = 0
         self.load_seconds = 0.0
+
+    def _default_token_budget(self) -> int:
+        if self.device.type != "cuda":
+            return default_token_budget(0, "cpu", self.config.serving)
+        props = torch.cuda.get_device_properties(self.device)
+        return default_token_budget(props.total_memory, props.name, self.config.serving)
 
     def load_model(self) -> None:
         """Build the model on its device (the host first when quantizing on load) and load its weights."""

@@ -7,9 +7,9 @@ epilogue `store_tile` with its arrival counters) that triton_w8a8.py shares.
   [BLOCK_N, 16] slice of K rows 16 j .. 16 j + 15 directly.
 * ``awq_linear``: y^T = W x^T, the dequantized weight as the dot's first operand, one 16-row slice at a
   time; with groups of whole blocks (G % 128 == 0) the scale multiplies each block's fp32 sum once.
-  Measured on an H200 (benchmarks/quant_tile_sweep.py --kinds awq, results/quant_tile_sweep_awq_h200.json),
-  us summed over a 7B layer's four GEMMs, bf16 cuBLAS first: M=1 128 vs 130, M=16 128 vs 136, M=32 131
-  vs 154, M=64 132 vs 238. The checkpoint-layout kernel it replaced (unpack the N-packed words, then a
+  Measured on an H200 (benchmarks/quant_tile_sweep.py --kinds awq, results/quant_tile_sweep_awq_h200.json
+  and, with the current tiles, ..._awq_wide_h200.json), us summed over a 7B layer's four GEMMs, bf16
+  cuBLAS first: M=1 124 vs 122, M=16 124 vs 131, M=32 131 vs 154, M=64 126 vs 227. The checkpoint-layout kernel it replaced (unpack the N-packed words, then a
   reshape of the register tile) took 191 / 192 / 217 / 238; loading each word once per column it holds
   (no reshape) took ~10x longer still.
 * ``awq_linear_dense`` (from quant_dispatch's DENSE_FROM_M on): dequantize the whole weight to the compute
@@ -76,7 +76,10 @@ def _awq_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N
     """y^T = W x^T over the K-strided layout. A K step is one 128-row block: its [BLOCK_N, 16] words are
     loaded once and nibble j is the weight slice of rows 16 j .. 16 j + 15 (a shift and a mask: no
     reshape). BLOCK_GROUP: the group spans whole blocks (G % 128 == 0), so the scale multiplies the
-    block's sum once; otherwise each 16-row slice is scaled by its own group's scale."""
+    block's sum once; otherwise each 16-row slice is scaled by its own group's scale.
+    Tried and dropped: the block's 8 slices unpacked side by side into one [BLOCK_N, 128] tile (x^T loaded
+    in the matching row order) for one dot of depth 128: 2x slower at M = 1, 16 and 64 (the register
+    reshape costs more than the 8 short dots; results/quant_tile_sweep_awq_wide_h200.json)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -130,6 +133,7 @@ class TileConfig:
     split: int
     num_warps: int
     num_stages: int
+    swap_ab: bool = False  # W8A8 only: y^T = W x^T (triton_w8a8._w8a8_kernel's SWAP_AB)
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,16 +151,20 @@ _AWQ_BUCKETS = (16, 32)  # BLOCK_M 16 up to the first, 32 up to the second, 64 a
 
 
 def awq_config(m: int, n: int, k: int, sms: int) -> TileConfig:
-    """Tiles of `_awq_kernel`: BLOCK_M (the dot's second side) 16/32/64 by M, BLOCK_N 64 weight rows, 4 warps,
-    3 stages (the sweep's best uniform config at M = 1, 16, 32 and 96). K is split until ~4 programs per SM
-    when the tiles are few: the sweep's best split on qkv (7) and o (10) at M = 1..32."""
+    """Tiles of `_awq_kernel`: BLOCK_M (the dot's second side) 16/32/64 by M, BLOCK_N 128 weight rows, 3 stages.
+    The kernel is bound by the latency of its short dots, so with few tiles K is split for more programs in
+    flight: to ~8 per SM for 16-row tiles, ~2 for 64-row tiles (8 warps), ~4 between (not swept).
+    results/quant_tile_sweep_awq_wide_h200.json, "x16" rows: at M=1 gate_up took 59 us with 4 splits against
+    76 unsplit, and the layer's four GEMMs 122 us against 131 for the 64-row tiles at ~4 programs per SM
+    this replaced (bf16 cuBLAS 124); at M=64, 227 us (bf16 126): AWQ stays slower than bf16 there."""
     bm = 16 if m <= _AWQ_BUCKETS[0] else 32 if m <= _AWQ_BUCKETS[1] else 64
-    bn = 64
+    bn = 128
+    per_sm = {16: 8, 32: 4, 64: 2}[bm]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = k // KBLOCK
-    split = 1 if tiles >= 4 * sms else max(1, min(triton.cdiv(4 * sms, tiles), k_blocks // 2, 16))
+    split = 1 if tiles >= per_sm * sms else max(1, min(round(per_sm * sms / tiles), k_blocks // 2, 16))
     per = triton.cdiv(k_blocks, split)  # K blocks per split; no split is left empty
-    return TileConfig(bm, bn, KBLOCK, triton.cdiv(k_blocks, per), 4, 3)
+    return TileConfig(bm, bn, KBLOCK, triton.cdiv(k_blocks, per), 8 if bm == 64 else 4, 3)
 
 
 def bucket_ends(tops, max_m: int) -> list[int]:

@@ -18,9 +18,11 @@
 
 Replaces `torch._scaled_mm` (rowwise) and `torch._int_mm` + a separate int32 -> dtype epilogue pass: the
 int32 accumulator of a [256, 37888] gate_up no longer makes a round trip through memory, and tile sizes
-are ours to pick per M (`_gemm_config`: from benchmarks/quant_tile_sweep.py on an H200). Summed over a
-7B layer's four GEMMs the kernel runs at 1.42x (fp8) and 1.48x (int8) bf16 cuBLAS at M=1, 1.44x at M=32,
-1.56x / 1.33x at M=1024; a weight-only GEMV written for decode lost to it at every M and was dropped.
+are ours to pick per M (`_gemm_config`: from benchmarks/quant_tile_sweep.py on an H200). Up to M=32 the
+operands are swapped (y^T = W x^T): the dot's first side is 64 weight rows rather than 16 padded activation
+rows, and the layer's four GEMMs took 9% less time for it. Summed over a 7B layer's four GEMMs (activation
+quant included) the kernel runs at 1.62x (fp8) bf16 cuBLAS at M=16, 1.57x at M=32, 1.56x / 1.33x at
+M=1024; a weight-only GEMV written for decode lost to it at every M and was dropped.
 Under Triton's CPU interpreter the dot runs on fp32 copies of the 8-bit tiles (exact values).
 """
 from __future__ import annotations
@@ -102,7 +104,10 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Te
 def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, K_SPLIT, SPLIT,
                  stride_am, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 SWAP_AB: tl.constexpr):
+    # SWAP_AB: y^T = W x^T, the weight tile as the dot's first operand. With decode-sized M the dot's first
+    # side is then BLOCK_N weight rows (>= 64: Hopper's wgmma) instead of a 16-row activation tile.
     # Grouped tile order: GROUP_M row blocks walk the N tiles together, so a weight tile is reused from L2.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -120,57 +125,66 @@ def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M,
     wn = (rn % N).to(tl.int64)
     k_lo = pid_k * K_SPLIT  # K_SPLIT and K are multiples of BLOCK_K
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    a_ptrs = a_ptr + am[:, None] * stride_am + (k_lo + rk)[None, :]
-    w_ptrs = w_ptr + wn[None, :] * stride_wn + (k_lo + rk)[:, None]
-    if IS_INT and not DOT_FP32:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_type = tl.int32 if IS_INT and not DOT_FP32 else tl.float32
+    if SWAP_AB:  # first operand W [BN, BK], second x^T [BK, BM]: both still K-major
+        lhs_ptrs = w_ptr + wn[:, None] * stride_wn + (k_lo + rk)[None, :]
+        rhs_ptrs = a_ptr + am[None, :] * stride_am + (k_lo + rk)[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_type)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lhs_ptrs = a_ptr + am[:, None] * stride_am + (k_lo + rk)[None, :]
+        rhs_ptrs = w_ptr + wn[None, :] * stride_wn + (k_lo + rk)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
     for _ in range(k_lo, k_hi, BLOCK_K):
-        a = tl.load(a_ptrs)
-        w = tl.load(w_ptrs)
+        lhs = tl.load(lhs_ptrs)
+        rhs = tl.load(rhs_ptrs)
         if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), input_precision="ieee")
         elif IS_INT:
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            acc = tl.dot(lhs, rhs, acc, out_dtype=tl.int32)
         else:
-            acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            acc = tl.dot(lhs, rhs, acc)
+        lhs_ptrs += BLOCK_K
+        rhs_ptrs += BLOCK_K
     m_ok, n_ok = rm < M, rn < N
     sa = tl.load(sa_ptr + am).to(tl.float32)
     sw = tl.load(sw_ptr + wn).to(tl.float32)
-    out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if SWAP_AB:
+        out = tl.trans(acc.to(tl.float32)) * sa[:, None] * sw[None, :]
+    else:
+        out = acc.to(tl.float32) * sa[:, None] * sw[None, :]
     store_tile(out, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, pid, pid_k, M, N, stride_ym, SPLIT,
                HAS_BIAS, PARTIAL)
 
 
-# kind -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)), ...): the config with the least time
-# summed over the 7B projections at each measured M (benchmarks/quant_tile_sweep.py, H200,
-# results/quant_tile_sweep_h200.json). us, ours vs bf16 cuBLAS: fp8 90/128 (M=1), 90/130 (32),
-# 115/137 (128), 252/359 (512), 444/692 (1024); int8 86/128, 90/130, 121/137, 306/359, 520/692.
+# kind -> ((largest M, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap_ab)), ...): the config with the least
+# time summed over the 7B projections at each measured M (benchmarks/quant_tile_sweep.py, H200). Up to M=32
+# the operands are swapped (y^T = W x^T; results/quant_tile_sweep_swap_h200_{fp8,int8}.json): summed over a
+# layer, fp8 M=16 78 us against 86 for the unswapped 16-row tiles, M=32 83 against 90; bf16 cuBLAS 127-130.
+# Above, results/quant_tile_sweep_h200.json; us, ours vs bf16: fp8 115/137 (128), 252/359 (512), 444/692
+# (1024); int8 121/137, 306/359, 520/692.
+_SWAPPED = ((16, (16, 64, 256, 4, 4, True)), (32, (32, 64, 256, 4, 4, True)))
 _TILES = {
-    "fp8": ((16, (16, 64, 256, 4, 4)), (64, (64, 128, 128, 4, 4)), (128, (128, 64, 128, 4, 4)),
-            (512, (128, 128, 128, 4, 4)), (1 << 62, (128, 256, 128, 8, 3))),
-    "int8": ((16, (16, 64, 256, 4, 4)), (32, (32, 128, 128, 4, 4)), (64, (64, 128, 128, 4, 4)),
-             (128, (128, 64, 128, 4, 4)), (256, (128, 128, 256, 8, 3)), (512, (128, 128, 128, 4, 4)),
-             (1024, (128, 256, 128, 8, 3)), (1 << 62, (256, 128, 128, 8, 3))),
+    "fp8": (*_SWAPPED, (64, (64, 128, 128, 4, 4, False)), (128, (128, 64, 128, 4, 4, False)),
+            (512, (128, 128, 128, 4, 4, False)), (1 << 62, (128, 256, 128, 8, 3, False))),
+    "int8": (*_SWAPPED, (64, (64, 128, 128, 4, 4, False)), (128, (128, 64, 128, 4, 4, False)),
+             (256, (128, 128, 256, 8, 3, False)), (512, (128, 128, 128, 4, 4, False)),
+             (1024, (128, 256, 128, 8, 3, False)), (1 << 62, (256, 128, 128, 8, 3, False))),
 }
 
 
 def _gemm_config(m: int, n: int, k: int, sms: int, kind: str = "fp8") -> TileConfig:
     """Tiles by M bucket (`_TILES`), the K step cut to a divisor of K, and K split when the output tiles
-    alone leave SMs idle: to ~2 programs per SM for 16-row tiles (bound by weight bytes), ~1 otherwise
-    (the sweep: fewer, longer splits won at every M above 16; partials cost a write and a read each)."""
-    bm, bn, bk, warps, stages = next(t for top, t in _TILES[kind] if m <= top)
+    alone leave SMs idle. Swapped tiles split only long K loops, to ~1 program per SM and >= 16 K steps
+    each (the sweep: qkv, o and gate_up ran fastest unsplit, down with 2 splits); the others to ~1
+    program per SM (the sweep: fewer, longer splits won; partials cost a write and a read each)."""
+    bm, bn, bk, warps, stages, swap = next(t for top, t in _TILES[kind] if m <= top)
     while k % bk:
         bk //= 2
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_tiles = k // bk
-    target = 2 * sms if bm == 16 else sms
-    split = max(1, min(round(target / tiles), k_tiles // 4, 16))
+    split = max(1, min(round(sms / tiles), k_tiles // (16 if swap else 4), 16))
     per = triton.cdiv(k_tiles, split)
-    return TileConfig(bm, bn, bk, triton.cdiv(k_tiles, per), warps, stages)
+    return TileConfig(bm, bn, bk, triton.cdiv(k_tiles, per), warps, stages, swap)
 
 
 def w8a8_supported(n: int, k: int) -> bool:
@@ -203,7 +217,7 @@ def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
         q_x, q_w, s_x, s_w, dummy, y, part, locks, m, n, k, k_split, split, q_x.stride(0), q_w.stride(0),
         y.stride(0), HAS_BIAS=bias is not None, IS_INT=q_x.dtype == torch.int8, DOT_FP32=_interpreted(),
         PARTIAL=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -237,7 +237,7 @@ def serve(engine_kwargs: dict, opts: ServerOptions, *, shutdown_timeout: float =
 
     model = engine_kwargs.get("model")
     model_dir = resolve_model_dir(model)  # a bad path fails here, as one line, before anything starts
-    config = EngineConfig.from_kwargs(**{**engine_kwargs, "model": str(model_dir),
+    config = EngineConfig.from_kwargs(**{**engine_kwargs, "model": str(model_dir), "serving": True,
                                          "served_model_name": opts.served_model_names[0]})
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
