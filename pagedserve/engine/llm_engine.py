@@ -12,6 +12,7 @@ engine and the offline `LLM` drive it. This module only wires the parts together
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -94,6 +95,7 @@ class LLMEngine:
         self.async_scheduling = on if on is not None else (w.device.type == "cuda" and w.tp is None)
         self._inflight: InFlightStep | None = None
         self.num_overlapped_steps = 0  # steps whose sampled tokens stayed on the device
+        _freeze_startup_objects()
         w.log_startup()
 
     def kv_bytes_per_block(self) -> int:
@@ -326,3 +328,13 @@ def _eos_ids(hf_config: dict, model_dir: Path, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def _freeze_startup_objects() -> None:
+    """Collect once, then move everything start-up made (torch, transformers, the tokenizer: ~300K objects)
+    out of the collector's reach. A full collection walks them all: 160 ms on a CI core with the default
+    model, and Python starts one by itself after enough allocations, i.e. inside some step. On an H200
+    the first 7B fp8 b=1 generate after warm-up ran at 244 tok/s, the next ones 290-302."""
+    gc.collect()
+    gc.freeze()
+
