@@ -12,6 +12,7 @@ engine and the offline `LLM` drive it. This module only wires the parts together
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import json
@@ -334,7 +335,14 @@ def _freeze_startup_objects() -> None:
     """Collect once, then move everything start-up made (torch, transformers, the tokenizer: ~300K objects)
     out of the collector's reach. A full collection walks them all: 160 ms on a CI core with the default
     model, and Python starts one by itself after enough allocations, i.e. inside some step. On an H200
-    the first 7B fp8 b=1 generate after warm-up ran at 244 tok/s, the next ones 290-302."""
+    a probe's first 7B fp8 b=1 generate after warm-up ran at 244 tok/s and the next ones at 290-302; frozen,
+    288 from the first call (benchmarks/results/fp8_b1_first_call_h200.json). Unfreezing first
+    lets a process that builds engines one after another (tests) still reclaim the cycles of dropped ones;
+    unfreezing at exit lets the interpreter's last collection free native objects (frozen, Triton's
+    bindings report hundreds of "leaked" instances at shutdown)."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # registered once however many engines start
+    atexit.register(gc.unfreeze)
 

@@ -7,11 +7,13 @@ epilogue `store_tile` with its arrival counters) that triton_w8a8.py shares.
   [BLOCK_N, 16] slice of K rows 16 j .. 16 j + 15 directly.
 * ``awq_linear``: y^T = W x^T, the dequantized weight as the dot's first operand, one 16-row slice at a
   time; with groups of whole blocks (G % 128 == 0) the scale multiplies each block's fp32 sum once.
-  Measured on an H200 (benchmarks/quant_tile_sweep.py --kinds awq, results/quant_tile_sweep_awq_h200.json
-  and, with the current tiles, ..._awq_wide_h200.json), us summed over a 7B layer's four GEMMs, bf16
-  cuBLAS first: M=1 124 vs 122, M=16 124 vs 131, M=32 131 vs 154, M=64 126 vs 227. The checkpoint-layout kernel it replaced (unpack the N-packed words, then a
-  reshape of the register tile) took 191 / 192 / 217 / 238; loading each word once per column it holds
-  (no reshape) took ~10x longer still.
+  Measured on an H200 (benchmarks/quant_tile_sweep.py --kinds awq), us summed over a 7B layer's four
+  GEMMs, bf16 cuBLAS first: with the current 128-wide tiles (results/quant_tile_sweep_awq_wide_h200.json)
+  M=1 124 vs 122, M=16 124 vs 131, M=64 126 vs 227; with the 64-wide tiles before them
+  (results/quant_tile_sweep_awq_h200.json) M=1 128 vs 130, M=16 128 vs 136, M=32 131 vs 154, M=64 132 vs
+  238. The checkpoint-layout kernel it replaced (unpack the N-packed words, then a reshape of the register
+  tile) took 191 / 192 / 217 / 238; loading each word once per column it holds (no reshape) took ~10x
+  longer still.
 * ``awq_linear_dense`` (from quant_dispatch's DENSE_FROM_M on): dequantize the whole weight to the compute
   dtype in one Triton pass, then cuBLAS.
 
