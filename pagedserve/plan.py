@@ -20,11 +20,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pagedserve.config import default_token_budget
+from pagedserve.config import GiB, default_token_budget
 from pagedserve.errors import ConfigError
 from pagedserve.model.hf_config import DecoderShape
 
-GiB = 1 << 30
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Quantized linear layers as pagedserve stores them (pagedserve/model/quantization.py):

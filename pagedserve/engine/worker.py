@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from pagedserve.config import EngineConfig, default_token_budget
+from pagedserve.config import GiB, EngineConfig, default_token_budget
 from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.errors import ConfigError, OutOfMemoryError
@@ -33,7 +33,6 @@ from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pagedserve.engine")
 
-_GiB = 1 << 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -227,7 +226,7 @@ class Worker:
         cfg = self.config
         kv_pool = None
         if cfg.num_kv_blocks is None and (cfg.kv_cache_memory is not None or self.device.type != "cuda"):
-            kv_pool = int((cfg.kv_cache_memory or 1.0) * _GiB)
+            kv_pool = int((cfg.kv_cache_memory or 1.0) * GiB)
         total = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else None
         check_memory_before_load(ModelShape.from_config(self.hf_config), self.dtype.itemsize, self.quantization,
                                  self.device.type, kv_pool, total, cfg.gpu_memory_utilization,
@@ -247,7 +246,7 @@ class Worker:
         if cfg.num_kv_blocks is not None:
             n = cfg.num_kv_blocks
         elif cfg.kv_cache_memory is not None or self.device.type != "cuda":
-            n = int((cfg.kv_cache_memory or 1.0) * _GiB // per_block)
+            n = int((cfg.kv_cache_memory or 1.0) * GiB // per_block)
         else:
             n = self._profile_gpu_blocks(per_block)
         if self.tp is not None:  # one block count for all ranks: the smallest any rank can hold
@@ -292,10 +291,10 @@ class Worker:
         budget = min(budget, free - (peak - torch.cuda.memory_allocated(dev)) - 512 * (1 << 20))
         if budget < per_block:
             raise OutOfMemoryError(
-                f"no GPU memory left for the KV cache: {total / _GiB:.1f} GiB x "
-                f"{self.config.gpu_memory_utilization} = {total * self.config.gpu_memory_utilization / _GiB:.1f} GiB "
-                f"budget, weights+activations peak {peak / _GiB:.1f} GiB, memory held by other processes or "
-                f"outside torch {max(non_torch, 0) / _GiB:.1f} GiB",
+                f"no GPU memory left for the KV cache: {total / GiB:.1f} GiB x "
+                f"{self.config.gpu_memory_utilization} = {total * self.config.gpu_memory_utilization / GiB:.1f} GiB "
+                f"budget, weights+activations peak {peak / GiB:.1f} GiB, memory held by other processes or "
+                f"outside torch {max(non_torch, 0) / GiB:.1f} GiB",
                 hint="another engine on this GPU? give each a share with --gpu-memory-utilization, or set "
                      "--kv-cache-memory GiB; else lower --max-num-batched-tokens, quantize, or use a bigger GPU")
         return int(budget // per_block)
@@ -308,12 +307,12 @@ class Worker:
                  self.device, str(self.dtype).replace("torch.", ""), self.load_seconds)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())  # int8/int4 at real size
         log.info("plan: weights %.2f GiB%s, KV %.1f KiB per token, %.1f MiB per sequence at max_model_len=%d "
-                 "(`pagedserve plan` explains the arithmetic)", weights / _GiB,
+                 "(`pagedserve plan` explains the arithmetic)", weights / GiB,
                  f" ({self.quantization})" if self.quantization else "",
                  self.kv_bytes_per_block() / bs / 1024, self.kv_bytes_per_block() * -(-self.max_model_len // bs)
                  / (1 << 20), self.max_model_len)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at max_model_len=%d: "
-                 "%.1f", self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / _GiB,
+                 "%.1f", self.num_kv_blocks, bs, cap, self.num_kv_blocks * self.kv_bytes_per_block() / GiB,
                  str(self.kv_dtype).replace("torch.", ""),
                  self.max_model_len, cap / self.max_model_len)
 
