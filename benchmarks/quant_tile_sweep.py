@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     from pagedserve.model.quantization import quantize_int8
     from pagedserve.model.awq_format import to_kstrided
     from pagedserve.model.triton_quant import TileConfig, _sms, awq_linear, awq_linear_dense
-    from pagedserve.model.triton_w8a8 import _gemm_config, per_token_quant, w8a8_gemm
+    from pagedserve.model.triton_w8a8 import _gemm_config, k_split, per_token_quant, w8a8_gemm, whole_splits
 
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")
@@ -145,17 +145,11 @@ def main(argv=None) -> int:
                 for (bm, bn, bk, warps, stages), swap in sorted(cands):
                     if k % bk:
                         continue
-                    # the table's split rule for these tiles, and its neighbours
-                    auto = _gemm_config(m, n, k, sms, kind).split if (bm, bn, bk, swap) == (
-                        table.block_m, table.block_n, table.block_k, table.swap_ab) else None
                     n_tiles = -(-m // bm) * -(-n // bn)
-                    if auto is None:
-                        auto = max(1, min(round(sms / n_tiles), (k // bk) // (16 if swap else 4), 16))
+                    auto = k_split(n_tiles, k // bk, sms, swap)  # the table's split rule, and its neighbours
                     factors = SPLIT_FACTORS + ((4,) if swap else ())
                     for f in (factors if auto > 1 else (1, 2, 4) if swap else (1, 2) if n_tiles < sms else (1,)):
-                        split = max(1, min(int(auto * f), k // bk))
-                        per = -(-(k // bk) // split)
-                        split = -(-(k // bk) // per)
+                        split = whole_splits(int(auto * f), k // bk)
                         label = f"w8a8{'T' if swap else ''} {bm}x{bn}x{bk} w{warps} st{stages} s{split}"
                         if f"{kind} {label}" in r["cand"]:
                             continue

@@ -181,10 +181,19 @@ def _gemm_config(m: int, n: int, k: int, sms: int, kind: str = "fp8") -> TileCon
     while k % bk:
         bk //= 2
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    k_tiles = k // bk
-    split = max(1, min(round(sms / tiles), k_tiles // (16 if swap else 4), 16))
-    per = triton.cdiv(k_tiles, split)
-    return TileConfig(bm, bn, bk, triton.cdiv(k_tiles, per), warps, stages, swap)
+    return TileConfig(bm, bn, bk, whole_splits(k_split(tiles, k // bk, sms, swap), k // bk), warps, stages, swap)
+
+
+def k_split(tiles: int, k_tiles: int, sms: int, swap: bool) -> int:
+    """`_gemm_config`'s K split for `tiles` output tiles of `k_tiles` K steps (the sweep applies it to every
+    candidate): toward ~1 program per SM, each split >= 16 K steps when swapped, >= 4 otherwise, <= 16."""
+    return max(1, min(round(sms / tiles), k_tiles // (16 if swap else 4), 16))
+
+
+def whole_splits(split: int, k_tiles: int) -> int:
+    """`split` (clamped to 1..k_tiles) rounded to the count that equal ranges of K tiles give: none is empty."""
+    split = max(1, min(split, k_tiles))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
 
 
 def w8a8_supported(n: int, k: int) -> bool:
