@@ -3,6 +3,7 @@
     python benchmarks/peer_vllm.py                                   # 7B rows of the table below
     python benchmarks/peer_vllm.py --shapes 7b --configs bf16,fp8 --batches 1,256 --no-longtail --no-long
     python benchmarks/peer_vllm.py --configs bf16,bf16-sync          # + our step with overlap off (A/B)
+    python benchmarks/peer_vllm.py --repeat 3                        # 3 passes, fresh prompts: medians
     python benchmarks/peer_vllm.py --served --streams 1,64,256       # both servers, both clients
     python benchmarks/peer_vllm.py --dry-run                         # CPU: tiny shape, pagedserve only
 
@@ -21,13 +22,17 @@ Configs: bf16; fp8 (`quantization="fp8"`: weights fp8 per channel, dynamic per-t
 activations); fp8kv (fp8 weights and `kv_cache_dtype="fp8"`).
 
 Prints one table (tok/s per engine and pagedserve / vLLM) and writes peer_vllm.json to
---out (default $OUT, else ./out).
+--out (default $OUT, else ./out). One timed call per row swings by up to ~10% between engine
+processes at batch 1 (stop 18: 183-208 tok/s for the same 4K-prompt row), so `--repeat N` runs
+N whole passes over the rows with fresh prompts each (the same prompts for both engines) and
+reports the median and the spread.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -78,10 +83,12 @@ def model_dir(shape: str, tokenizer_dir: str | None = None) -> Path:
     return d
 
 
-def workloads(args, vocab: int) -> list[tuple[str, list[list[int]], list[int]]]:
+def workloads(args, vocab: int, rep: int = 0) -> list[tuple[str, list[list[int]], list[int]]]:
+    """The offline rows. Each repeat draws fresh prompts (no prefix-cache hits across repeats); both
+    engines draw the same ones (the seed is the repeat's index)."""
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(rep)
 
     def ids(n: int, length: int) -> list[list[int]]:
         return [[rng.randrange(2, vocab) for _ in range(length)] for _ in range(n)]
@@ -106,7 +113,7 @@ def _sync() -> None:
 def worker(engine: str, mdir: str, config: str, args) -> dict:
     cfg = CONFIGS[config]
     max_len = max(args.long_prompt_len + args.long_output_len, args.prompt_len + 500) + 64
-    loads = workloads(args, json.loads(Path(mdir, "config.json").read_text())["vocab_size"])
+    vocab = json.loads(Path(mdir, "config.json").read_text())["vocab_size"]
     t_start = time.perf_counter()
     if engine == "pagedserve":
         from pagedserve import LLM, SamplingParams
@@ -139,17 +146,25 @@ def worker(engine: str, mdir: str, config: str, args) -> dict:
         return sum(len(r.outputs[0].token_ids) for r in res)
 
     llm.generate(prompts_of([[5] * 32] * 8), [make(8)] * 8, use_tqdm=False)  # warm-up
-    rows = []
-    for name, prompts, outs in loads:
-        _sync()
-        t0 = time.perf_counter()
-        res = llm.generate(prompts_of(prompts), [make(o) for o in outs], use_tqdm=False)
-        _sync()
-        dt = time.perf_counter() - t0
-        got = count(res)
-        rows.append({"workload": name, "output_tokens": got, "expected_tokens": sum(outs), "seconds": dt,
-                     "tok_s": got / dt})
-        print(f"  {engine}/{config} {name}: {got / dt:,.0f} tok/s", file=sys.stderr, flush=True)
+    rows: dict[str, dict] = {}
+    for rep in range(args.repeat):  # whole passes, so a slow stretch of the machine hits every row alike
+        for name, prompts, outs in workloads(args, vocab, rep):
+            _sync()
+            t0 = time.perf_counter()
+            res = llm.generate(prompts_of(prompts), [make(o) for o in outs], use_tqdm=False)
+            _sync()
+            dt = time.perf_counter() - t0
+            got = count(res)
+            row = rows.setdefault(name, {"workload": name, "output_tokens": got, "expected_tokens": sum(outs),
+                                         "runs_tok_s": []})
+            row["runs_tok_s"].append(got / dt)
+            print(f"  {engine}/{config} {name} (run {rep + 1}/{args.repeat}): {got / dt:,.0f} tok/s",
+                  file=sys.stderr, flush=True)
+    for row in rows.values():  # the median of the runs, and their spread (max / min - 1)
+        runs = row["runs_tok_s"]
+        row["tok_s"] = statistics.median(runs)
+        row["spread"] = max(runs) / min(runs) - 1
+    rows = list(rows.values())
     return {"engine": engine, "config": config, "info": info, "rows": rows}
 
 
@@ -180,7 +195,8 @@ def table(results: list[dict]) -> list[dict]:
             vrow = next((v for v in (peer or {}).get("rows", []) if v["workload"] == row["workload"]), None)
             rows.append({"shape": r["shape"], "config": r["config"], "workload": row["workload"],
                          "pagedserve_tok_s": row["tok_s"], "vllm_tok_s": vrow["tok_s"] if vrow else None,
-                         "ratio": row["tok_s"] / vrow["tok_s"] if vrow else None})
+                         "ratio": row["tok_s"] / vrow["tok_s"] if vrow else None,
+                         "spread": [row.get("spread"), vrow.get("spread") if vrow else None]})
     return rows
 
 
@@ -255,7 +271,8 @@ def main() -> int:
     ap.add_argument("--served", action="store_true",
                     help="instead: both servers (7B shape), each measured by our client and `vllm bench serve`")
     ap.add_argument("--streams", default="1,64,256", help="--served concurrency levels")
-    ap.add_argument("--repeat", type=int, default=1, help="--served: runs per client and level (medians)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per row, fresh prompts each (offline) or per client and level (--served); medians")
     ap.add_argument("--servers", default="pagedserve,vllm",
                     help="--served: servers to run now; the others' served_<name>.json are read from --out")
     ap.add_argument("--out", default=None)
@@ -298,11 +315,14 @@ def main() -> int:
     except Exception:
         pass
     (out_dir / "peer_vllm.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'shape':<5} {'config':<9} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}")
+    print(f"\n{'shape':<5} {'config':<9} {'workload':<16} {'pagedserve':>11} {'vLLM':>9} {'ratio':>6}"
+          + (f" {'spread (ours / vLLM)':>21}" if args.repeat > 1 else ""))
     for r in rows:
         v = f"{r['vllm_tok_s']:,.0f}" if r["vllm_tok_s"] else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-        print(f"{r['shape']:<5} {r['config']:<9} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}")
+        spread = " ".join("-" if x is None else f"{x:.1%}" for x in r["spread"])
+        print(f"{r['shape']:<5} {r['config']:<9} {r['workload']:<16} {r['pagedserve_tok_s']:>11,.0f} {v:>9} {ratio:>6}"
+              + (f" {spread:>21}" if args.repeat > 1 else ""))
     for r in results:
         if "error" in r:
             print(f"{r['shape']} {r['config']} {r['engine']}: {r['error']}")
