@@ -433,7 +433,14 @@ def self_check(args) -> dict:
                      "processes": args.mock_processes}, "rows": rows}
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    """A SIGTERM (a harness's time limit) unwinds like an error, so the server's `finally` stops it:
+    the server runs in its own session, and a killed script left a vLLM server holding the GPU."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("server (default: the mock server)")
     g.add_argument("--url", default=None, help="an already running server")

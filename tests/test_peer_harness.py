@@ -31,3 +31,75 @@ def test_table_ratios_medians_and_spreads():
     rows = PV.table([ours, peer, sync])
     assert [(r["config"], r["ratio"], r["spread"]) for r in rows] == [
         ("bf16", 2.0, [0.05, 0.01]), ("bf16-sync", 2.0, [0.05, 0.01])]
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    import os
+    import time
+
+    end = time.time() + within
+    while time.time() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_run_bounded_stops_the_whole_group_on_timeout(tmp_path):
+    """subprocess.run's timeout killed the child alone; a grandchild (an engine core, a server) lived on."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pid_file = tmp_path / "pid"
+    code = ("import subprocess, time; p = subprocess.Popen(['sleep', '300']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        PV.run_bounded([sys.executable, "-c", code], timeout=3)
+    assert _gone(int(pid_file.read_text()))
+
+
+def test_bench_agreement_stops_its_server_on_sigterm(tmp_path):
+    """A harness's SIGTERM unwinds bench_agreement.py, whose server (its own session) is stopped with it."""
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_agreement.py"
+    p = subprocess.Popen([sys.executable, str(script), "--peer", "none", "--concurrency", "1", "--output-len", "4000",
+                          "--mock-itl", "0.05", "--mock-processes", "1", "--out", str(tmp_path / "a.json")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = None
+    for line in p.stdout:  # "$ ... mock_server.py --port N ..." comes first
+        m = re.search(r"mock_server\.py --port (\d+)", line)
+        if m:
+            port = int(m.group(1))
+            break
+    assert port, "bench_agreement did not start its mock server"
+    deadline = time.time() + 30
+    while time.time() < deadline:  # wait until the server listens
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the mock server never listened")
+    time.sleep(1.0)  # the load is running
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            time.sleep(0.2)
+        except OSError:
+            return  # nobody listens: the server is gone
+    raise AssertionError("the mock server outlived bench_agreement.py")
