@@ -174,8 +174,9 @@ def worker(engine: str, mdir: str, config: str, args) -> dict:
 def run_bounded(cmd: list[str], timeout: float, **popen_kw) -> tuple[int, str | None]:
     """Run cmd in its own process group; past `timeout`, SIGTERM the group (our scripts then stop the
     servers they started), SIGKILL it 60 s later, and raise TimeoutExpired. subprocess.run's own
-    timeout SIGKILLs the child alone, and its children (a vLLM engine core, a server) lived on
-    holding the GPU: the next vLLM server of the run could not start."""
+    timeout SIGKILLs the child alone, and its children (a vLLM engine core, a server in its own
+    session) can live on holding the GPU: in stop 18 the next vLLM server of the run exited before
+    it was ready."""
     p = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
     try:
         out, _ = p.communicate(timeout=timeout)
