@@ -435,7 +435,7 @@ def self_check(args) -> dict:
 
 def _exit_on_sigterm(signum: int, frame) -> None:
     """A SIGTERM (a harness's time limit) unwinds like an error, so the server's `finally` stops it:
-    the server runs in its own session, and a killed script left a vLLM server holding the GPU."""
+    the server runs in its own session, and one outliving a killed script can hold the GPU."""
     raise SystemExit(128 + signum)
 
 
