@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_split.py pagedserve ctx4k64,b32      # 7B shape, dummy weights
     python benchmarks/kernel_split.py vllm ctx4k64,b32             # vLLM importable (peer_vllm.py's notes)
+    python benchmarks/kernel_split.py vllm b1,b32 --quantization fp8 # either engine, vLLM's option names
     python benchmarks/kernel_split.py pagedserve b4 --dry-run      # CPU: tiny shape, CPU kernels
 
 Workloads: `bN` = N prompts of 128 tokens, 128 new; `ctx4kN` = N prompts of 4,096 tokens, 256 new.
@@ -10,7 +11,7 @@ torch.profiler with CUDA activity only, on fresh prompts (no prefix-cache hits).
 summed by name and bucketed by name patterns (`by_cat_ms`); vLLM's FlashAttention kernels are
 CUTLASS kernels and land in `attn` by the `flash` pattern, checked first. This is how stop 18
 found that both engines spend the same time in the same cuBLAS kernels and that the 4K-prompt gap
-is prefill attention (README, Benchmarks). Writes kernel_split_<engine>_<workload>.json to --out.
+is prefill attention (README, Benchmarks). Writes kernel_split_<engine>[_<quant>]_<workload>.json to --out.
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def main() -> int:
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--tokenizer-dir", default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--quantization", default=None, help="e.g. fp8 (both engines take vLLM's names)")
+    ap.add_argument("--kv-cache-dtype", default=None, help="e.g. fp8")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--out", default=None)
@@ -85,6 +88,7 @@ def main() -> int:
     kw = dict(model=mdir, load_format="dummy", dtype="bfloat16", max_model_len=4096 + 256 + 64, max_num_seqs=512)
     if cuda:
         kw["gpu_memory_utilization"] = a.gpu_memory_utilization
+    kw.update({k: v for k, v in (("quantization", a.quantization), ("kv_cache_dtype", a.kv_cache_dtype)) if v})
     if a.engine == "pagedserve":
         from pagedserve import LLM, SamplingParams
 
@@ -115,7 +119,7 @@ def main() -> int:
             wall = run(prompts, olen)
         cats, per_kernel = split(prof.events(), cuda)
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:a.top]
-        res = {"engine": a.engine, "workload": name, "tok_s_plain": len(prompts) * olen / plain, "wall_s": wall,
+        res = {"engine": a.engine, "quantization": a.quantization, "kv_cache_dtype": a.kv_cache_dtype, "workload": name, "tok_s_plain": len(prompts) * olen / plain, "wall_s": wall,
                "kernel_ms": sum(v[0] for v in per_kernel.values()), "by_cat_ms": cats,
                "top": [(k[:160], round(v[0], 2), v[1]) for k, v in top]}
         print(f"\n{a.engine} {name}: {res['tok_s_plain']:,.0f} tok/s, profiled wall {wall:.3f} s, "
@@ -123,7 +127,8 @@ def main() -> int:
         print("  " + ", ".join(f"{c} {ms:,.1f}" for c, ms in cats.items()))
         for k, ms, n in res["top"]:
             print(f"  {ms:10.1f} ms {n:7d}  {k[:110]}")
-        (out_dir / f"kernel_split_{a.engine}_{name}.json").write_text(json.dumps(res, indent=1))
+        tag = "_".join(filter(None, (a.engine, a.quantization, a.kv_cache_dtype and f"kv{a.kv_cache_dtype}", name)))
+        (out_dir / f"kernel_split_{tag}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 
