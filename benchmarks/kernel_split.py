@@ -80,7 +80,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from peer_vllm import model_dir
+    from peer_vllm import _sync, model_dir
 
     cuda = torch.cuda.is_available() and not a.dry_run
     mdir = str(model_dir("tiny" if a.dry_run else a.shape, a.tokenizer_dir))
@@ -100,12 +100,10 @@ def main() -> int:
 
     def run(prompts: list[list[int]], olen: int) -> float:
         sp = SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True, detokenize=False)
-        if cuda:
-            torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         llm.generate([{"prompt_token_ids": p} for p in prompts], [sp] * len(prompts), use_tqdm=False)
-        if cuda:
-            torch.cuda.synchronize()
+        _sync()
         return time.perf_counter() - t
 
     run([[5] * 32] * 8, 8)  # warm-up
@@ -119,7 +117,8 @@ def main() -> int:
             wall = run(prompts, olen)
         cats, per_kernel = split(prof.events(), cuda)
         top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:a.top]
-        res = {"engine": a.engine, "quantization": a.quantization, "kv_cache_dtype": a.kv_cache_dtype, "workload": name, "tok_s_plain": len(prompts) * olen / plain, "wall_s": wall,
+        res = {"engine": a.engine, "quantization": a.quantization, "kv_cache_dtype": a.kv_cache_dtype,
+               "workload": name, "tok_s_plain": len(prompts) * olen / plain, "wall_s": wall,
                "kernel_ms": sum(v[0] for v in per_kernel.values()), "by_cat_ms": cats,
                "top": [(k[:160], round(v[0], 2), v[1]) for k, v in top]}
         print(f"\n{a.engine} {name}: {res['tok_s_plain']:,.0f} tok/s, profiled wall {wall:.3f} s, "
