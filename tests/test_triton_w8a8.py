@@ -116,6 +116,25 @@ def test_gemm_config_k_step_divides_k_and_splits_small_outputs():
     assert WA._gemm_config(2048, 4608, 3584, 132, "fp8").block_n == 256
 
 
+def test_gemm_config_small_m_tiles_by_shape_and_shared_memory():
+    """Decode-sized M: 64-wide swapped tiles with a 6-deep pipeline, except for a projection with many
+    output tiles (gate_up's 37888 channels: 592 tiles of 64 on 132 SMs), which takes the 256-wide tiles.
+    A GPU with less shared memory than Hopper (Ada: 99 KiB) gets fewer stages, never a launch that
+    cannot fit."""
+    c = WA._gemm_config(1, 4608, 3584, 132)
+    assert (c.block_m, c.block_n, c.block_k, c.num_stages, c.swap_ab) == (16, 64, 256, 6, True)
+    c = WA._gemm_config(1, 37888, 3584, 132)
+    assert (c.block_m, c.block_n, c.block_k, c.num_warps, c.split, c.swap_ab) == (16, 256, 128, 8, 1, True)
+    assert WA._gemm_config(17, 37888, 3584, 132).block_n == 64  # the wide tiles are for the 16-row bucket
+    assert WA._gemm_config(1, 18944, 3584, 132).block_n == 64  # 296 tiles of 64: fewer than 4 per SM
+    ada = 99 * 1024
+    c = WA._gemm_config(1, 4608, 3584, 132, smem=ada)
+    assert c.num_stages * (c.block_m + c.block_n) * c.block_k <= ada and c.num_stages >= 2
+    c = WA._gemm_config(4096, 4608, 3584, 132, smem=ada)
+    assert c.num_stages * (c.block_m + c.block_n) * c.block_k <= ada
+    assert WA._gemm_config(1, 4608, 3584, 132, smem=None).num_stages == 6
+
+
 def test_warm_up_reaches_both_ends_of_every_bucket():
     sizes = WA.warm_up_sizes("int8", 8192)
     assert sizes[:4] == [1, 16, 17, 32] and sizes[-2:] == [1025, 8192]

@@ -8,8 +8,10 @@
 * `w8a8_gemm`: y[m, n] = acc[m, n] * s_x[m] * s_w[n] (+ bias[n]) with acc = q_x[m, :] . q_w[n, :]
   accumulated in fp32 (fp8) or int32 (int8, exact for K < 133,000). The weight stays row-major [N, K]:
   both operands are K-major, the layout Hopper's fp8/int8 wgmma wants, so no transpose is ever made.
-  Loads carry no masks on K (the wrapper requires K % BLOCK_K == 0; 8-bit loads cannot take an `other=`)
-  and rows past M or N are wrapped onto valid ones (`% M`, `% N`) and dropped at the store.
+  Loads carry no masks on K (the wrapper requires K % BLOCK_K == 0; 8-bit loads cannot take an `other=`).
+  Rows past M or N are wrapped onto valid ones (`% M`, `% N`) and dropped at the store, except the
+  swapped kernel's activation columns, which are masked: wrapped, M=1 read one row 16 times a K step and
+  the layer's GEMMs took 15% longer than at M=4.
   With few output tiles (decode-sized M, N = 3584 on a 132-SM GPU) K is split: fp32 partials of the
   scaled product go to [SPLIT, M, N], and the last split of a tile to finish (an arrival counter per
   tile) sums them in split order and writes y, in the same launch (triton_quant.store_tile). It replaced a
@@ -22,7 +24,11 @@ are ours to pick per M (`_gemm_config`: from benchmarks/quant_tile_sweep.py on a
 operands are swapped (y^T = W x^T): the dot's first side is 64 weight rows rather than 16 padded activation
 rows, and the layer's four GEMMs took 9% less time for it. Summed over a 7B layer's four GEMMs (activation
 quant included) the kernel runs at 1.62x (fp8) bf16 cuBLAS at M=16, 1.57x at M=32, 1.56x / 1.33x at
-M=1024; a weight-only GEMV written for decode lost to it at every M and was dropped.
+M=1024; a weight-only GEMV written for decode lost to it at every M and was dropped. Also dropped:
+quantizing the activation inside the GEMM's launch for M <= 4 (each program taking its rows' absmax over
+all of K) to save the separate quant kernel of o_proj and down_proj: at M=1, o 11.4 us against 8.5 and
+down 39.3 against 23.9 (results/quant_tile_sweep_h200_quant_inside.json, "Q" candidates); the serial
+absmax loop is latency-bound.
 Under Triton's CPU interpreter the dot runs on fp32 copies of the 8-bit tiles (exact values).
 """
 from __future__ import annotations
@@ -136,7 +142,10 @@ def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_type)
     for _ in range(k_lo, k_hi, BLOCK_K):
         lhs = tl.load(lhs_ptrs)
-        rhs = tl.load(rhs_ptrs)
+        if SWAP_AB:  # activation columns past M are not read (their garbage stays in dropped output rows)
+            rhs = tl.load(rhs_ptrs, mask=(rm < M)[None, :])
+        else:
+            rhs = tl.load(rhs_ptrs)
         if DOT_FP32:
             acc += tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), input_precision="ieee")
         elif IS_INT:
@@ -162,7 +171,17 @@ def _w8a8_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M,
 # layer, fp8 M=16 78 us against 86 for the unswapped 16-row tiles, M=32 83 against 90; bf16 cuBLAS 127-130.
 # Above, results/quant_tile_sweep_h200.json; us, ours vs bf16: fp8 115/137 (128), 252/359 (512), 444/692
 # (1024); int8 121/137, 306/359, 520/692.
-_SWAPPED = ((16, (16, 64, 256, 4, 4, True)), (32, (32, 64, 256, 4, 4, True)))
+# Up to M=16, from benchmarks/quant_cold_sweep.py (cold weights, as a decode step streams them; the hot
+# single-weight sweep above flattered qkv and o, which fit in L2), us summed over a 7B layer's four GEMMs
+# at M=1 / 4 / 16, vLLM's CUTLASS fp8 GEMM in the same run first (results/quant_cold_ab_h200_fp8.json):
+# 71.7 / 73.1 / 73.2 against ours 70.7 / 71.2 / 72.3: 16x64x256 tiles with a 6-deep pipeline (73.2 /
+# 73.9 / 74.7 with the 4-deep one before), and 16x256x128 8-warp tiles (`_WIDE`) where the 64-wide tiles
+# would number >= 4 per SM (gate_up, N = 37888: 35.2 us against 40.6 at M=1). int8: 71.7 / 72.4 / 73.4,
+# CUTLASS int8 81.7 / 81.5 / 82.2. Before the swapped kernel masked its activation loads past M (it read
+# row 0 sixteen times at M=1), the old tiles took 84.4 us at M=1 against 73.6 at M=4
+# (results/quant_cold_sweep_h200_wrapped_loads.json).
+_SWAPPED = ((16, (16, 64, 256, 4, 6, True)), (32, (32, 64, 256, 4, 4, True)))
+_WIDE = (16, 256, 128, 8, 3, True)
 _TILES = {
     "fp8": (*_SWAPPED, (64, (64, 128, 128, 4, 4, False)), (128, (128, 64, 128, 4, 4, False)),
             (512, (128, 128, 128, 4, 4, False)), (1 << 62, (128, 256, 128, 8, 3, False))),
@@ -172,14 +191,20 @@ _TILES = {
 }
 
 
-def _gemm_config(m: int, n: int, k: int, sms: int, kind: str = "fp8") -> TileConfig:
+def _gemm_config(m: int, n: int, k: int, sms: int, kind: str = "fp8", smem: int | None = None) -> TileConfig:
     """Tiles by M bucket (`_TILES`), the K step cut to a divisor of K, and K split when the output tiles
     alone leave SMs idle. Swapped tiles split only long K loops, to ~1 program per SM and >= 16 K steps
     each (the sweep: qkv, o and gate_up ran fastest unsplit, down with 2 splits); the others to ~1
-    program per SM (the sweep: fewer, longer splits won; partials cost a write and a read each)."""
+    program per SM (the sweep: fewer, longer splits won; partials cost a write and a read each).
+    `smem`: the GPU's shared memory per block (bytes); the pipeline loses stages until its 8-bit operand
+    buffers fit (the table is tuned on Hopper's 227 KiB; Ada has 99)."""
     bm, bn, bk, warps, stages, swap = next(t for top, t in _TILES[kind] if m <= top)
+    if m <= _WIDE[0] and triton.cdiv(n, bn) >= 4 * sms:
+        bm, bn, bk, warps, stages, swap = _WIDE
     while k % bk:
         bk //= 2
+    while smem is not None and stages > 2 and stages * (bm + bn) * bk > smem:
+        stages -= 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     return TileConfig(bm, bn, bk, whole_splits(k_split(tiles, k // bk, sms, swap), k // bk), warps, stages, swap)
 
@@ -194,6 +219,18 @@ def whole_splits(split: int, k_tiles: int) -> int:
     """`split` (clamped to 1..k_tiles) rounded to the count that equal ranges of K tiles give: none is empty."""
     split = max(1, min(split, k_tiles))
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
+@functools.lru_cache(maxsize=8)
+def _smem_at(index: int) -> int | None:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
+def _smem(device: torch.device) -> int | None:
+    """Shared memory per block on a CUDA device (None elsewhere: the interpreter has no limit)."""
+    if device.type != "cuda":
+        return None
+    return _smem_at(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def w8a8_supported(n: int, k: int) -> bool:
@@ -217,7 +254,8 @@ def w8a8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
     y = torch.empty(m, n, dtype=out_dtype, device=q_x.device)
     if m == 0:
         return y
-    cfg = cfg or _gemm_config(m, n, k, _sms(q_x.device), "int8" if q_x.dtype == torch.int8 else "fp8")
+    cfg = cfg or _gemm_config(m, n, k, _sms(q_x.device), "int8" if q_x.dtype == torch.int8 else "fp8",
+                              _smem(q_x.device))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split, part, locks = split_k_buffers(y, tiles, cfg.split)
     k_split = triton.cdiv(k // cfg.block_k, split) * cfg.block_k
