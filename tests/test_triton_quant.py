@@ -71,8 +71,9 @@ def test_kstrided_layout_round_trip():
         to_kstrided(*rtn_quantize(torch.randn(8, 96), 32)[:2])
 
 
-# groups spanning whole 128-row blocks (one scale a block: 128, 256) and smaller (a scale per 16-row slice)
-@pytest.mark.parametrize("m, group", [(1, 128), (5, 32), (20, 64), (37, 256), (70, 128)])
+# groups spanning whole 128-row blocks (one scale a block: 128, 256), smaller ones (a scale per 16, 32 or
+# 64 rows of a block) and one that is not a power of two (192: a block's halves take different groups)
+@pytest.mark.parametrize("m, group", [(1, 128), (5, 32), (20, 64), (37, 256), (70, 128), (3, 16), (4, 192)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_awq_gemm(m, group, dtype):
     n, k = 200, 768  # n: a multiple of 8 but not of the 64-wide tile; six 128-row K blocks
@@ -101,8 +102,10 @@ def test_tile_config_buckets_and_split():
     assert (c.block_m, c.block_n, c.block_k, c.split) == (16, 128, 128, 14)
     assert c.split * TQ.triton.cdiv(3584 // 128, c.split) >= 3584 // 128  # no split is left empty
     assert TQ.awq_config(1, 37888, 3584, 132).split == 4  # gate_up: 296 tiles, 4 splits (the sweep's best)
-    c = TQ.awq_config(64, 37888, 3584, 132)  # 64-row tiles: ~2 programs per SM, 8 warps
-    assert (c.split, c.num_warps) == (1, 8) and TQ.awq_config(64, 4608, 3584, 132).split == 7
+    c = TQ.awq_config(64, 37888, 3584, 132)  # 64-row tiles: ~2 programs per SM, at least 2 splits, 8 warps
+    assert (c.split, c.num_warps) == (2, 8) and TQ.awq_config(64, 4608, 3584, 132).split == 7
+    assert TQ.awq_config(32, 37888, 3584, 132).split == 4  # 32-row tiles: at least 4 splits (the sweep)
+    assert TQ.awq_config(32, 3584, 3584, 132).split == 7  # ~2 per SM: 9 asked, 7 whole ranges of 4 K blocks
     assert TQ.awq_config(32, 4608, 3584, 132).block_m == 32 and TQ.awq_config(33, 4608, 3584, 132).block_m == 64
     assert TQ.awq_warm_up_sizes(127) == [1, 16, 17, 32, 33, 127]
 

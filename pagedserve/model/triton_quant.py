@@ -30,6 +30,7 @@ are multiplied as raw bits (triton 3.9), so there the dot runs on fp32 copies.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,13 @@ def store_tile(acc, y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok, tile, pid
 @triton.jit(do_not_specialize=["M", "SPLIT"])  # one compiled kernel per tile config serves every batch size
 def _awq_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N, K, GROUP, K_SPLIT, SPLIT,
                 stride_xm, stride_ym, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PARTIAL: tl.constexpr,
-                BLOCK_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y^T = W x^T over the K-strided layout. A K step is one 128-row block: its [BLOCK_N, 16] words are
     loaded once and nibble j is the weight slice of rows 16 j .. 16 j + 15 (a shift and a mask: no
-    reshape). BLOCK_GROUP: the group spans whole blocks (G % 128 == 0), so the scale multiplies the
-    block's sum once; otherwise each 16-row slice is scaled by its own group's scale.
+    reshape). SLICES: 16-row slices per scale (gcd(G, 128) / 16: 8 for G = 128): their dots accumulate
+    in place into one fp32 sum, which the group's scale then multiplies once. (This one path replaced a
+    per-block sum for G % 128 == 0 and a scale per slice otherwise; same speed, M = 1..64:
+    results/awq_kernel_chain_ab_h200.json.)
     Tried and dropped: the block's 8 slices unpacked side by side into one [BLOCK_N, 128] tile (x^T loaded
     in the matching row order) for one dot of depth 128: 2x slower at M = 1, 16 and 64 (the register
     reshape costs more than the 8 short dots; results/quant_tile_sweep_awq_wide_h200.json)."""
@@ -97,27 +100,20 @@ def _awq_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, b_ptr, y_ptr, p_ptr, lock_ptr, M, N
     for k0 in range(k_lo, k_hi, 128):
         packed = tl.load(qw_ptr + rn[:, None].to(tl.int64) * kw + (k0 // 8 + rw)[None, :],
                          mask=n_ok[:, None], other=0)  # [BN, 16]
-        if BLOCK_GROUP:
-            g = k0 // GROUP
-            z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0).to(tl.int32)
-            blk = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for j in tl.static_range(8):
             kj = k0 + 16 * j
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (kj + rw)[:, None], mask=m_ok[None, :], other=0.0)
-            if not BLOCK_GROUP:
+            if j % SLICES == 0:  # a new group: its zeros, and a fresh sum for its scale
                 g = kj // GROUP
                 z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0).to(tl.int32)
+                grp = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (kj + rw)[:, None], mask=m_ok[None, :], other=0.0)
             w = ((packed >> (4 * j)) & 0xF) - z[:, None]  # exact small integers
             if DOT_FP32:
-                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+                grp = tl.dot(w.to(tl.float32), xt.to(tl.float32), grp, input_precision="ieee")
             else:
-                part = tl.dot(w.to(xt.dtype), xt)
-            if BLOCK_GROUP:
-                blk += part
-            else:
-                acc += part * tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        if BLOCK_GROUP:
-            acc += blk * tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                grp = tl.dot(w.to(xt.dtype), xt, grp)  # accumulate in place: the group's dots chain
+            if j % SLICES == SLICES - 1:
+                acc += grp * tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     store_tile(tl.trans(acc), y_ptr, p_ptr, lock_ptr, b_ptr, rm, rn, m_ok, n_ok,
                pid_n * tl.num_programs(1) + pid_m, pid_k, M, N, stride_ym, SPLIT, HAS_BIAS, PARTIAL)
 
@@ -154,17 +150,24 @@ _AWQ_BUCKETS = (16, 32)  # BLOCK_M 16 up to the first, 32 up to the second, 64 a
 
 def awq_config(m: int, n: int, k: int, sms: int) -> TileConfig:
     """Tiles of `_awq_kernel`: BLOCK_M (the dot's second side) 16/32/64 by M, BLOCK_N 128 weight rows, 3 stages.
-    The kernel is bound by the latency of its short dots, so with few tiles K is split for more programs in
-    flight: to ~8 per SM for 16-row tiles, ~2 for 64-row tiles (8 warps), ~4 between (not swept).
-    results/quant_tile_sweep_awq_wide_h200.json, "x16" rows: at M=1 gate_up took 59 us with 4 splits against
-    76 unsplit, and the layer's four GEMMs 122 us against 131 for the 64-row tiles at ~4 programs per SM
-    this replaced (bf16 cuBLAS 124); at M=64, 227 us (bf16 126): AWQ stays slower than bf16 there."""
+    The kernel is bound by the latency of its short dots, so K is split for more programs in flight: with
+    16-row tiles to ~8 per SM (none once the tiles alone reach that); with 32- and 64-row tiles to ~2 per
+    SM, and never fewer than 4 / 2 splits.
+    16 rows, results/quant_tile_sweep_awq_wide_h200.json ("x16"): at M=1 gate_up took 59 us with 4 splits
+    against 76 unsplit, the layer's four GEMMs 122 us (bf16 cuBLAS 124). 32 / 64 rows,
+    results/quant_tile_sweep_awq_h200_stop19.json: the old targets (~4 / ~2 per SM, no floor) split qkv and
+    o 14 ways at M=32 where 7-10 was best, and left gate_up (296 tiles) at 2 / 1 splits where 4 / 2 took
+    74 / 124 us against 79 / 158; the best split per projection summed to 148 / 226 us over the layer
+    against the old rule's 167 / 256 (bf16 127): AWQ stays slower than bf16 from M=32 on."""
     bm = 16 if m <= _AWQ_BUCKETS[0] else 32 if m <= _AWQ_BUCKETS[1] else 64
     bn = 128
-    per_sm = {16: 8, 32: 4, 64: 2}[bm]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     k_blocks = k // KBLOCK
-    split = 1 if tiles >= per_sm * sms else max(1, min(round(per_sm * sms / tiles), k_blocks // 2, 16))
+    if bm == 16:
+        split = 1 if tiles >= 8 * sms else max(1, min(round(8 * sms / tiles), k_blocks // 2, 16))
+    else:
+        floor = 4 if bm == 32 else 2
+        split = max(1, min(max(round(2 * sms / tiles), floor), k_blocks // 2, 16))
     per = triton.cdiv(k_blocks, split)  # K blocks per split; no split is left empty
     return TileConfig(bm, bn, KBLOCK, triton.cdiv(k_blocks, per), 8 if bm == 64 else 4, 3)
 
@@ -223,7 +226,7 @@ def awq_linear(x: torch.Tensor, qw: torch.Tensor, zeros: torch.Tensor, scales: t
     _awq_kernel[grid + (split,)](
         x2, qw, zeros, scales, bias if bias is not None else scales, y, part, locks, m, n, k, group, k_split, split,
         x2.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOT_FP32=x2.dtype == torch.float32 or _interpreted(),
-        PARTIAL=split > 1, BLOCK_GROUP=group % KBLOCK == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PARTIAL=split > 1, SLICES=math.gcd(group, KBLOCK) // 16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.view(*lead, n)
 
