@@ -6,10 +6,14 @@ cost shows): the default model in fp32, one warm-up pass over the batch sizes, t
 tokens after 128-token prompts at batch 1 and 32 (best of 2). Modes:
 * eager: as served;
 * norm: every RMSNorm's forward and add_forward compiled (inductor, dynamic shapes);
-* mlp: every MLP's forward compiled, the oneDNN packed linears inside it.
+* mlp: every MLP's forward compiled, the oneDNN packed linears inside it;
+* mlp_frozen: the linears left as plain `nn.Linear` (PAGEDSERVE_ONEDNN=0) and every MLP compiled with
+  inductor's freezing, so inductor packs the weights for oneDNN itself and fuses SiLU-and-mul around the
+  GEMMs (what a whole-model `torch.compile` on CPU does).
 
     python benchmarks/cpu_compile.py                       # all modes; writes results/cpu_compile.json
     python benchmarks/cpu_compile.py --modes eager,norm
+    python benchmarks/cpu_compile.py --modes eager,mlp_frozen,eager --out benchmarks/results/cpu_compile_frozen.json
 """
 from __future__ import annotations
 
@@ -32,9 +36,13 @@ def run_mode(mode: str) -> dict:
     from pagedserve.model import llama
 
     t0 = time.perf_counter()
+    if mode == "mlp_frozen":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     llm = LLM(max_model_len=512, kv_cache_memory=0.05)
     for mod in llm.engine.model.modules():
-        if mode == "mlp" and isinstance(mod, llama.MLP):
+        if mode in ("mlp", "mlp_frozen") and isinstance(mod, llama.MLP):
             mod.forward = torch.compile(mod.forward, dynamic=True)
         if mode == "norm" and isinstance(mod, llama.RMSNorm):
             mod.forward = torch.compile(mod.forward, dynamic=True)
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
         env.setdefault("KMP_BLOCKTIME", "1")
     rows = []
     for mode in args.modes.split(","):
-        r = subprocess.run([sys.executable, __file__, "--one", mode], capture_output=True, text=True, env=env)
+        child_env = dict(env, PAGEDSERVE_ONEDNN="0") if mode == "mlp_frozen" else env
+        r = subprocess.run([sys.executable, __file__, "--one", mode], capture_output=True, text=True, env=child_env)
         line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             lines = (r.stderr or "").splitlines()
