@@ -7,8 +7,8 @@ tokens after 128-token prompts at batch 1 and 32 (best of 2). Modes:
 * eager: as served;
 * norm: every RMSNorm's forward and add_forward compiled (inductor, dynamic shapes);
 * mlp: every MLP's forward compiled, the oneDNN packed linears inside it;
-* mlp_frozen: the linears left as plain `nn.Linear` (PAGEDSERVE_ONEDNN=0) and every MLP compiled with
-  inductor's freezing, so inductor packs the weights for oneDNN itself and fuses SiLU-and-mul around the
+* mlp_frozen: the MLPs' linears left as plain `nn.Linear` (the others packed as served) and every MLP
+  compiled with inductor's freezing, so inductor packs the weights for oneDNN itself and fuses SiLU-and-mul around the
   GEMMs (what a whole-model `torch.compile` on CPU does).
 
     python benchmarks/cpu_compile.py                       # all modes; writes results/cpu_compile.json
@@ -41,6 +41,14 @@ def run_mode(mode: str) -> dict:
 
         inductor_config.freezing = True
     llm = LLM(max_model_len=512, kv_cache_memory=0.05)
+    if mode == "mlp_frozen":  # the engine started with plain linears: pack all but the MLPs' as served
+        from pagedserve.model.runner import OneDNNLinear, use_onednn_linears
+
+        for mod in list(llm.engine.model.modules()):
+            if isinstance(mod, llama.Attention):
+                use_onednn_linears(mod)
+            if getattr(mod, "lm_head", False) is None and hasattr(mod, "embed_tokens"):
+                mod.lm_head = OneDNNLinear(mod.embed_tokens.weight)
     for mod in llm.engine.model.modules():
         if mode in ("mlp", "mlp_frozen") and isinstance(mod, llama.MLP):
             mod.forward = torch.compile(mod.forward, dynamic=True)
