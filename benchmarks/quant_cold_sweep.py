@@ -54,14 +54,6 @@ def parse_args(argv=None):
     return a
 
 
-def shapes(dry: bool) -> dict[str, tuple[int, int]]:
-    """name -> (K, N) of the fused projections, as the engine runs them."""
-    if dry:
-        return {"qkv": (256, 96), "down": (512, 64)}
-    h, inter, heads, kv, hd = 3584, 18944, 28, 4, 128
-    return {"qkv": (h, (heads + 2 * kv) * hd), "o": (heads * hd, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
-
-
 def per_call_us(fns, cuda: bool) -> float:
     """Median time of one call when `fns` (one per weight copy) run back to back in a CUDA graph."""
     def run():
@@ -87,6 +79,8 @@ def cutlass_mm():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from quant_tile_sweep import shapes  # the same projections as the single-weight sweep
+
     from pagedserve.model.fp8 import quantize_fp8_rows
     from pagedserve.model.quantization import quantize_int8
     from pagedserve.model.triton_quant import TileConfig, _sms
