@@ -16,8 +16,9 @@ Results on an H200, us summed over a layer's four GEMMs (bf16 / tinygemm / FBGEM
 M=1 127 / 73 / 152 / 123; M=32 131 / 535 / 154 / 147-166; M=64 131 / 1059 / 164 / 221-255;
 M=256 187-189 / 4393 / 249 / 402; M=512 338-354 / 9174 / 415 / 550-556
 (results/awq_tinygemm_probe_h200.json and results/awq_fbgemm_probe_h200.json, from this script's
-first two versions, one library each, in two leases). No int4 kernel reaches bf16 from 32 rows on; tinygemm wins only at M=1, and
-FBGEMM's CUTLASS kernels beat our dense large-M path by 1.3-1.9x but stay 1.2-1.3x behind bf16.
+first two versions, one library each, in two leases). No int4 kernel reaches bf16 from 32 rows on;
+tinygemm wins only at M=1, and FBGEMM's CUTLASS kernels beat our dense large-M path by 1.3-1.9x but
+stay 1.2-1.3x behind bf16.
 
     python benchmarks/awq_library_probe.py      # ~1 min on an H200; writes $OUT/awq_library_probe.json
 """

@@ -8,8 +8,8 @@ tokens after 128-token prompts at batch 1 and 32 (best of 2). Modes:
 * norm: every RMSNorm's forward and add_forward compiled (inductor, dynamic shapes);
 * mlp: every MLP's forward compiled, the oneDNN packed linears inside it;
 * mlp_frozen: the MLPs' linears left as plain `nn.Linear` (the others packed as served) and every MLP
-  compiled with inductor's freezing, so inductor packs the weights for oneDNN itself and fuses SiLU-and-mul around the
-  GEMMs (what a whole-model `torch.compile` on CPU does).
+  compiled with inductor's freezing, so inductor packs the weights for oneDNN itself and fuses
+  SiLU-and-mul around the GEMMs (what a whole-model `torch.compile` on CPU does).
 
     python benchmarks/cpu_compile.py                       # all modes; writes results/cpu_compile.json
     python benchmarks/cpu_compile.py --modes eager,norm
@@ -100,12 +100,13 @@ def main(argv=None) -> int:
             rows.append({"mode": mode, "error": (err[-1].strip() if err else f"exit {r.returncode}")[:300]})
         else:
             rows.append(json.loads(line[len("RESULT "):]))
-    print(f"{'mode':<6} {'load s':>7} {'warm-up s':>10} {'b=1 tok/s':>10} {'b=32 tok/s':>11}")
+    print(f"{'mode':<10} {'load s':>7} {'warm-up s':>10} {'b=1 tok/s':>10} {'b=32 tok/s':>11}")
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:<6} failed: {r['error']}")
+            print(f"{r['mode']:<10} failed: {r['error']}")
         else:
-            print(f"{r['mode']:<6} {r['load_s']:>7.1f} {r['warmup_s']:>10.1f} {r['b1_tok_s']:>10.1f} {r['b32_tok_s']:>11.1f}")
+            print(f"{r['mode']:<10} {r['load_s']:>7.1f} {r['warmup_s']:>10.1f} {r['b1_tok_s']:>10.1f} "
+                  f"{r['b32_tok_s']:>11.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=1))
     print(f"wrote {args.out}")

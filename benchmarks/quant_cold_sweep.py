@@ -149,7 +149,8 @@ def main(argv=None) -> int:
             if all("best" in r for r in rs):
                 s["best_per_shape"] = sum(r["best"][1] for r in rs)
             summary.append(s)
-            print(f"{kind} M={m:<3} " + " | ".join(f"{key} {v:7.1f}" for key, v in s.items() if key not in ("kind", "m")))
+            cells = " | ".join(f"{key} {v:7.1f}" for key, v in s.items() if key not in ("kind", "m"))
+            print(f"{kind} M={m:<3} {cells}")
     out = Path(args.out or (Path(os.environ.get("OUT", ROOT / "benchmarks/results")) / "quant_cold_sweep.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0) if cuda else "cpu (interpreter)", "sms": sms,
