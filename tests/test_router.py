@@ -345,3 +345,36 @@ async def test_gpu_util_reads_local_gpus_through_nvidia_smi(cluster, tmp_path, m
         assert router.policy.choose(RequestInfo(), router.pool.healthy) is b1
     finally:
         await router.stop()
+
+
+async def test_stop_ends_a_loop_task_that_lost_a_cancellation():
+    """Router.stop() (and the launcher) end their loop tasks with cancel_tasks, which cancels again while a
+    task runs on. On Python < 3.12 `asyncio.wait_for` can drop a cancellation that lands as its awaitable
+    completes, and the router's scrape loop (nvidia-smi under wait_for) then kept looping: stop() hung until
+    the test timeout. Here a loop swallows its first cancellation, as wait_for can; a task that failed
+    before the stop must not disturb it either."""
+    from pagedserve.cluster.tasks import cancel_tasks
+
+    lost = []
+
+    async def loop():
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if not lost:
+                    lost.append(True)
+                    continue
+                raise
+
+    async def failed():
+        raise ValueError("failed before the stop")
+
+    router = Router([], RouterConfig())
+    router._tasks = [asyncio.create_task(loop()), asyncio.create_task(failed())]
+    await asyncio.sleep(0.01)
+    stop = asyncio.create_task(router.stop())
+    done, _ = await asyncio.wait({stop}, timeout=5)  # asyncio.wait never cancels, so a hang shows as a hang
+    if not done:
+        stop.cancel()
+    assert done and lost and router._tasks == []

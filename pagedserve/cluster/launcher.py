@@ -37,6 +37,7 @@ import time
 import httpx
 
 from pagedserve.cluster.policies import DEFAULT_POLICY, POLICIES
+from pagedserve.cluster.tasks import cancel_tasks
 from pagedserve.errors import ConfigError
 
 log = logging.getLogger("pagedserve.launcher")
@@ -259,9 +260,7 @@ class Cluster:
             return 0 if self.server.started else 1
         finally:
             self.stopping.set()
-            for t in sup:
-                t.cancel()
-            await asyncio.gather(*sup, return_exceptions=True)
+            await cancel_tasks(sup)
             await self._stop_replicas()
 
     async def _stop_replicas(self) -> None:

@@ -42,6 +42,7 @@ from pagedserve.cluster.policies import DEFAULT_POLICY, Policy, RequestInfo, mak
 from pagedserve.cluster.request_fields import BadRequest, parse_request
 from pagedserve.cluster.retry_budget import PoisonRegistry, RetryBudget
 from pagedserve.cluster.scrape import LocalGpuUtil
+from pagedserve.cluster.tasks import cancel_tasks
 from pagedserve.cluster.upkeep import BackendUpkeep
 
 log = logging.getLogger("pagedserve.router")
@@ -191,13 +192,7 @@ class Router(BackendUpkeep):
         log.info("router: policy %s, %d backend(s), %d healthy", self.policy.name, len(self.pool), len(self.pool.healthy))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_tasks(self._tasks)
         self._tasks.clear()
         if self.client is not None:
             await self.client.aclose()
