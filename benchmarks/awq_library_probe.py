@@ -39,15 +39,8 @@ from pagedserve.model.awq_format import dequantize, rtn_quantize, to_kstrided, u
 from pagedserve.model.quant_dispatch import dense_from_m  # noqa: E402
 from pagedserve.model.triton_quant import awq_linear, awq_linear_dense  # noqa: E402
 
-SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}  # (K, N)
 MS = (1, 16, 32, 64, 128, 256, 512)
 GROUP = 128
-
-
-def bench(fn) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    return do_bench_cudagraph(fn, rep=10, return_mode="median") * 1e3
 
 
 def tinygemm_of(qw: torch.Tensor, qz: torch.Tensor, sc: torch.Tensor, dev: torch.device):
@@ -79,9 +72,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (the library kernels probed are CUDA-only)")
         return 1
+    from quant_tile_sweep import bench, shapes  # the same projections and CUDA-graph timing as the tile sweep
+
     dev = torch.device("cuda")
     rows = []
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in shapes(False).items():
         wb = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
         qw, qz, sc = rtn_quantize(wb.float().cpu(), GROUP)  # checkpoint layout
         ref_w = dequantize(qw, qz, sc).float().to(dev)
@@ -91,10 +86,11 @@ def main() -> int:
             x = (torch.randn(m, k, device=dev) * 0.5).to(torch.bfloat16)
             want = F.linear(x.float(), ref_w)
             ours = awq_linear if m < dense_from_m("awq", n, k) else awq_linear_dense
-            r = {"shape": name, "m": m, "bf16": bench(lambda: F.linear(x, wb)), "ours": bench(lambda: ours(x, *ks))}
+            r = {"shape": name, "m": m, "bf16": bench(lambda: F.linear(x, wb), True),
+                 "ours": bench(lambda: ours(x, *ks), True)}
             for label, fn in kernels.items():
                 r[label + "_rel_err"] = ((fn(x).float() - want).norm() / want.norm()).item()  # vs the AWQ weight
-                r[label] = bench(lambda fn=fn: fn(x))
+                r[label] = bench(lambda fn=fn: fn(x), True)
             rows.append(r)
             print(json.dumps(r), flush=True)
         del kernels, wb, ref_w

@@ -27,10 +27,10 @@ Kernels
   query tiles of a chunk go last-first, so the longest (causal) tiles start
   first and the short ones fill the tail (H200, one 4,096-token prompt: 316 ->
   352 TFLOP/s; neutral on short prompts; results/prefill_attention_h200.json).
-  The chunk covers positions
-  [ctx - qlen, ctx) of its sequence; the tile first attends without masks to
-  the keys that every query of the tile sees (the cached prefix and the part of
-  the chunk before the tile), then with a causal mask up to its last query.
+  The chunk covers positions [ctx - qlen, ctx) of its sequence; the tile first
+  attends without masks to the keys that every query of the tile sees (the
+  cached prefix and the part of the chunk before the tile), then with a causal
+  mask up to its last query.
   Tiles past the end of a shorter chunk return at once.
 
 All softmax arithmetic is in fp32 (exp2 with the scale folded into log2 units);
