@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 from pagedserve.errors import InvalidRequestError
+from pagedserve.structured import limits
 
 
 def template_source(tokenizer, kwargs: dict | None) -> str:
@@ -34,10 +35,9 @@ def history_tool_calls(calls: list, i: int) -> list[dict]:
                                       f"'arguments'}}}} with a function name", param=param)
         args = fn.get("arguments", {})
         if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                raise InvalidRequestError(f"{param}.function.arguments: not valid JSON", param=param) from None
+            args = limits.load_json(args, f"{param}.function.arguments") if args.strip() else {}
+        else:
+            limits.check_value(args, f"{param}.function.arguments")
         out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
 
