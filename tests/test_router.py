@@ -146,6 +146,24 @@ async def test_5xx_without_retry_after_is_relayed_not_retried(cluster, status):
     await client.aclose()
 
 
+async def test_request_caused_500s_never_eject_a_replica(cluster):
+    """A 500 without Retry-After answers one body (a request that slipped past validation): ten of
+    them in a row through a 2-replica router leave both replicas healthy and serving."""
+    url, client = await two(cluster, failures_to_eject=3, policy="round_robin", eject_base_s=30.0)
+    for sim in cluster.sims:
+        sim.fail_status = 500
+    for _ in range(10):
+        r = await client.post("/v1/completions", json={"model": "sim", "prompt": "p", "max_tokens": 3})
+        assert r.status_code == 500
+    assert all(b.healthy for b in cluster.router.pool.all), [b.reason for b in cluster.router.pool.all]
+    metrics = (await client.get("/metrics")).text
+    assert 'kind="request_5xx"} 5.0' in metrics and 'kind="http_5xx"' not in metrics
+    for sim in cluster.sims:
+        sim.fail_status = None
+    assert await backends_hit(client) == set(cluster.urls)
+    await client.aclose()
+
+
 async def test_reset_before_first_byte_of_a_lone_request_is_not_replayed(cluster):
     """A backend whose connection breaks under the only request it has may have been broken by that
     request: answered 502 (OpenAI JSON), not replayed on the next backend."""

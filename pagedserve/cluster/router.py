@@ -13,8 +13,9 @@ the original body bytes over a pooled keep-alive connection, and relay the answe
   most once and only when it cannot be the request's fault; a 5xx without Retry-After is
   never retried, so a request that kills its backend cannot walk through the cluster.
 - Health: active checks of each backend's /health; passive ejection on connect errors (at
-  once) and on repeated 5xx / resets; readmission when a check passes after the ejection
-  period. With no healthy backend the router answers 503 with an OpenAI-style error.
+  once) and on repeated resets, timeouts and 503s with Retry-After; readmission when a check
+  passes after the ejection period. A 5xx without Retry-After answers one body, so it is
+  counted (kind "request_5xx") but never ejects: one client's requests cannot eject replicas. With no healthy backend the router answers 503 with an OpenAI-style error.
 - A client that disconnects cancels its upstream request (the backend aborts it).
 
 Router-owned paths: /health, /metrics, /v1/models (merged from the backends) and
@@ -69,7 +70,7 @@ class RouterConfig:
     metrics_interval: float = 0.25  # /metrics scrape period (engine_load, gpu_util)
     connect_timeout: float = 3.0
     request_timeout: float = 600.0  # longest wait for the next bytes from a backend
-    failures_to_eject: int = 3  # consecutive 5xx/resets that eject a backend (connect errors eject at once)
+    failures_to_eject: int = 3  # consecutive resets/timeouts/503s that eject a backend (connect errors: at once)
     eject_base_s: float = 1.0
     admin_api_key: str | None = None  # /admin/* is off (403) unless this is set
     retry_budget_ratio: float = 0.2  # retries in flight at most this fraction of active requests (Envoy: 20%)
@@ -147,8 +148,8 @@ class Router(BackendUpkeep):
         self.registry = CollectorRegistry(auto_describe=True)
         self.m_requests = Counter("pagedserve:router_requests", "Responses relayed, by backend and HTTP status",
                                   ["backend", "code"], registry=self.registry)
-        self.m_errors = Counter("pagedserve:router_errors", "Backend failures by kind (connect, http_5xx, reset, "
-                                "timeout, stream_broken)", ["backend", "kind"], registry=self.registry)
+        self.m_errors = Counter("pagedserve:router_errors", "Backend failures by kind (connect, http_5xx, request_5xx, "
+                                "reset, timeout, stream_broken)", ["backend", "kind"], registry=self.registry)
         self.m_retries = Counter("pagedserve:router_retries", "Requests retried elsewhere after failing on this backend",
                                  ["backend"], registry=self.registry)
         self.m_unavailable = Counter("pagedserve:router_no_backend", "Requests answered 503: no healthy backend",
@@ -440,8 +441,10 @@ class Router(BackendUpkeep):
                     retry = status == 429 or (status == 503 and any(k == b"retry-after" for k, _ in resp.headers))
                     if status == 429:  # full queue: try elsewhere, the backend itself is fine
                         self._child(self.m_errors, b.url, "http_429").inc()
-                    else:
+                    elif retry:  # the backend itself says it cannot serve now: counts against its health
                         self._fail(b, "http_5xx", f"HTTP {status}")
+                    else:  # an answer to this body (one request's fault, or its engine's): not the backend's
+                        self._child(self.m_errors, b.url, "request_5xx").inc()
                     if not retry:
                         self.m_not_retried.labels("backend_5xx").inc()
                         self.poison.record(self.poison.fingerprint(info.path, body))
@@ -486,8 +489,10 @@ class Router(BackendUpkeep):
                 resp.close()
 
     def _timeout(self, b: Backend, message: str) -> _Failure:
-        """No retry: the backend may still be working on it."""
+        """No retry: the backend may still be working on it. A backend that stops answering counts
+        against its health."""
         self._child(self.m_errors, b.url, "timeout").inc()
+        self.pool.record_failure(b, message)
         return _Failure(f"{b.url}: {message}", 504, _JSON, _error_body(f"backend {b.url}: {message}", 504, "timeout"),
                         retry=False)
 

@@ -34,7 +34,7 @@ from pagedserve.engine.scheduler import ScheduledSeq, Scheduler
 from pagedserve.engine.sequence import Request, Sequence, Status
 from pagedserve.engine.tp_worker import worker_main
 from pagedserve.engine.worker import Worker
-from pagedserve.errors import ConfigError, InvalidRequestError
+from pagedserve.errors import ConfigError, InvalidRequestError, PagedServeError
 from pagedserve.model.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -123,7 +123,7 @@ class LLMEngine:
     def _submit_grammar(self, req: Request) -> bool:
         try:
             return self.structured.submit(req)
-        except InvalidRequestError:
+        except PagedServeError:  # a cached failure (400) or a full compile queue (429)
             self.requests.pop(req.request_id, None)
             raise
 

@@ -52,7 +52,8 @@ def required_schema(functions: list[dict], parallel: bool = True) -> dict:
 def _hoist(params: dict, prefix: str, root: str, defs: dict) -> dict:
     params = dict(params)
     for key in ("$defs", "definitions"):
-        for name, sub in (params.pop(key, None) or {}).items():
+        found = params.pop(key, None)
+        for name, sub in (found.items() if isinstance(found, dict) else ()):  # a non-object: nothing to hoist
             defs[prefix + name] = sub
     ref_map = {"$defs": prefix, "definitions": prefix}
 

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 from pagedserve.errors import InvalidRequestError
 from pagedserve.sampling_params import StructuredOutputsParams
+from pagedserve.structured import limits
 from pagedserve.structured.grammar import cache_key, validate
 
 _CHECKED: OrderedDict[tuple, InvalidRequestError | None] = OrderedDict()  # constraint -> its verdict
@@ -59,14 +60,18 @@ def constraint_from_request(req) -> tuple[StructuredOutputsParams, str] | None:
 
 
 async def check_constraint(so: StructuredOutputsParams, param: str) -> None:
-    """400 naming `param` when the constraint does not compile; repeated constraints are answered from a cache."""
-    key = (cache_key(so), param)
+    """400 naming `param` when the constraint is over the size limits or does not compile; repeated
+    constraints are answered from a cache."""
+    with limits.guard(param):
+        limits.check_constraint(so, param)
+        key = (cache_key(so), param)
     if key in _CHECKED:
         _CHECKED.move_to_end(key)
         err = _CHECKED[key]
     else:
         try:
-            await asyncio.to_thread(validate, so, param)
+            with limits.guard(param):
+                await asyncio.to_thread(validate, so, param)
             err = None
         except InvalidRequestError as e:
             err = e

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.errors import ConfigError, InvalidRequestError
 from pagedserve.sampling_params import StructuredOutputsParams
+from pagedserve.structured import limits
 from pagedserve.server.constrained_calls import (NamedCallParser, RequiredCallsParser, named_schema, parameters_of,
                                                 required_schema)
 from pagedserve.server.tool_parsers import TOOL_PARSERS, Piece
@@ -66,12 +67,14 @@ def check_tools(tools: list) -> list[dict]:
         if params is not None:
             if not isinstance(params, dict):
                 raise _bad(f"tools.{i}.function.parameters", "must be a JSON Schema object")
+            param = f"tools.{i}.function.parameters"
+            limits.check_value(params, param, schema=True)
             try:
-                validator_for(params).check_schema(params)
+                with limits.guard(param):
+                    validator_for(params).check_schema(params)
             except SchemaError as e:
                 where = "/".join(str(p) for p in e.path)
-                raise _bad(f"tools.{i}.function.parameters",
-                           f"not a valid JSON Schema: {e.message}" + (f" (at {where})" if where else "")) from None
+                raise _bad(param, f"not a valid JSON Schema: {e.message}" + (f" (at {where})" if where else "")) from None
         functions.append(fn)
     return functions
 
@@ -112,7 +115,8 @@ class ToolPlan:
             if self.mode == "required" or fn["name"] == self.named:
                 await check_constraint(StructuredOutputsParams(json=parameters_of(fn), disable_any_whitespace=True),
                                        f"tools.{i}.function.parameters")
-        so = self.constraint()
+        with limits.guard("tool_choice"):
+            so = self.constraint()
         await check_constraint(so, "tool_choice")
         return so
 

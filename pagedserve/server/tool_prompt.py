@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 from pagedserve.errors import InvalidRequestError
+from pagedserve.structured import limits
 
 
 def template_source(tokenizer, kwargs: dict | None) -> str:
@@ -33,11 +34,13 @@ def history_tool_calls(calls: list, i: int) -> list[dict]:
             raise InvalidRequestError(f"{param}: must be {{'id', 'type': 'function', 'function': {{'name', "
                                       f"'arguments'}}}} with a function name", param=param)
         args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                raise InvalidRequestError(f"{param}.function.arguments: not valid JSON", param=param) from None
+        try:  # the message names the arguments; `param` stays the call
+            if isinstance(args, str):
+                args = limits.load_json(args, f"{param}.function.arguments") if args.strip() else {}
+            else:
+                limits.check_value(args, f"{param}.function.arguments")
+        except InvalidRequestError as e:
+            raise InvalidRequestError(e.message, param=param) from None
         out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
 

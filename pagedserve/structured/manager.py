@@ -1,8 +1,10 @@
 """Engine-side structured outputs: compile off the step loop, mask constrained rows, advance matchers.
 
-- Grammars compile on a small thread pool (xgrammar's compiler releases the GIL), cached by the
-  constraint. A request whose grammar is not ready is held here, not in the scheduler's queue, so
-  it never blocks admission or steps of other requests; `poll` hands it to the scheduler once ready.
+- Grammars compile in worker processes (compile_pool.py) under a time and a memory budget, so a
+  pathological grammar fails its own request with a 400 instead of occupying the engine, and
+  are cached by the constraint in an LRU bounded in bytes. A request whose grammar is not ready
+  is held here, not in the scheduler's queue, so it never blocks admission or steps of other
+  requests; `poll` hands it to the scheduler once ready.
 - One xgrammar matcher per sequence, created on first use by replaying the sequence's output
   tokens. So n > 1 forks (children start where the parent stood) and preemption by recompute
   (tokens are kept, only the KV is recomputed) need no special state copying.
@@ -24,24 +26,28 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 
-from pagedserve.errors import InvalidRequestError
-from pagedserve.structured.grammar import build_grammar, cache_key
+from pagedserve.errors import InvalidRequestError, PagedServeError
+from pagedserve.structured.compile_pool import CompilePool
+from pagedserve.structured.grammar import cache_key
 
 log = logging.getLogger("pagedserve.structured")
 
-CACHE_SIZE = 512  # compiled grammars kept (LRU)
-# Threads for compiling and batched mask filling: a quarter of the cores, so that on a small CPU
-# host the model's own threads keep theirs (a compile then slows steps, never stops them).
+CACHE_BYTES = 128 << 20  # compiled grammars kept (LRU), by xgrammar's memory_size_bytes
+# Threads for batched mask filling: a quarter of the cores, so that on a small CPU host the model's
+# own threads keep theirs.
 THREADS = max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int], workers: int = 2):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int], **pool_options):
         self.vocab_size = vocab_size
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grammar")
         # Built once, in the background: engine start-up does not wait for it.
-        self._compiler = self._pool.submit(self._make_compiler, tokenizer, vocab_size, sorted(stop_token_ids))
+        self._info = ThreadPoolExecutor(1, thread_name_prefix="grammar").submit(
+            self._tokenizer_info, tokenizer, vocab_size, sorted(stop_token_ids))
+        self.pool = CompilePool(self._info.result, **pool_options)  # budgets: see compile_pool.py
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}  # key -> bytes, once its compile has finished
+        self.cache_bytes = 0
         self._lock = threading.Lock()
         self.pending: dict[str, tuple[object, Future]] = {}  # request id -> (request, compile future)
         self.grammars: dict[str, object] = {}  # admitted request id -> CompiledGrammar
@@ -51,43 +57,44 @@ class StructuredOutputManager:
         self._bitmask: torch.Tensor | None = None
         self._batch = None  # xgrammar BatchGrammarMatcher: fills many rows in one call, in parallel
         self._xgr_apply_ok = True
-        self.compile_seconds: dict[tuple, float] = {}  # key -> cold compile time (benchmarks, logs)
 
     @staticmethod
-    def _make_compiler(tokenizer, vocab_size: int, stop_ids: list[int]):
+    def _tokenizer_info(tokenizer, vocab_size: int, stop_ids: list[int]):
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
-        return xgr.GrammarCompiler(info, max_threads=THREADS, cache_enabled=False)
+        return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
 
     # -- compilation ---------------------------------------------------------------
-    def _compile(self, so, key: tuple):
-        import time
-
-        t0 = time.perf_counter()
-        grammar = build_grammar(so)  # InvalidRequestError for a bad constraint
-        compiler = self._compiler.result()
-        try:
-            compiled = compiler.compile_grammar(grammar)
-        except Exception as e:  # noqa: BLE001 - rare: the grammar parsed but does not compile
-            raise InvalidRequestError(f"structured_outputs: cannot compile the constraint: {e}",
-                                      param="structured_outputs") from None
-        self.compile_seconds[key] = time.perf_counter() - t0
-        return compiled
-
     def compile_async(self, so) -> Future:
-        """The (cached) compile future of a constraint; failures stay cached too (same answer each time)."""
+        """The (cached) compile future of a constraint; failures stay cached too (same answer each time).
+        QueueFullError when the compile pool's queue is full."""
         key = cache_key(so)
         with self._lock:
             fut = self._cache.get(key)
             if fut is not None:
                 self._cache.move_to_end(key)
                 return fut
-            fut = self._pool.submit(self._compile, so, key)
+            fut = self.pool.submit(so)
             self._cache[key] = fut
-            if len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-            return fut
+        fut.add_done_callback(lambda f: self._account(key, f))
+        return fut
+
+    def _account(self, key: tuple, fut: Future) -> None:
+        """A compile finished: charge its bytes (a failure costs its key) and evict LRU entries past the budget."""
+        size = sum(len(p) if isinstance(p, str) else 8 for p in key)
+        if fut.exception() is None:
+            size += fut.result().memory_size_bytes
+        with self._lock:
+            if self._cache.get(key) is not fut:
+                return
+            self._sizes[key] = size
+            self.cache_bytes += size
+            while self.cache_bytes > CACHE_BYTES and self._sizes:
+                old = next((k for k in self._cache if k in self._sizes), None)  # oldest finished entry
+                if old is None:
+                    break
+                del self._cache[old]
+                self.cache_bytes -= self._sizes.pop(old)
 
     def submit(self, req) -> bool:
         """Start compiling `req`'s grammar; True when it is ready now (a cache hit): admit at once.
@@ -111,7 +118,7 @@ class StructuredOutputManager:
                 self.grammars[rid] = fut.result()
                 ready.append(req)
             else:
-                if not isinstance(err, InvalidRequestError):
+                if not isinstance(err, PagedServeError):
                     err = InvalidRequestError(f"structured_outputs: {type(err).__name__}: {err}",
                                               param="structured_outputs")
                 failed.append((req, err))
