@@ -191,7 +191,7 @@ class StructuredOutputManager:
         if self.closers:
             for i in rows:
                 closer = self.closers.get(sampled[i].seq.seq_id)
-                if closer is not None:
+                if closer is not None and closer.restricts:
                     closer.restrict(bm[i].numpy().view("uint32"))
         mask = bm[:n]
         if logits.device.type != "cpu":

@@ -29,10 +29,13 @@ class TokenBytes:
 
     def __init__(self, decoded: list[bytes]):
         self.of = decoded
+        # A token that runs past an item's end holds its closing bracket: none is longer than this.
+        self.reach = max((len(b) for b in decoded if b"}" in b or b"]" in b), default=0)
         order = sorted(range(len(decoded)), key=decoded.__getitem__)
         self._sorted = [decoded[i] for i in order]
         self._ids = np.asarray(order, dtype=np.int64)
         self.closing = self.with_prefix(b"]")
+        self.moves: dict[tuple, tuple] = {}  # (token, in_str, esc) -> its effect inside an item, see _move
 
     def with_prefix(self, prefix: bytes) -> np.ndarray:
         lo = bisect.bisect_left(self._sorted, prefix)
@@ -54,11 +57,30 @@ class RepeatCloser:
         self.in_str = self.esc = False
         self.item: bytearray | None = None
         self.items: list[bytes] = []  # completed items, in order
+        self.alike: list[bytes] = []  # earlier items that the current item is a prefix of, so far
         self.repeated = False  # the last completed item equals an earlier one: the array must end
+        self.restricts = False  # whether `restrict` may change anything now (most steps not: callers skip it)
 
     def feed(self, token: int) -> None:
-        for c in self.vocab.of[token]:
-            self._byte(c)
+        b = self.vocab.of[token]
+        move = None
+        if self.item is not None:
+            key = (token, self.in_str, self.esc)
+            move = self.vocab.moves.get(key)
+            if move is None:
+                move = self.vocab.moves[key] = _move(b, self.in_str, self.esc)
+        if move is not None and self.depth + move[1] > 1:  # stays inside the item: no byte-by-byte walk
+            if self.alike:
+                k = len(self.item)
+                self.alike = [e for e in self.alike if e[k:k + len(b)] == b]
+            self.item += b
+            self.depth += move[0]
+            self.in_str, self.esc = move[2], move[3]
+        else:
+            for c in b:
+                self._byte(c)
+        self.restricts = self.repeated or (
+            bool(self.alike) and min(map(len, self.alike)) - len(self.item) < self.vocab.reach)
 
     def _byte(self, c: int) -> None:
         if self.item is None:
@@ -67,11 +89,15 @@ class RepeatCloser:
             elif self.depth == 1:
                 if c in b"{[":
                     self.item, self.depth, self.repeated = bytearray([c]), 2, False
+                    self.alike = [e for e in self.items if e[0] == c]
                 elif c == _CLOSE:
-                    self.depth = 0
+                    self.depth, self.repeated = 0, False
                 elif c == 0x2C:  # a separator after all: too late to close here
                     self.repeated = False
             return
+        if self.alike:
+            k = len(self.item)
+            self.alike = [e for e in self.alike if len(e) > k and e[k] == c]
         self.item.append(c)
         if self.in_str:
             if self.esc:
@@ -90,7 +116,7 @@ class RepeatCloser:
                 done = bytes(self.item)
                 self.repeated = done in self.items
                 self.items.append(done)
-                self.item = None
+                self.item, self.alike = None, []
 
     def restrict(self, row: np.ndarray) -> None:
         """Narrow one row of the grammar's bitmask (uint32 words, modified in place) by the rule above."""
@@ -101,13 +127,33 @@ class RepeatCloser:
             if (row & keep).any():  # else the grammar cannot close here (minItems): leave it be
                 row &= keep
             return
-        if self.item is None or not self.items:
-            return
-        item, n = bytes(self.item), len(self.item)
-        for rest in {e[n:] for e in self.items if len(e) > n and e.startswith(item)}:
+        n = len(self.item) if self.item is not None else 0
+        for rest in {e[n:] for e in self.alike if len(e) > n}:
             ids = self.vocab.with_prefix(rest)
             ids = np.asarray([t for t in ids.tolist() if len(self.vocab.of[t]) > len(rest)
                               and self.vocab.of[t][len(rest)] != _CLOSE], dtype=np.int64)
             if len(ids):
                 words, bits = _bits(ids)
                 np.bitwise_and.at(row, words, ~bits)
+
+
+def _move(b: bytes, in_str: bool, esc: bool) -> tuple[int, int, bool, bool]:
+    """A token's effect on the scanner inside an item: (depth change, lowest depth change on the way,
+    in_str after, esc after)."""
+    depth = low = 0
+    for c in b:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in b"{[":
+            depth += 1
+        elif c in b"}]":
+            depth -= 1
+            low = min(low, depth)
+    return depth, low, in_str, esc
