@@ -21,8 +21,8 @@ from pagedserve.server.protocol import ChatCompletionRequest, parse
 from pagedserve.structured.grammar import NUMBER_LIMIT, build_grammar
 from pagedserve.structured.manager import StructuredOutputManager
 
-ADD = {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                                     "required": ["a", "b"]}}
+ADD = {"name": "add", "parameters": {"type": "object", "required": ["a", "b"],
+                                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                  "required": ["city"]}}
 CALL = '{"name": "add", "parameters": {"a": 2, "b": 3}}'

@@ -148,8 +148,8 @@ def build_grammar(so: StructuredOutputsParams, param: str = "structured_outputs"
                 _fail(field, "must be a non-empty EBNF grammar")
             return xgr.Grammar.from_ebnf(so.grammar)
         # json_object: any JSON object (the built-in JSON grammar would also allow arrays and scalars).
-        return xgr.Grammar.from_json_schema(json.dumps(JSON_OBJECT_SCHEMA), any_whitespace=not so.disable_any_whitespace,
-                                            strict_mode=False)
+        return xgr.Grammar.from_json_schema(json.dumps(JSON_OBJECT_SCHEMA),
+                                            any_whitespace=not so.disable_any_whitespace, strict_mode=False)
     except InvalidRequestError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError with "<file>:<line>: message"
