@@ -8,12 +8,15 @@ On the default model (SmolLM2-135M-Instruct), offline engine, greedy:
   (2) schema compile time, cold (first time: schema -> grammar -> token masks) and cached;
   (3) stalls: while a large schema compiles (off the step loop), the step gaps of running
       unconstrained requests, against their gaps before it was submitted;
-  (4) xgrammar vs llguidance on this vocabulary (compile, per-token mask), when llguidance is installed.
+  (4) xgrammar vs llguidance on this vocabulary (compile, per-token mask), when llguidance is installed;
+  (5) per-token mask cost of the grammars as built before and after the "answers that end" defaults
+      (compact JSON, bounded numbers, the repeated-call rule of tool_choice "required").
 
 Prints tables and writes JSON (default benchmarks/results/structured_output_<device>.json).
 Timings on a shared machine are noisy: --repeat N keeps the best of N runs.
 
     python benchmarks/structured_output.py [--device cuda] [--max-tokens 256] [--repeat 3]
+    python benchmarks/structured_output.py --sections mask      # (5) only: no model, seconds
 """
 from __future__ import annotations
 
@@ -234,6 +237,90 @@ def library_comparison(tokenizer, vocab: int) -> dict:
     return out
 
 
+MASK_CASES = {  # schema, a compact answer (valid under the grammars before and after)
+    "city (the issue's)": ({"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                                                             "population": {"type": "integer"}},
+                            "required": ["name", "country", "population"]},
+                           {"name": "Tokyo", "country": "Japan", "population": 13960000}),
+    "mixed": ({"type": "object", "properties": {
+        "id": {"type": "integer"}, "score": {"type": "number"}, "kind": {"enum": ["a", "b"]},
+        "tags": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "inner": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "integer"}},
+                  "required": ["x", "y"]}}, "required": ["id", "score", "kind", "tags", "inner"]},
+              {"id": 12345, "score": 3.25, "kind": "a", "tags": [1, 2, 3, 40, 55], "inner": {"x": -1.5, "y": 7}}),
+    "json_object": (None, {"name": "Tokyo", "population": 13960000, "coords": [35.6, 139.7],
+                           "tags": ["a", {"x": True, "y": None}]}),
+    "tool calls (required)": ("tools", [{"name": "add", "parameters": {"a": 2, "b": 3}},
+                                        {"name": "get_weather", "parameters": {"city": "Oslo"}}]),
+}
+
+
+def mask_cost(tokenizer, vocab: int, repeat: int) -> dict:
+    """Mean and median us per token to fill the next-token mask (plus the repeated-call rule where it applies)
+    and advance, over a compact answer, best of `repeat` passes. "before": the grammars as built before
+    (any whitespace for response_format, unbounded numbers, no repeat rule); "after": as built now."""
+    import xgrammar as xgr
+
+    from pagedserve.sampling_params import StructuredOutputsParams as SO
+    from pagedserve.server.constrained_calls import required_schema
+    from pagedserve.structured.grammar import build_grammar
+    from pagedserve.structured.repeat_close import RepeatCloser, TokenBytes
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+    comp = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    token_bytes = TokenBytes(info.decoded_vocab)
+    tools = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                    "required": ["city"]}},
+             {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                                             "b": {"type": "integer"}},
+                                            "required": ["a", "b"]}}]
+    out = {}
+    for name, (schema, doc) in MASK_CASES.items():
+        if schema == "tools":
+            schema = required_schema(tools)
+            before = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+            after, closer = build_grammar(SO(json=schema, disable_any_whitespace=True, end_array_on_repeat=True)), True
+        elif schema is None:
+            before = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=True, strict_mode=False)
+            after, closer = build_grammar(SO(json_object=True)), False
+        else:
+            before = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=True, strict_mode=True)
+            after, closer = build_grammar(SO(json=schema)), False
+        ids = tokenizer.encode(json.dumps(doc), add_special_tokens=False)
+        row = {"tokens": len(ids)}
+        for label, grammar, use_closer in (("before", before, False), ("after", after, closer)):
+            compiled = comp.compile_grammar(grammar)
+            bm = xgr.allocate_token_bitmask(1, vocab)
+            best = None
+            for _ in range(repeat):
+                m, ts = xgr.GrammarMatcher(compiled), []
+                rc = RepeatCloser(token_bytes) if use_closer else None
+                for tok in ids + [None]:
+                    t0 = time.perf_counter()
+                    m.fill_next_token_bitmask(bm, 0)
+                    if rc is not None and rc.restricts:
+                        rc.restrict(bm[0].numpy().view("uint32"))
+                    if tok is not None:
+                        assert m.accept_token(tok), (name, label)
+                        if rc is not None:
+                            rc.feed(tok)
+                    ts.append(time.perf_counter() - t0)
+                if best is None or statistics.mean(ts) < statistics.mean(best):
+                    best = ts
+            row[label] = {"us_mean": statistics.mean(best) * 1e6, "us_median": statistics.median(best) * 1e6,
+                          "us_max": max(best) * 1e6}
+        out[name] = row
+    return out
+
+
+def print_mask_cost(res: dict) -> None:
+    print("\nPer-token mask cost (fill + repeat rule + advance), us: before -> after (mean / median / max):")
+    for name, r in res.items():
+        b, a = r["before"], r["after"]
+        print(f"  {name:<24} {r['tokens']:>3} tokens  mean {b['us_mean']:6.2f} -> {a['us_mean']:6.2f}   "
+              f"median {b['us_median']:6.2f} -> {a['us_median']:6.2f}   max {b['us_max']:7.1f} -> {a['us_max']:7.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -243,7 +330,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="default: 64 on CPU, 256 on GPU")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sections", nargs="+", default=["all"], choices=["all", "mask"],
+                    help="mask: only the per-token mask cost before/after (no model; writes *_mask.json)")
     args = ap.parse_args(argv)
+    if args.sections == ["mask"]:
+        from transformers import AutoTokenizer
+
+        from pagedserve.model.default_model import default_model_dir
+
+        tok = AutoTokenizer.from_pretrained(args.model or default_model_dir())
+        res = {"mask_cost": mask_cost(tok, len(tok), max(args.repeat, 5))}
+        print_mask_cost(res["mask_cost"])
+        out = args.out or "benchmarks/results/structured_output_mask_cpu.json"
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"\nwrote {out}")
+        return 0
 
     import logging
 
@@ -281,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result["library_comparison"] = library_comparison(llm.tokenizer, llm.engine.args.vocab_size)
     print("\nLibrary comparison:", json.dumps(result["library_comparison"], indent=1))
+    result["mask_cost"] = mask_cost(llm.tokenizer, llm.engine.args.vocab_size, args.repeat)
+    print_mask_cost(result["mask_cost"])
     out = args.out or f"benchmarks/results/structured_output_{dev}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -23,6 +23,11 @@ class StructuredOutputsParams:
     `json` is a JSON Schema (dict or its JSON text), `regex` a regular expression,
     `choice` a list of allowed strings, `grammar` an EBNF/GBNF grammar, and
     `json_object` any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+
+    JSON is compact by default (`disable_any_whitespace`: one fixed separator style), so a small
+    greedy model cannot loop on whitespace; `disable_any_whitespace=False` allows any whitespace.
+    `end_array_on_repeat` (set by tool_choice "required") ends a top-level array at the first
+    item that repeats an earlier one (see structured/repeat_close.py).
     """
 
     json: dict | str | None = None
@@ -30,7 +35,8 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    disable_any_whitespace: bool = False
+    disable_any_whitespace: bool = True
+    end_array_on_repeat: bool = False
 
 
 @dataclass

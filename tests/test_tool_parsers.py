@@ -138,10 +138,39 @@ def test_required_parser_streams_arguments_as_generated():
     assert p.feed("]") == [] and p.finish() == []
 
 
-def test_required_parser_without_json_is_content():
-    """Output the constraint did not shape (or cut before any name) is not lost."""
-    assert streamed(RequiredCallsParser, "I cannot do that.", 3) == ("I cannot do that.", [])
-    assert streamed(RequiredCallsParser, '[{"na', 1) == ('[{"na', [])
+def test_required_parser_cut_before_a_name_is_nothing():
+    """A call array cut before any name holds no call, and its JSON prefix is not content either."""
+    for step in (1, 3, 100):
+        assert streamed(RequiredCallsParser, '[{"na', step) == ("", [])
+
+
+ADD_23 = '{"name": "add", "parameters": {"a": 2, "b": 3}}'
+ADD_24 = '{"name": "add", "parameters": {"a": 2, "b": 4}}'
+WEATHER_OSLO = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize("text,calls", [
+    (f"[{ADD_23}, {ADD_23}]", [ADD_23]),
+    (f"[{ADD_23}, {WEATHER_OSLO}, {ADD_23}]", [ADD_23, WEATHER_OSLO]),
+    (f"[{ADD_23}, {ADD_24}, {ADD_23}, {ADD_24}]", [ADD_23, ADD_24]),
+    (f"[{ADD_23}, {ADD_23[:-3]}", [ADD_23]),  # cut inside a repeat
+])
+def test_required_parser_drops_repeated_calls(text, calls):
+    """An item identical to an earlier one is no call, streamed or not (the engine ends the array there)."""
+    want = [(json.loads(c)["name"], json.loads(c)["parameters"]) for c in calls]
+    for step in (len(text), 1, 5):
+        content, got = streamed(RequiredCallsParser, text, step)
+        assert content is None and [(n, json.loads(a)) for n, a in got] == want
+
+
+def test_required_parser_holds_a_call_only_while_it_may_be_a_repeat():
+    p = RequiredCallsParser()
+    first = p.feed(f"[{ADD_23}, ")
+    assert [x[0] for x in first] == ["start", "args"]
+    held = p.feed('{"name": "add", "parameters": {"a": 2, "b": ')  # so far the same text as call 0
+    assert held == []
+    assert p.feed("4") == [("start", 1, "add"), ("args", 1, '{"a": 2, "b": 4')]  # differs: released at once
+    assert p.feed("}}]") == [("args", 1, "}")] and p.finish() == []
 
 
 def test_named_parser():
@@ -222,6 +251,7 @@ def test_plan_modes():
     assert named.constraint().json == ADD["function"]["parameters"]
     req = plan_tools([WEATHER, ADD], "required", False, ToolOptions())
     assert req.constraint().json["maxItems"] == 1 and req.constraint().disable_any_whitespace
+    assert req.constraint().end_array_on_repeat and not named.constraint().end_array_on_repeat
 
 
 def test_tool_options_checked_at_start():
@@ -299,3 +329,19 @@ def test_cli_flags_reach_the_replicas_and_are_checked_first():
                            timeout=60)
         assert r.returncode != 0 and "--tool-call-parser" in r.stderr + r.stdout
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["required", "named"])
+def test_message_drops_a_call_cut_by_max_tokens(mode):
+    """finish_reason "length" inside a call: only complete calls come back, each one parses."""
+    choice = "required" if mode == "required" else {"type": "function", "function": {"name": "add"}}
+    plan = plan_tools([WEATHER, ADD], choice, None, AUTO)
+    text = f'[{ADD_23}, {{"name": "get_weather", "parameters": {{"city": "Pa' if mode == "required" else '{"a": 2, "b'
+    msg, reason = plan.output().message(text, "length")
+    assert reason == "length"
+    calls = msg.get("tool_calls", [])
+    assert [c["function"]["name"] for c in calls] == (["add"] if mode == "required" else [])
+    for c in calls:
+        json.loads(c["function"]["arguments"])
+    if not calls:
+        assert msg["content"] == ""

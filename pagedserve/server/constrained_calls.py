@@ -5,12 +5,14 @@ so every call parses and its arguments validate against the function's parameter
 
 - named function: the output is the arguments object itself;
 - required: the output is `[{"name": <one of the tools>, "parameters": {...}}, ...]`, each
-  item's parameters constrained by the schema of the tool it names (at most one item when
-  `parallel_tool_calls` is false).
+  item's parameters constrained by the schema of the tool it names (exactly one item when
+  `parallel_tool_calls` is false). The engine ends the array at the first item that repeats an
+  earlier one (structured/repeat_close.py), and that item is not a call.
 
 The stream parsers here emit the same pieces as tool_parsers.py, but stream each call's
 arguments as they are generated: they are the raw JSON text of the `parameters` value,
-so the fragments concatenate to exactly what the non-streaming answer carries.
+so the fragments concatenate to exactly what the non-streaming answer carries. A call that
+max_tokens cuts is streamed up to the cut (ToolOutput.message drops it from a whole answer).
 """
 from __future__ import annotations
 
@@ -108,17 +110,22 @@ class RequiredCallsParser:
     """Streams `[{"name": ..., "parameters": {...}}, ...]` char by char: each call starts once its name
     is complete, and the raw text of its `parameters` value streams as argument fragments.
 
-    Output that is not such an array (no constraint applied, or cut short before any name) comes back
-    as plain content at the end rather than being lost."""
+    An item whose text repeats an earlier item's is not a call (the engine ends the array there).
+    So the pieces of an item are held back while its text is still a prefix of an earlier item's,
+    and sent as soon as it differs: a repeat is never streamed, and the stream never takes back
+    anything it sent."""
 
     ARG_KEYS = ("parameters", "arguments")
 
     def __init__(self) -> None:
-        self.raw: list[str] = []
         self.depth = 0
         self.in_str = False
         self.esc = False
         self.ncalls = 0  # calls whose name is known (started)
+        self.items: list[str] = []  # text of each completed item
+        self.item: list[str] | None = None  # text of the item being read
+        self.alike: list[str] = []  # earlier items that the current one is a prefix of, so far
+        self.held: list[Piece] | None = None  # the current item's pieces while it may be a repeat
         self._reset_call()
 
     def _reset_call(self) -> None:
@@ -133,16 +140,36 @@ class RequiredCallsParser:
         self.ws = ""  # whitespace inside the arguments, sent only if more of them follows
 
     def feed(self, text: str) -> list[Piece]:
-        self.raw.append(text)
         out: list[Piece] = []
         for c in text:
             self._char(c, out)
         return _coalesce(out)
 
     def finish(self) -> list[Piece]:
-        if self.ncalls == 0:
-            return [("content", "".join(self.raw))]
-        return []
+        return []  # an item cut short: what it streamed stays; held pieces (a repeat so far) are dropped
+
+    def _emit(self, piece: Piece, out: list[Piece]) -> None:
+        (out if self.held is None else self.held).append(piece)
+
+    def _item_char(self, c: str, out: list[Piece]) -> None:
+        """Record a char of the current item; release its held pieces once it differs from every earlier item."""
+        k = len(self.item)
+        self.item.append(c)
+        if self.held is not None:
+            self.alike = [e for e in self.alike if len(e) > k and e[k] == c]
+            if not self.alike:
+                out.extend(self.held)
+                self.held = None
+
+    def _end_item(self, out: list[Piece]) -> None:
+        text = "".join(self.item)
+        if self.held is not None and text in self.items:  # a repeat: not a call
+            if self.name is not None:
+                self.ncalls -= 1
+        elif self.held is not None:
+            out.extend(self.held)
+        self.items.append(text)
+        self.item, self.held, self.alike = None, None, []
 
     def _args(self, c: str, out: list[Piece]) -> None:
         if c.isspace():
@@ -152,7 +179,7 @@ class RequiredCallsParser:
         if self.call_index is None:
             self.pending.append(s)
         else:
-            out.append(("args", self.call_index, s))
+            self._emit(("args", self.call_index, s), out)
 
     def _end_value(self, out: list[Piece]) -> None:
         if self.val_key == "name" and self.name is None:
@@ -163,13 +190,15 @@ class RequiredCallsParser:
             if isinstance(name, str):
                 self.name, self.call_index = name, self.ncalls
                 self.ncalls += 1
-                out.append(("start", self.call_index, name))
+                self._emit(("start", self.call_index, name), out)
                 if self.pending:
-                    out.append(("args", self.call_index, "".join(self.pending)))
+                    self._emit(("args", self.call_index, "".join(self.pending)), out)
                     self.pending = []
         self.val_key, self.val_started, self.ws = None, False, ""
 
     def _char(self, c: str, out: list[Piece]) -> None:
+        if self.item is not None:
+            self._item_char(c, out)
         in_value = self.val_key is not None
         if self.in_str:
             if self.esc:
@@ -195,6 +224,8 @@ class RequiredCallsParser:
             if c == "{":
                 self.depth = 2
                 self._reset_call()
+                self.item, self.alike = [c], list(self.items)
+                self.held = [] if self.alike else None
             elif c == "]":
                 self.depth = 0
             return
@@ -209,6 +240,7 @@ class RequiredCallsParser:
                     self.val_key = self.key if self.key is not None else ""
                 elif c == "}":
                     self.depth = 1
+                    self._end_item(out)
                 return
         if not self.val_started and c.isspace():
             return

@@ -78,7 +78,7 @@ class StructuredOutputsRequest(_Base):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    disable_any_whitespace: bool = False
+    disable_any_whitespace: bool = True  # compact JSON; false allows any whitespace (vLLM's default)
 
 
 class _SamplingFields(_Base):

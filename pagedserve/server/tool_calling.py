@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -100,7 +101,7 @@ class ToolPlan:
         """The engine constraint that makes "required"/named calls always parse and validate."""
         if self.mode == "required":
             return StructuredOutputsParams(json=required_schema(self.functions, self.parallel),
-                                           disable_any_whitespace=True)
+                                           disable_any_whitespace=True, end_array_on_repeat=True)
         if self.mode == "named":
             fn = next(f for f in self.functions if f["name"] == self.named)
             return StructuredOutputsParams(json=named_schema(fn), disable_any_whitespace=True)
@@ -206,6 +207,8 @@ class ToolOutput:
         return "tool_calls" if self.calls and finish_reason == "stop" else finish_reason
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The whole answer. A call whose arguments do not parse (max_tokens cut it) is dropped, so
+        every call returned is complete; the finish_reason stays "length"."""
         deltas = self.feed(text)
         more, reason = self.finish(finish_reason)
         content: list[str] = []
@@ -218,7 +221,16 @@ class ToolOutput:
                     calls[tc["index"]] = {"id": tc["id"], "type": "function",
                                           "function": {"name": tc["function"]["name"], "arguments": ""}}
                 calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
+        calls = {i: c for i, c in calls.items() if _parses(c["function"]["arguments"])}
         msg: dict = {"role": "assistant", "content": "".join(content) or (None if calls else "")}
         if calls:
             msg["tool_calls"] = [calls[i] for i in sorted(calls)]
         return msg, reason
+
+
+def _parses(arguments: str) -> bool:
+    try:
+        json.loads(arguments)
+    except ValueError:
+        return False
+    return True

@@ -17,6 +17,15 @@ Validation (no tokenizer needed) runs where the request arrives, so a bad constr
 naming the field before anything reaches the engine. xgrammar ignores a few JSON Schema
 keywords it cannot express; those are refused by name instead of producing output that does
 not validate.
+
+JSON grammars are built so that a small greedy model reaches the end of its JSON:
+- compact by default (xgrammar's `any_whitespace=False`: separators ", " and ": ", no other
+  whitespace between tokens), since with any whitespace allowed a model may emit newlines until
+  max_tokens; `disable_any_whitespace=False` opts back in. xgrammar's whitespace cap
+  (`max_whitespace_cnt`) is not used: it made masks 3-5x slower (benchmarks/structured_output.py);
+- numbers with no bound on a side get one (`bound_numbers`), which xgrammar turns into a digit
+  count: at most 15 integer digits (and 6 decimals, xgrammar's range grammar) instead of
+  `11122000000000000000...` until max_tokens. Explicit bounds are kept as given.
 """
 from __future__ import annotations
 
@@ -33,6 +42,13 @@ UNSUPPORTED_KEYWORDS = ("uniqueItems", "contains", "minContains", "maxContains",
 
 _NAME_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _DATA = ("enum", "const", "default", "examples")  # JSON values, not schemas
+
+NUMBER_LIMIT = 10**15 - 1  # the bound given to a number schema side that has none: 15 digits
+# json_object: any JSON object whose numbers are bounded like a schema's (the built-in JSON grammar's are not).
+_ANY = {"anyOf": [{"type": "string"}, {"type": "number", "minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT},
+                  {"type": "boolean"}, {"type": "null"}, {"type": "array", "items": {"$ref": "#/$defs/any"}},
+                  {"type": "object", "additionalProperties": {"$ref": "#/$defs/any"}}]}
+JSON_OBJECT_SCHEMA = {"$defs": {"any": _ANY}, "type": "object", "additionalProperties": {"$ref": "#/$defs/any"}}
 
 Key = tuple
 
@@ -115,9 +131,8 @@ def build_grammar(so: StructuredOutputsParams, param: str = "structured_outputs"
         if kind == "json":
             schema = _load_schema(so.json, field)
             _check_schema(schema, field)
-            # No cap on whitespace runs (xgrammar's max_whitespace_cnt): it made masks ~25x slower here.
-            return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=not so.disable_any_whitespace,
-                                                strict_mode=True)
+            return xgr.Grammar.from_json_schema(json.dumps(bound_numbers(schema)),
+                                                any_whitespace=not so.disable_any_whitespace, strict_mode=True)
         if kind == "regex":
             if not isinstance(so.regex, str) or not so.regex:
                 _fail(field, "must be a non-empty string")
@@ -133,12 +148,44 @@ def build_grammar(so: StructuredOutputsParams, param: str = "structured_outputs"
                 _fail(field, "must be a non-empty EBNF grammar")
             return xgr.Grammar.from_ebnf(so.grammar)
         # json_object: any JSON object (the built-in JSON grammar would also allow arrays and scalars).
-        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=not so.disable_any_whitespace,
-                                            strict_mode=False)
+        return xgr.Grammar.from_json_schema(json.dumps(JSON_OBJECT_SCHEMA),
+                                            any_whitespace=not so.disable_any_whitespace, strict_mode=False)
     except InvalidRequestError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError with "<file>:<line>: message"
         raise InvalidRequestError(f"{field}: cannot compile the {kind} constraint: {_clean(e)}", param=field) from None
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _add_bounds(node: dict) -> None:
+    """Give a number/integer schema a bound on each side that has none (in place, on a copy)."""
+    types = node.get("type")
+    types = types if isinstance(types, list) else [types]
+    if not ({"integer", "number"} & set(types)) or "enum" in node or "const" in node or "multipleOf" in node:
+        return  # xgrammar drops multipleOf when a range is given: leave such schemas as they are
+    lows = [node[k] for k in ("minimum", "exclusiveMinimum") if _numeric(node.get(k))]
+    highs = [node[k] for k in ("maximum", "exclusiveMaximum") if _numeric(node.get(k))]
+    if not lows and all(h >= -NUMBER_LIMIT for h in highs):
+        node["minimum"] = -NUMBER_LIMIT
+    if not highs and all(lo <= NUMBER_LIMIT for lo in lows):
+        node["maximum"] = NUMBER_LIMIT
+
+
+def bound_numbers(node: Any, names: bool = False) -> Any:
+    """A copy of a JSON schema in which every number and integer is bounded on both sides, so its
+    grammar has a digit limit (see the module docstring). `names`: `node` maps names to schemas."""
+    if isinstance(node, list):
+        return [bound_numbers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if names:
+        return {k: bound_numbers(v) for k, v in node.items()}
+    out = {k: v if k in _DATA else bound_numbers(v, names=k in _NAME_MAPS) for k, v in node.items()}
+    _add_bounds(out)
+    return out
 
 
 def _clean(e: Exception) -> str:

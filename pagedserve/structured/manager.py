@@ -15,6 +15,8 @@
   accepts, and ends the sequence with finish_reason "stop" (also under ignore_eos).
 - A sampled token reaches its matcher at the sequence's next mask, not at once: on a GPU that
   work overlaps the next forward pass instead of adding to every step.
+- A constraint with `end_array_on_repeat` also gets a RepeatCloser per sequence, fed the same
+  tokens, which narrows the grammar's mask so that its array ends at a repeated item.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from pagedserve.errors import InvalidRequestError, PagedServeError
 from pagedserve.structured.compile_pool import CompilePool
 from pagedserve.structured.grammar import cache_key
+from pagedserve.structured.repeat_close import RepeatCloser, TokenBytes
 
 log = logging.getLogger("pagedserve.structured")
 
@@ -53,6 +56,8 @@ class StructuredOutputManager:
         self.grammars: dict[str, object] = {}  # admitted request id -> CompiledGrammar
         self.matchers: dict[int, object] = {}  # seq id -> GrammarMatcher
         self.unaccepted: dict[int, int] = {}  # seq id -> its last token, fed to the matcher at its next mask
+        self.closers: dict[int, RepeatCloser] = {}  # seq id -> its closer (end_array_on_repeat only)
+        self._token_bytes: TokenBytes | None = None
         self.stop_ids = frozenset(stop_token_ids)
         self._bitmask: torch.Tensor | None = None
         self._batch = None  # xgrammar BatchGrammarMatcher: fills many rows in one call, in parallel
@@ -135,6 +140,7 @@ class StructuredOutputManager:
         for seq in req.seqs:
             self.matchers.pop(seq.seq_id, None)
             self.unaccepted.pop(seq.seq_id, None)
+            self.closers.pop(seq.seq_id, None)
 
     # -- the step ------------------------------------------------------------------
     def _matcher(self, req, seq):
@@ -144,16 +150,31 @@ class StructuredOutputManager:
             import xgrammar as xgr
 
             m = xgr.GrammarMatcher(self.grammars[req.request_id])
+            closer = self._closer(req)
             for t in seq.output_token_ids:  # a fork or a rebuilt state: replay what was generated
                 m.accept_token(t)
+                if closer is not None:
+                    closer.feed(t)
             self.matchers[seq.seq_id] = m
+            if closer is not None:
+                self.closers[seq.seq_id] = closer
             self.unaccepted.pop(seq.seq_id, None)
         else:
             t = self.unaccepted.pop(seq.seq_id, None)
-            if t is not None and not m.accept_token(t):
-                # Only when every allowed token was also blocked (e.g. EOS before min_tokens).
-                log.warning("request %s: token %d violates its grammar", req.request_id, t)
+            if t is not None:
+                if not m.accept_token(t):
+                    # Only when every allowed token was also blocked (e.g. EOS before min_tokens).
+                    log.warning("request %s: token %d violates its grammar", req.request_id, t)
+                if seq.seq_id in self.closers:
+                    self.closers[seq.seq_id].feed(t)
         return m
+
+    def _closer(self, req) -> RepeatCloser | None:
+        if not req.params.structured_outputs.end_array_on_repeat:
+            return None
+        if self._token_bytes is None:  # the vocabulary's bytes, once
+            self._token_bytes = TokenBytes(self._info.result().decoded_vocab)
+        return RepeatCloser(self._token_bytes)
 
     def apply_masks(self, logits: torch.Tensor, sampled: list) -> None:
         """Mask, in place, the logits rows (one per entry of `sampled`) of constrained requests."""
@@ -174,6 +195,11 @@ class StructuredOutputManager:
             if self._batch is None:
                 self._batch = xgr.BatchGrammarMatcher(max_threads=THREADS)
             self._batch.batch_fill_next_token_bitmask(matchers, bm, indices=rows)
+        if self.closers:
+            for i in rows:
+                closer = self.closers.get(sampled[i].seq.seq_id)
+                if closer is not None and closer.restricts:
+                    closer.restrict(bm[i].numpy().view("uint32"))
         mask = bm[:n]
         if logits.device.type != "cpu":
             mask = mask.to(logits.device, non_blocking=True)
