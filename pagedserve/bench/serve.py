@@ -105,7 +105,7 @@ async def resolve_model(url: str, api_key: str | None, timeout: float) -> str:
 
 
 def resolve_workers(text: str, mode: str, loads: list, max_concurrency: int | None, counts: list | None) -> int:
-    from pagedserve.bench.workers import auto_workers
+    from pagedserve.bench.load_processes import auto_workers
 
     if str(text).strip().lower() == "auto":
         return auto_workers(mode, loads, max_concurrency, counts)
@@ -127,7 +127,7 @@ async def main(args: argparse.Namespace) -> int:
     from pagedserve.bench.client import RequestRecord, StreamPool, build_body, endpoint_url, send_request
     from pagedserve.bench.datasets import make_dataset
     from pagedserve.bench.metrics import parse_slo, summarize
-    from pagedserve.bench.runner import LevelSpec, RequestSettings
+    from pagedserve.bench.load_level import LevelSpec, RequestSettings
 
     import logging
 
@@ -185,7 +185,7 @@ async def main(args: argparse.Namespace) -> int:
     results, summaries = [], []
     try:
         if n_workers > 1:
-            from pagedserve.bench.workers import WorkerPool
+            from pagedserve.bench.load_processes import WorkerPool
 
             workers = WorkerPool(n_workers, args.timeout, args.api_key, streams)
             err.print(f"load generator: {n_workers} worker processes (pids {', '.join(map(str, workers.pids))})")
@@ -256,7 +256,7 @@ async def main(args: argparse.Namespace) -> int:
 
 async def _run_workers(spec, settings, reqs, pool, workers, console, disabled: bool, stop):
     """One level over the worker processes; the parent only deals prompts, scrapes /metrics and merges."""
-    from pagedserve.bench.runner import finish_level, scrape_server_metrics, server_side
+    from pagedserve.bench.load_level import finish_level, scrape_server_metrics, server_side
 
     before: dict = {}
 
@@ -294,7 +294,7 @@ async def _run_workers(spec, settings, reqs, pool, workers, console, disabled: b
 async def _run_with_progress(spec, settings, reqs, pool, console, disabled: bool, stop=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pagedserve.bench.runner import run_level
+    from pagedserve.bench.load_level import run_level
 
     if disabled or not console.is_terminal:
         t = time.perf_counter()
@@ -352,7 +352,7 @@ def report_run(args: argparse.Namespace) -> int:
     from pagedserve.bench import report
     from pagedserve.bench.client import RequestRecord
     from pagedserve.bench.metrics import parse_slo, summarize
-    from pagedserve.bench.runner import LevelResult, LevelSpec
+    from pagedserve.bench.load_level import LevelResult, LevelSpec
 
     try:
         doc = json.loads(Path(args.json).read_text())

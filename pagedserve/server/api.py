@@ -23,7 +23,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from pagedserve import __version__
-from pagedserve.answer_cache import AnswerCache, AnswerCacheConfig, AnswerCacheMiddleware
+from pagedserve.answer_cache.cache import AnswerCache
+from pagedserve.answer_cache.config import AnswerCacheConfig
+from pagedserve.answer_cache.middleware import AnswerCacheMiddleware
 from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.errors import InvalidRequestError, NotReadyError, PagedServeError

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from pagedserve.bench.client import BenchRequest, RequestRecord
-from pagedserve.bench.runner import LevelSpec, RequestSettings, gamma_intervals
-from pagedserve.bench.worker_main import worker_main
+from pagedserve.bench.load_level import LevelSpec, RequestSettings, gamma_intervals
+from pagedserve.bench.load_process_main import worker_main
 
 STREAMS_PER_WORKER = 64  # the auto rule: one worker per this many concurrent streams
 WATCHDOG_S = 30.0  # a worker silent this long mid-level is presumed hung and killed
