@@ -49,7 +49,7 @@ def _from_worker(name: str) -> property:
 
 
 class LLMEngine:
-    # Device, model and memory facts live on the worker; read them through the engine as before.
+    # Device, model and memory facts live on the worker; the engine reads them through.
     device = _from_worker("device")
     dtype = _from_worker("dtype")
     model_dir = _from_worker("model_dir")
@@ -332,13 +332,11 @@ def _eos_ids(hf_config: dict, model_dir: Path, tokenizer) -> set[int]:
 
 def _freeze_startup_objects() -> None:
     """Collect once, then move everything start-up made (torch, transformers, the tokenizer: ~300K objects)
-    out of the collector's reach. A full collection walks them all: 160 ms on a CI core with the default
-    model, and Python starts one by itself after enough allocations, i.e. inside some step. On an H200
-    a probe's first 7B fp8 b=1 generate after warm-up ran at 244 tok/s and the next ones at 290-302; frozen,
-    288 from the first call (benchmarks/results/fp8_b1_first_call_h200.json). Unfreezing first
-    lets a process that builds engines one after another (tests) still reclaim the cycles of dropped ones;
-    unfreezing at exit lets the interpreter's last collection free native objects (frozen, Triton's
-    bindings report hundreds of "leaked" instances at shutdown)."""
+    out of the collector's reach. A full collection walks them all (160 ms on one CPU core with the default
+    model), and Python starts one by itself after enough allocations, i.e. inside some step, which then
+    stalls every running stream. Unfreezing first lets a process that builds engines one after another
+    (tests) still reclaim the cycles of dropped ones; unfreezing at exit lets the interpreter's last
+    collection free native objects (frozen, Triton's bindings report "leaked" instances at shutdown)."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
