@@ -1,6 +1,6 @@
 """Answer cache: latency of a hit vs a miss through `pagedserve router` on the bench mock server.
 
-The mock server (pagedserve/bench/mock_server.py) stands in for a model: --ttft seconds to the
+The mock server (tests/doubles/mock_openai_server.py) stands in for a model: --ttft seconds to the
 first token, then one token every --itl seconds. Three routers in their own processes:
 no cache, and `--answer-cache memory`. Sequential requests (one at a time, keep-alive):
 
@@ -77,7 +77,7 @@ def main() -> int:
     procs = []
     try:
         mport = free_port()
-        procs.append(start([sys.executable, str(ROOT / "pagedserve/bench/mock_server.py"), "--port", str(mport),
+        procs.append(start([sys.executable, str(ROOT / "tests/doubles/mock_openai_server.py"), "--port", str(mport),
                             "--ttft", str(a.ttft), "--itl", str(a.itl)]))
         wait_http(f"http://127.0.0.1:{mport}")
         urls = {}

@@ -48,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-MOCK = ROOT / "pagedserve" / "bench" / "mock_server.py"
+MOCK = ROOT / "tests" / "doubles" / "mock_openai_server.py"
 RESULTS = ROOT / "benchmarks" / "results"
 THROUGHPUT_TOL, LATENCY_TOL = 0.03, 0.05
 
@@ -156,7 +156,7 @@ def server_scrape(url: str) -> dict | None:
     """Sums/counts of the server's vLLM-named latency histograms (GET /metrics), or None."""
     import httpx
 
-    from pagedserve.bench.runner import _PROM
+    from pagedserve.bench.load_level import _PROM
 
     try:
         r = httpx.get(url + "/metrics", timeout=10)
@@ -170,7 +170,7 @@ def server_scrape(url: str) -> dict | None:
 
 def with_server_view(url: str, run) -> dict:
     """Run one client; add the server's own mean TTFT over that run (the reference both clients are judged by)."""
-    from pagedserve.bench.runner import server_side
+    from pagedserve.bench.load_level import server_side
 
     before = server_scrape(url)
     res = run()

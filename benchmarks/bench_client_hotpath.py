@@ -9,7 +9,7 @@ json.loads of every event (the old path), orjson.loads when installed, and the b
 probes of pagedserve/bench/client.py (json.loads only for the usage/error event).
 
 Part 2 (end to end): client CPU seconds per chunk against the mock server
-(pagedserve/bench/mock_server.py in its own process), one event loop, `--streams`
+(tests/doubles/mock_openai_server.py in its own process), one event loop, `--streams`
 concurrent streams: httpx + json.loads per chunk (the old client, reproduced here)
 vs the current client (httptools pool + byte probes), on asyncio's loop and on uvloop
 (what the --workers processes use). CPU is the client process's
@@ -137,7 +137,7 @@ async def run_clients(url: str, kind: str, streams: int, requests: int, out_len:
 
 
 def part_e2e(args) -> list[dict]:
-    mock = subprocess.Popen([sys.executable, str(ROOT / "pagedserve/bench/mock_server.py"), "--port", "0",
+    mock = subprocess.Popen([sys.executable, str(ROOT / "tests/doubles/mock_openai_server.py"), "--port", "0",
                              "--ttft", "0.05", "--itl", str(args.itl)], stdout=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{int(mock.stdout.readline().split()[1])}/v1/completions"

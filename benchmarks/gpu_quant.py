@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pagedserve.plan import KNOWN_MODELS  # noqa: E402
+from pagedserve.plan.model_shapes import KNOWN_MODELS  # noqa: E402
 
 SHAPE = "Qwen/Qwen2.5-7B-Instruct"
 TINY = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pagedserve.plan import KNOWN_MODELS, ModelShape  # noqa: E402
+from pagedserve.plan.model_shapes import KNOWN_MODELS, ModelShape  # noqa: E402
 
 SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
 

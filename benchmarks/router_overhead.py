@@ -67,7 +67,7 @@ async def fast_backend(scope, receive, send):
 def serve_backend(port: int) -> None:
     import uvicorn
 
-    from pagedserve.cluster.serving import uvicorn_config
+    from pagedserve.cluster.uvicorn_server import uvicorn_config
 
     uvicorn.Server(uvicorn_config(fast_backend, "127.0.0.1", port, lifespan="off")).run()
 
@@ -182,7 +182,7 @@ async def hammer(port: int, conc: int, duration: float, stream: bool = False) ->
 
 
 def run_hammer(port: int, conc: int, duration: float, stream: bool = False) -> dict:
-    from pagedserve.cluster.serving import new_event_loop
+    from pagedserve.cluster.uvicorn_server import new_event_loop
 
     loop = new_event_loop()
     try:
@@ -210,7 +210,7 @@ def main() -> int:
     router = RouterProc([backend.url], policy)
     out = {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0], "policy": policy}
     try:
-        from pagedserve.cluster.serving import new_event_loop
+        from pagedserve.cluster.uvicorn_server import new_event_loop
 
         loop = new_event_loop()
         out["latency"] = loop.run_until_complete(latency(backend.url, router.url, args.n))

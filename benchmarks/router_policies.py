@@ -1,6 +1,6 @@
 """Routing-policy study: which policy should the router use by default?
 
-Four simulated continuous-batching GPU backends (pagedserve.cluster.sim: per-step time grows
+Four simulated continuous-batching GPU backends (tests.doubles.sim_backends: per-step time grows
 with the batch, bounded batch, FIFO queue, vLLM-named /metrics, a GPU-utilization reading
 that saturates at 100%) run in one process, the router (`pagedserve router --policy P`) in
 another, and this process drives them with streamed /v1/completions requests.
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pagedserve.cluster.policies import DEFAULT_POLICY  # noqa: E402
-from pagedserve.cluster.sim import SimConfig  # noqa: E402
+from tests.doubles.sim_backends import SimConfig  # noqa: E402
 from pagedserve.ports import free_port  # noqa: E402
 
 POLICIES = ["round_robin", "gpu_util", "least_outstanding", "engine_load", "prefix_affinity"]
@@ -64,7 +64,7 @@ def pct(xs: list[float], q: float) -> float:
 # ---------------------------------------------------------------------- processes
 class Sims:
     def __init__(self, n: int, cfg: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cluster.sim", "--num", str(n),
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.doubles.sim_backends", "--num", str(n),
                                       "--config", json.dumps(cfg)], stdout=subprocess.PIPE, cwd=ROOT)
         line = self.proc.stdout.readline()
         if not line:
@@ -222,7 +222,7 @@ def run_virtual(policy_name: str, cfg: SimConfig, reqs: list[dict], rate: float,
 
     from pagedserve.cluster.backends import Backend
     from pagedserve.cluster.policies import RequestInfo, make_policy
-    from pagedserve.cluster.sim import SimBackend, _Req
+    from tests.doubles.sim_backends import SimBackend, _Req
 
     name, _, kw = policy_name.partition(":")  # "least_outstanding:token_weight=0" for tuning
     sims = [SimBackend(cfg, name=f"v{i}") for i in range(n_backends)]

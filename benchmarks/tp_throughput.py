@@ -84,7 +84,7 @@ def make_model_dir(args) -> Path:
     from transformers import AutoTokenizer
 
     from pagedserve.model.default_model import default_model_dir
-    from pagedserve.plan import KNOWN_MODELS
+    from pagedserve.plan.model_shapes import KNOWN_MODELS
 
     d = Path(tempfile.mkdtemp(prefix="tp-shape-"))
     if args.dry_run:  # tiny: 2 layers, 4 query / 2 KV heads

@@ -13,11 +13,11 @@ import logging
 import sys
 
 COMMANDS = [
-    "pagedserve.entrypoints.generate_cli",  # generate, chat
-    "pagedserve.server.cli",  # serve
-    "pagedserve.cluster.cli",  # router
-    "pagedserve.bench.cli",  # bench serve | throughput
-    "pagedserve.plan",  # plan
+    "pagedserve.entrypoints.generate_command",  # generate, chat
+    "pagedserve.server.serve_command",  # serve
+    "pagedserve.cluster.router_command",  # router
+    "pagedserve.bench.bench_command",  # bench serve | throughput
+    "pagedserve.plan.plan_command",  # plan
     "pagedserve.download",  # download
 ]
 

@@ -86,6 +86,31 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def num_slots(self) -> int:
+        """Sequences the request occupies at its widest: beams, else its n samples."""
+        return self.beam_width if self.use_beam_search else self.n
+
+    @property
+    def has_penalties(self) -> bool:
+        """Repetition, presence or frequency penalties: the sampler reads the token history."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    def is_plain_greedy(self) -> bool:
+        """The next token is the argmax of the (grammar-masked) logits, with nothing else to compute or
+        return: one stream, no penalties, no bias, no logprobs. `min_tokens` is the caller's to check per step
+        (until it is reached, EOS and stop ids are blocked, so the row is sampled the long way)."""
+        return (self.greedy and self.num_slots == 1 and not self.use_beam_search and self.logprobs is None
+                and not self.has_penalties and not self.logit_bias)
+
+    def can_overlap(self) -> bool:
+        """Can the next token stay on the device for a step (overlapped scheduling)? Only if sampling reads
+        nothing the host learns from the latest token: no penalties (token counts), no min_tokens (the
+        blocked ids depend on the count), no grammar (advanced on the host), no logprobs (packed on the host),
+        no beams or n > 1 forks. Temperature, top-k/p, min-p, seeds and logit_bias all run on the device."""
+        return (self.num_slots == 1 and not self.use_beam_search and self.structured_outputs is None
+                and self.logprobs is None and not self.has_penalties and self.min_tokens == 0)
+
     def validate(self) -> None:
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

@@ -15,12 +15,17 @@ import httpx
 import openai
 import pytest
 
-from pagedserve.answer_cache import (AnswerCache, AnswerCacheConfig, AnswerCacheMiddleware, CachedAnswer,
-                                     InMemoryBackend, RedisBackend, cache_directives, cache_key, complete_answer,
-                                     deterministic, parse_size)
-from pagedserve.bench.mock_server import MockServer
+from pagedserve.answer_cache.args import parse_size
+from pagedserve.answer_cache.cache import AnswerCache
+from pagedserve.answer_cache.config import AnswerCacheConfig
+from pagedserve.answer_cache.entry import CachedAnswer, complete_answer
+from pagedserve.answer_cache.keys import cache_directives, cache_key, deterministic
+from pagedserve.answer_cache.memory import InMemoryBackend
+from pagedserve.answer_cache.middleware import AnswerCacheMiddleware
+from pagedserve.answer_cache.redis_backend import RedisBackend
+from tests.doubles.mock_openai_server import MockServer
 from pagedserve.cluster.router import Router, RouterConfig
-from pagedserve.cluster.serving import start_server
+from pagedserve.cluster.uvicorn_server import start_server
 from pagedserve.ports import free_port
 
 
@@ -150,7 +155,7 @@ def cache_metrics_text(cache: AnswerCache) -> str:
 
 async def test_middleware_large_body_passes_through_whole(monkeypatch):
     """A body over the keying limit is not buffered whole: the app still receives every byte, in order."""
-    import pagedserve.answer_cache as ac
+    import pagedserve.answer_cache.middleware as ac
 
     monkeypatch.setattr(ac, "MAX_BODY_BYTES", 100)
     got = []

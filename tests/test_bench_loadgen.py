@@ -1,4 +1,4 @@
-"""The load generator against a mock OpenAI server with exactly known timing (pagedserve/bench/mock_server.py).
+"""The load generator against a mock OpenAI server with exactly known timing (tests/doubles/mock_openai_server.py).
 
 Truth for a request of n tokens, k tokens per chunk: TTFT = ttft, ITL = itl,
 E2E = ttft + (ceil(n/k) - 1) * itl, TPOT = (E2E - TTFT) / (n - 1), tokens = n
@@ -16,9 +16,9 @@ import pytest
 
 from pagedserve.bench.client import BenchRequest, StreamPool
 from pagedserve.bench.metrics import percentile, summarize
-from pagedserve.bench.runner import LevelSpec, RequestSettings, run_level
+from pagedserve.bench.load_level import LevelSpec, RequestSettings, run_level
 
-MOCK = Path(__file__).resolve().parents[1] / "pagedserve" / "bench" / "mock_server.py"
+MOCK = Path(__file__).resolve().parents[1] / "tests" / "doubles" / "mock_openai_server.py"
 
 
 @contextlib.contextmanager
@@ -168,7 +168,7 @@ async def test_holds_600_concurrent_streams():
 
 
 def test_client_warnings_name_the_bottleneck():
-    from pagedserve.bench.runner import client_warnings
+    from pagedserve.bench.load_level import client_warnings
 
     spec = LevelSpec("concurrency", 600, 10)
     hot = client_warnings({"cpu_fraction": 0.5, "cpu_peak_fraction": 0.95, "loop_lag_p99_ms": 80.0}, spec)

@@ -11,7 +11,7 @@ import pytest
 from pagedserve.bench.client import RequestRecord, build_body, endpoint_url, BenchRequest
 from pagedserve.bench.metrics import SLO, find_knee, parse_duration, parse_slo, percentile, summarize
 from pagedserve.bench.report import analyze
-from pagedserve.bench.runner import gamma_intervals
+from pagedserve.bench.load_level import gamma_intervals
 from pagedserve.errors import InvalidRequestError
 
 
@@ -208,7 +208,7 @@ def test_value_axis_always_labels_numbers(lo, hi, want_log):
 
 def test_plots_render_narrow_and_wide_sweeps(tmp_path):
     from pagedserve.bench.report import analyze, plot
-    from pagedserve.bench.runner import LevelResult, LevelSpec
+    from pagedserve.bench.load_level import LevelResult, LevelSpec
 
     for name, ttfts in (("narrow", [0.202, 0.205, 0.207, 0.210]), ("wide", [0.02, 0.08, 0.9, 5.0])):
         loads = [1, 64, 256, 512]
@@ -241,7 +241,7 @@ def test_client_bound_levels_are_never_the_knee():
 
 
 def test_saturation_verdicts():
-    from pagedserve.bench.runner import LevelSpec
+    from pagedserve.bench.load_level import LevelSpec
     from pagedserve.bench.saturation import summarize_client
 
     spec = LevelSpec("concurrency", 256, 10)

@@ -18,8 +18,8 @@ import pytest
 
 from pagedserve.bench.client import BenchRequest, StreamPool
 from pagedserve.bench.metrics import percentile, summarize
-from pagedserve.bench.runner import LevelSpec, RequestSettings, Source, finish_level
-from pagedserve.bench.workers import WorkerPool, arrival_schedule, auto_workers, proportional, split
+from pagedserve.bench.load_level import LevelSpec, RequestSettings, Source, finish_level
+from pagedserve.bench.load_processes import WorkerPool, arrival_schedule, auto_workers, proportional, split
 from tests.test_bench_loadgen import mock_server
 
 TTFT, ITL, N = 1.0, 0.1, 6

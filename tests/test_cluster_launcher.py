@@ -40,7 +40,7 @@ def consecutive_free_ports(n: int) -> int:
 
 
 def sim_replica(index: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "pagedserve.cluster.sim", "--num", "1", "--port", str(port),
+    return [sys.executable, "-m", "tests.doubles.sim_backends", "--num", "1", "--port", str(port),
             "--config", json.dumps({"token_time": 0.0005, "chunk_tokens": 4})]
 
 

@@ -412,14 +412,14 @@ def _router_commands() -> list[list[str]]:
 
 def test_serve_arguments_parse():
     """Every `pagedserve serve` command line in compose, k8s and the Dockerfiles is accepted by the real CLI."""
-    parser = _parser_or_skip("serve", "pagedserve.server.cli")
+    parser = _parser_or_skip("serve", "pagedserve.server.serve_command")
     for argv in _serve_commands():
         args = _parse(parser, ["serve", *argv])
         assert args.host == "0.0.0.0" and int(args.port) == 8000, argv
 
 
 def test_router_arguments_parse():
-    parser = _parser_or_skip("router", "pagedserve.cluster.cli")
+    parser = _parser_or_skip("router", "pagedserve.cluster.router_command")
     for argv in _router_commands():
         args = _parse(parser, ["router", *argv])
         assert args.host == "0.0.0.0" and int(args.port) == 8000, argv
@@ -786,7 +786,8 @@ def _router_registry():
     # One backend, so the per-backend gauges produce their families too; nothing is contacted.
     registry = Router(["http://127.0.0.1:9"]).registry
     try:  # what `pagedserve router --answer-cache memory` adds to the same /metrics
-        from pagedserve.answer_cache import AnswerCache, AnswerCacheConfig
+        from pagedserve.answer_cache.cache import AnswerCache
+        from pagedserve.answer_cache.config import AnswerCacheConfig
     except ModuleNotFoundError:
         return registry
     AnswerCache(AnswerCacheConfig(backend="memory"), registry)

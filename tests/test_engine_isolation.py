@@ -1,14 +1,14 @@
 """One request's failure inside the engine step aborts that request only (issue 14).
 
-The fault is forced with the engine's test-only FaultInjector, installed on the in-process
-engine of the shared `llm` fixture (and removed afterwards)."""
+The fault is forced with the test-only faults of tests/doubles/faults.py, armed for the in-process
+engine of the shared `llm` fixture (and disarmed afterwards)."""
 from __future__ import annotations
 
 import pytest
 
-from pagedserve.engine.fault_injection import FaultInjector
 from pagedserve.errors import RequestFailedError
 from pagedserve.sampling_params import SamplingParams
+from tests.doubles.faults import Faults, install
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "def add(a, b):"]
 
@@ -31,16 +31,21 @@ def _run(engine, reqs: dict[str, tuple[str, SamplingParams]]) -> tuple[dict[str,
 
 
 @pytest.fixture
-def engine(llm):
-    eng = llm.engine
-    yield eng
-    eng.faults = FaultInjector()
+def faults() -> Faults:
+    active = install()
+    yield active
+    active.sample_seed = active.step_seed = None
 
 
-def test_fault_in_one_requests_sampling_leaves_the_batch_running(engine):
+@pytest.fixture
+def engine(llm, faults):
+    return llm.engine
+
+
+def test_fault_in_one_requests_sampling_leaves_the_batch_running(engine, faults):
     reference, failed = _run(engine, {f"ref{i}": (p, _params()) for i, p in enumerate(PROMPTS)})
     assert not failed and len(reference) == 4
-    engine.faults = FaultInjector(sample_seed=777)
+    faults.sample_seed = 777
     reqs = {f"r{i}": (p, _params()) for i, p in enumerate(PROMPTS)}
     reqs["poison"] = (PROMPTS[0], _params(seed=777))
     done, failed = _run(engine, reqs)
@@ -53,7 +58,6 @@ def test_fault_in_one_requests_sampling_leaves_the_batch_running(engine):
 
 
 def test_fault_in_a_beam_search_request_spares_the_others(engine):
-    engine.faults = FaultInjector()
     ok, _ = _run(engine, {"a": (PROMPTS[1], _params())})
 
     def broken_beam_step(*a, **k):
@@ -69,9 +73,9 @@ def test_fault_in_a_beam_search_request_spares_the_others(engine):
     assert done["a"] == ok["a"]
 
 
-def test_offline_generate_raises_one_line_for_a_failed_request(llm, engine):
-    engine.faults = FaultInjector(sample_seed=778)
+def test_offline_generate_raises_one_line_for_a_failed_request(llm, engine, faults):
+    faults.sample_seed = 778
     with pytest.raises(RequestFailedError, match="request 1 failed in the engine"):
         llm.generate(PROMPTS[:2], [_params(), _params(seed=778)], use_tqdm=False)
-    engine.faults = FaultInjector()
+    faults.sample_seed = None
     assert llm.generate(PROMPTS[:1], _params(), use_tqdm=False)[0].outputs[0].token_ids

@@ -364,7 +364,7 @@ def test_fp8_vs_bf16_on_a_real_shape(tmp_path):
     import json as _json
 
     from pagedserve.bench.quality import prefill_logits, teacher_forced_agreement
-    from pagedserve.plan import KNOWN_MODELS
+    from pagedserve.plan.model_shapes import KNOWN_MODELS
     from tests.tiny_models import tokenizer
 
     cfg = dict(KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"])

@@ -1,5 +1,6 @@
 """The package's import graph (module-level and function-level imports alike, read with ast):
-the engine takes part in no import cycle, and `pagedserve.distributed` never imports the engine."""
+no import cycle, `pagedserve.distributed` imports neither the engine nor the cluster, and no package
+module imports test code."""
 from __future__ import annotations
 
 import ast
@@ -45,11 +46,30 @@ def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-def test_distributed_does_not_import_the_engine():
+def test_distributed_imports_neither_the_engine_nor_the_cluster():
     graph = _graph()
     bad = sorted((m, t) for m in graph if m.startswith("pagedserve.distributed")
-                 for t in graph[m] if t.startswith("pagedserve.engine"))
+                 for t in graph[m] if t.startswith(("pagedserve.engine", "pagedserve.cluster")))
     assert not bad
+
+
+def _imported_names(f: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_package_code_imports_test_code():
+    """Test doubles (tests/doubles: simulated backends, the mock server, fault injection) stay out of the
+    package: no module of it imports `tests` or names a double's module."""
+    bad = sorted(str(f.relative_to(ROOT.parent)) for f in ROOT.rglob("*.py")
+                 if any(n == "tests" or n.startswith("tests.") for n in _imported_names(f)))
+    assert not bad
+    assert not [f for f in ROOT.rglob("*.py") if f.stem in ("sim", "mock_server", "fault_injection")]
 
 
 def test_no_engine_module_is_in_an_import_cycle():
@@ -61,7 +81,7 @@ def test_no_engine_module_is_in_an_import_cycle():
 
 
 def test_no_module_of_the_package_is_in_an_import_cycle():
-    """Cycles broken this round: distributed/executor <-> engine, model attention <-> its Triton kernels,
-    fp8 <-> its Triton kernel module. Keep it that way everywhere, not only in the engine."""
+    """Everywhere, not only in the engine (distributed/executor <-> engine, model attention <-> its Triton
+    kernels and fp8 <-> its Triton kernel module are the cycles most easily made)."""
     graph = _graph()
     assert not sorted(m for m in graph if m in _reaches(graph, m))

@@ -76,8 +76,8 @@ def test_bench_agreement_stops_its_server_on_sigterm(tmp_path):
                           "--mock-itl", "0.05", "--mock-processes", "1", "--out", str(tmp_path / "a.json")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     port = None
-    for line in p.stdout:  # "$ ... mock_server.py --port N ..." comes first
-        m = re.search(r"mock_server\.py --port (\d+)", line)
+    for line in p.stdout:  # "$ ... mock_openai_server.py --port N ..." comes first
+        m = re.search(r"mock_openai_server\.py --port (\d+)", line)
         if m:
             port = int(m.group(1))
             break

@@ -5,7 +5,10 @@ import pytest
 
 from pagedserve.cli import main
 from pagedserve.errors import ConfigError
-from pagedserve.plan import GPUS, GiB, KNOWN_MODELS, ModelShape, PlanInput, load_shape, make_plan
+from pagedserve.config import GiB
+from pagedserve.plan.gpus import GPUS
+from pagedserve.plan.memory_plan import PlanInput, make_plan
+from pagedserve.plan.model_shapes import KNOWN_MODELS, ModelShape, load_shape
 
 
 def _params(vocab, hidden, inter, layers, heads, kv_heads, tied, bias):
@@ -115,7 +118,7 @@ def test_presets_are_consistent():
 
 def test_startup_memory_check_refuses_before_allocating():
     from pagedserve.errors import OutOfMemoryError
-    from pagedserve.plan import available_host_memory, check_memory_before_load
+    from pagedserve.plan.startup_check import available_host_memory, check_memory_before_load
 
     qwen = load_shape("Qwen/Qwen-7B")
     with pytest.raises(OutOfMemoryError, match=r"weights need 14\.4 GiB .* budget is 14\.2 GiB"):

@@ -2,9 +2,10 @@
 issue's table, fault injection, engine restart, and a fuzz suite (hypothesis + raw-HTTP abuse)
 against a real `pagedserve serve` and a real `serve --replicas 2` router.
 
-Both run with PAGEDSERVE_FAULT_INJECT (test-only, see pagedserve/engine/fault_injection.py):
-a request with seed 4242 raises inside its own sampling; one with seed 4343 raises in the
-shared model step, which kills the engine process.
+Both run with tests/doubles/fault_site on PYTHONPATH and PAGEDSERVE_FAULT_INJECT set, which installs
+the test-only faults of tests/doubles/faults.py in every process: a request with seed 4242 raises
+inside its own sampling; one with seed 4343 raises in the shared model step, which kills the engine
+process.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from tests.servers import running_server
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "robust-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-ENV = {"PAGEDSERVE_FAULT_INJECT": "sample=4242,step=4343"}
+FAULT_SITE = ROOT / "tests" / "doubles" / "fault_site"
+ENV = {"PAGEDSERVE_FAULT_INJECT": "sample=4242,step=4343",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_SITE), os.environ.get("PYTHONPATH")]))}
 ARGS = ["--max-model-len", "512", "--kv-cache-memory", "0.25", "--max-num-seqs", "8", "--api-key", KEY]
 REF = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
 FUZZ_CASES = int(os.environ.get("PAGEDSERVE_FUZZ_CASES", "80"))

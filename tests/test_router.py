@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from pagedserve.cluster.router import Router, RouterConfig
-from pagedserve.cluster.serving import start_server
-from pagedserve.cluster.sim import SimBackend, SimConfig
+from pagedserve.cluster.uvicorn_server import start_server
+from tests.doubles.sim_backends import SimBackend, SimConfig
 
 FAST = SimConfig(token_time=0.0005, chunk_tokens=4, max_num_seqs=8)
 

@@ -159,7 +159,8 @@ def test_cluster_placement_gives_each_replica_consecutive_gpus():
 
 
 def test_plan_accepts_uneven_split():
-    from pagedserve.plan import PlanInput, load_shape, make_plan
+    from pagedserve.plan.memory_plan import PlanInput, make_plan
+    from pagedserve.plan.model_shapes import load_shape
 
     plan = make_plan(PlanInput(model=load_shape(None), gpu=None, tensor_parallel_size=2))
     one = make_plan(PlanInput(model=load_shape(None), gpu=None, tensor_parallel_size=1))

@@ -35,7 +35,9 @@ def test_explicit_budget_wins_and_serving_is_an_option(tiny_dir):
 
 def test_planner_counts_the_served_budget_of_the_gpu():
     """H100: the served default is 8,192 tokens, so the plan reserves their activations (not 2,048's)."""
-    from pagedserve.plan import PlanInput, activation_bytes, find_gpu, load_shape, make_plan
+    from pagedserve.plan.gpus import find_gpu
+    from pagedserve.plan.memory_plan import PlanInput, make_plan
+    from pagedserve.plan.model_shapes import activation_bytes, load_shape
 
     shape = load_shape("Qwen/Qwen2.5-7B-Instruct")
     h100 = find_gpu("H100-80GB")

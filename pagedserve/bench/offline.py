@@ -45,6 +45,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from pagedserve.model.default_model import DEFAULT_MODEL_NAME
+
 SCENARIOS = ("fixed", "longtail", "shared-prefix")
 
 
@@ -496,7 +498,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true",
                    help="shrink every workload so the whole run takes seconds (smoke test, not a measurement)")
     e = parser.add_argument_group("engines")
-    e.add_argument("--model", default=None, help="model dir or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    e.add_argument("--model", default=None, help=f"model dir or .gguf (default: the embedded {DEFAULT_MODEL_NAME})")
     e.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--max-model-len", type=int, default=None, help="default 2048 (quick: 512)")
     e.add_argument("--kv-cache-memory", type=float, default=None, help="GiB of KV cache (default 1.0; quick 0.1)")
@@ -542,7 +544,7 @@ def run(args) -> int:
     workloads = build_workloads(args, vocab, special)
     longest = max(w.max_len for w in workloads)
     meta = {
-        "model": str(args.model or "SmolLM2-135M-Instruct"), "dtype": args.dtype, "device": "cpu",
+        "model": str(args.model or DEFAULT_MODEL_NAME), "dtype": args.dtype, "device": "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "cpus": os.cpu_count(), "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": bool(args.quick), "repeat": args.repeat,

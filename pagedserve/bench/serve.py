@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from pagedserve.errors import ConfigError, InvalidRequestError
 
@@ -105,7 +107,7 @@ async def resolve_model(url: str, api_key: str | None, timeout: float) -> str:
 
 
 def resolve_workers(text: str, mode: str, loads: list, max_concurrency: int | None, counts: list | None) -> int:
-    from pagedserve.bench.workers import auto_workers
+    from pagedserve.bench.load_processes import auto_workers
 
     if str(text).strip().lower() == "auto":
         return auto_workers(mode, loads, max_concurrency, counts)
@@ -118,24 +120,26 @@ def resolve_workers(text: str, mode: str, loads: list, max_concurrency: int | No
     return n
 
 
-async def main(args: argparse.Namespace) -> int:
-    import signal
+@dataclass
+class Sweep:
+    """The load levels a run sweeps, from the command line, checked before anything is sent."""
+    mode: str  # concurrency | rate
+    loads: list
+    counts: list | None  # prompts per level (one for all, or one each); None: from --duration or the load
+    workers: int
 
-    from rich.console import Console
+    def prompts(self, i: int, load: float, duration: float | None) -> int | None:
+        if self.counts is not None:
+            return self.counts[i] if len(self.counts) > 1 else self.counts[0]
+        if duration:
+            return None
+        return max(16, 4 * int(load)) if self.mode == "concurrency" else 200
 
-    from pagedserve.bench import report
-    from pagedserve.bench.client import RequestRecord, StreamPool, build_body, endpoint_url, send_request
-    from pagedserve.bench.datasets import make_dataset
-    from pagedserve.bench.metrics import parse_slo, summarize
-    from pagedserve.bench.runner import LevelSpec, RequestSettings
+    def streams(self, max_concurrency: int | None) -> int:
+        return max(int(x) for x in self.loads) if self.mode == "concurrency" else (max_concurrency or 256)
 
-    import logging
 
-    for name in ("httpx", "httpcore"):  # one INFO line per request would drown the report
-        logging.getLogger(name).setLevel(logging.WARNING)
-    out = Console() if sys.stdout.isatty() else Console(width=160)
-    err = Console(stderr=True)
-    slo = parse_slo(args.slo)
+def parse_sweep(args: argparse.Namespace) -> Sweep:
     if args.request_rate:
         mode, loads = "rate", parse_list(args.request_rate, "request-rate")
     else:
@@ -149,101 +153,95 @@ async def main(args: argparse.Namespace) -> int:
     if mode == "rate" and counts is None and args.duration and any(math.isinf(x) for x in loads):
         raise InvalidRequestError("--request-rate inf with --duration needs --num-prompts (an endless burst otherwise)",
                                   param="num_prompts")
-    n_workers = resolve_workers(args.workers, mode, loads, args.max_concurrency, counts)
-    url = endpoint_url(args.url, args.endpoint)
-    model = args.model or await resolve_model(args.url, args.api_key, args.timeout)
-    dataset = make_dataset(args.dataset, tokenizer_name=args.tokenizer, input_len=args.input_len,
-                           output_len=args.output_len, range_ratio=args.range_ratio,
-                           prefix_len=args.prefix_len, seed=args.seed)
-    settings = RequestSettings(url=url, model=model, endpoint=args.endpoint, ignore_eos=args.ignore_eos,
-                               temperature=args.temperature, timeout=args.timeout, keep_text=args.save_text)
-    tokenizer = getattr(dataset, "tok", None)
+    return Sweep(mode, loads, counts, resolve_workers(args.workers, mode, loads, args.max_concurrency, counts))
 
-    def level_prompts(i: int, load: float) -> int | None:
-        if counts is not None:
-            return counts[i] if len(counts) > 1 else counts[0]
-        if args.duration:
-            return None
-        return max(16, 4 * int(load)) if mode == "concurrency" else 200
 
-    streams = max(int(x) for x in loads) if mode == "concurrency" else (args.max_concurrency or 256)
-    pool = StreamPool(min(streams, 64) if n_workers > 1 else streams, args.timeout, args.api_key)
-    workers = None
-    stop = asyncio.Event()
+@contextlib.contextmanager
+def first_sigint_stops(stop: asyncio.Event, err):
+    """First Ctrl-C: stop the level, keep what completed; a second one: at once (the default handler)."""
+    import signal
+
     loop = asyncio.get_running_loop()
 
-    def on_sigint() -> None:  # first Ctrl-C: stop the level, keep what completed; a second one: at once
+    def on_sigint() -> None:
         stop.set()
         err.print("[yellow]interrupted: stopping the load generator; the table shows what completed[/yellow]")
         loop.remove_signal_handler(signal.SIGINT)
 
     try:
         loop.add_signal_handler(signal.SIGINT, on_sigint)
-        sigint = True
+        installed = True
     except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals here
-        sigint = False
-    results, summaries = [], []
+        installed = False
     try:
-        if n_workers > 1:
-            from pagedserve.bench.workers import WorkerPool
-
-            workers = WorkerPool(n_workers, args.timeout, args.api_key, streams)
-            err.print(f"load generator: {n_workers} worker processes (pids {', '.join(map(str, workers.pids))})")
-        if args.warmup:
-            warm = dataset.stream(args.seed + 10_000)
-            ready_by = time.monotonic() + args.ready_timeout
-            for _ in range(args.warmup):
-                req = next(warm)
-                req.output_len = min(req.output_len, 16)
-                body = build_body(req, model, args.endpoint, args.ignore_eos, args.temperature)
-                while True:  # 503 = still loading (a server answers HTTP before its model is ready): wait
-                    rec = RequestRecord(-1)
-                    await send_request(pool, url, body, rec, time.perf_counter(), args.timeout)
-                    if rec.error_kind != "http_503" or time.monotonic() > ready_by or stop.is_set():
-                        break
-                    await asyncio.sleep(1.0)
-                if rec.error_kind == "connection":
-                    raise ConfigError(f"cannot reach {url}: {rec.error}", hint="is the server running? see --url")
-                if not rec.success:
-                    err.print(f"[yellow]warm-up request failed: {rec.error_kind}: {rec.error}[/yellow]")
-        for i, load in enumerate(loads):
-            if stop.is_set():
-                break
-            n = level_prompts(i, load)
-            stream = dataset.stream(args.seed + 1 + i)
-            # Prompts are made before the clock starts; with --duration alone they are made on the fly.
-            reqs = iter(list(itertools.islice(stream, n))) if n is not None else stream
-            spec = LevelSpec(mode, load, n, args.duration, args.burstiness, args.max_concurrency, args.seed + i)
-            if workers is not None:
-                res = await _run_workers(spec, settings, reqs, pool, workers, err, args.no_progress, stop)
-            else:
-                res = await _run_with_progress(spec, settings, reqs, pool, err, args.no_progress, stop)
-            _count_missing_tokens(res.records, tokenizer, args.tokenizer)
-            s = summarize(res.records, res.duration, slo)
-            results.append(res)
-            summaries.append(s)
-            for w in res.client["warnings"]:
-                err.print(f"[yellow]warning:[/yellow] {w}")
+        yield
     finally:
-        if sigint:
+        if installed:
             loop.remove_signal_handler(signal.SIGINT)
-        if workers is not None:
-            workers.close()
-        await pool.aclose()
 
-    interrupted = stop.is_set()
-    if interrupted and not summaries:
-        err.print("interrupted before any level ran: nothing to report")
-        return 130
-    loads = loads[: len(summaries)]
+
+async def warm_up(args: argparse.Namespace, dataset, pool, url: str, model: str, stop: asyncio.Event, err) -> None:
+    """Short requests before the clock starts; a server still loading (503) is waited for."""
+    from pagedserve.bench.client import RequestRecord, build_body, send_request
+
+    warm = dataset.stream(args.seed + 10_000)
+    ready_by = time.monotonic() + args.ready_timeout
+    for _ in range(args.warmup):
+        req = next(warm)
+        req.output_len = min(req.output_len, 16)
+        body = build_body(req, model, args.endpoint, args.ignore_eos, args.temperature)
+        while True:  # 503 = still loading (a server answers HTTP before its model is ready): wait
+            rec = RequestRecord(-1)
+            await send_request(pool, url, body, rec, time.perf_counter(), args.timeout)
+            if rec.error_kind != "http_503" or time.monotonic() > ready_by or stop.is_set():
+                break
+            await asyncio.sleep(1.0)
+        if rec.error_kind == "connection":
+            raise ConfigError(f"cannot reach {url}: {rec.error}", hint="is the server running? see --url")
+        if not rec.success:
+            err.print(f"[yellow]warm-up request failed: {rec.error_kind}: {rec.error}[/yellow]")
+
+
+async def run_levels(args: argparse.Namespace, sweep: Sweep, dataset, settings, pool, workers, slo,
+                     stop: asyncio.Event, err) -> tuple[list, list]:
+    """Each level in turn (until Ctrl-C): its results and summaries."""
+    from pagedserve.bench.load_level import LevelSpec
+    from pagedserve.bench.metrics import summarize
+
+    results, summaries = [], []
+    tokenizer = getattr(dataset, "tok", None)
+    for i, load in enumerate(sweep.loads):
+        if stop.is_set():
+            break
+        n = sweep.prompts(i, load, args.duration)
+        stream = dataset.stream(args.seed + 1 + i)
+        # Prompts are made before the clock starts; with --duration alone they are made on the fly.
+        reqs = iter(list(itertools.islice(stream, n))) if n is not None else stream
+        spec = LevelSpec(sweep.mode, load, n, args.duration, args.burstiness, args.max_concurrency, args.seed + i)
+        if workers is not None:
+            res = await _run_workers(spec, settings, reqs, pool, workers, err, args.no_progress, stop)
+        else:
+            res = await _run_with_progress(spec, settings, reqs, pool, err, args.no_progress, stop)
+        _count_missing_tokens(res.records, tokenizer, args.tokenizer)
+        results.append(res)
+        summaries.append(summarize(res.records, res.duration, slo))
+        for w in res.client["warnings"]:
+            err.print(f"[yellow]warning:[/yellow] {w}")
+    return results, summaries
+
+
+def write_report(args: argparse.Namespace, sweep: Sweep, results: list, summaries: list, slo, config: dict,
+                 interrupted: bool, out) -> None:
+    """The table on the console, then the JSON, CSV and plots asked for."""
+    from pagedserve.bench import report
+
+    mode, loads = sweep.mode, sweep.loads[: len(summaries)]
     analysis = report.analyze(mode, loads, summaries, slo, args.slo_target,
                               client_bound=[r.client.get("client_bound", False) for r in results])
     report.print_report(out, mode, loads, summaries, analysis, [r.client for r in results], [r.server for r in results])
     if interrupted:
         out.print(f"[bold yellow]interrupted:[/bold yellow] partial results — {len(summaries)} level(s), the last one "
                   f"cut short (requests in flight at Ctrl-C are not counted)")
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {
-        "url": url, "model": model, "workers": n_workers, "interrupted": interrupted}
     if args.save_json:
         report.to_json(args.save_json, config, mode, results, summaries, analysis, args.save_text)
         out.print(f"wrote {args.save_json}")
@@ -251,12 +249,62 @@ async def main(args: argparse.Namespace) -> int:
         out.print("wrote " + ", ".join(report.to_csv(args.save_csv, mode, results, summaries)))
     if args.plot:
         out.print("wrote " + ", ".join(report.plot(args.plot, mode, loads, summaries, results, analysis)))
+
+
+async def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.console import Console
+
+    from pagedserve.bench.client import StreamPool, endpoint_url
+    from pagedserve.bench.datasets import make_dataset
+    from pagedserve.bench.load_level import RequestSettings
+    from pagedserve.bench.metrics import parse_slo
+
+    for name in ("httpx", "httpcore"):  # one INFO line per request would drown the report
+        logging.getLogger(name).setLevel(logging.WARNING)
+    out = Console() if sys.stdout.isatty() else Console(width=160)
+    err = Console(stderr=True)
+    slo = parse_slo(args.slo)
+    sweep = parse_sweep(args)
+    url = endpoint_url(args.url, args.endpoint)
+    model = args.model or await resolve_model(args.url, args.api_key, args.timeout)
+    dataset = make_dataset(args.dataset, tokenizer_name=args.tokenizer, input_len=args.input_len,
+                           output_len=args.output_len, range_ratio=args.range_ratio,
+                           prefix_len=args.prefix_len, seed=args.seed)
+    settings = RequestSettings(url=url, model=model, endpoint=args.endpoint, ignore_eos=args.ignore_eos,
+                               temperature=args.temperature, timeout=args.timeout, keep_text=args.save_text)
+    streams = sweep.streams(args.max_concurrency)
+    pool = StreamPool(min(streams, 64) if sweep.workers > 1 else streams, args.timeout, args.api_key)
+    workers = None
+    stop = asyncio.Event()
+    try:
+        with first_sigint_stops(stop, err):
+            if sweep.workers > 1:
+                from pagedserve.bench.load_processes import WorkerPool
+
+                workers = WorkerPool(sweep.workers, args.timeout, args.api_key, streams)
+                err.print(f"load generator: {sweep.workers} worker processes (pids {', '.join(map(str, workers.pids))})")
+            if args.warmup:
+                await warm_up(args, dataset, pool, url, model, stop, err)
+            results, summaries = await run_levels(args, sweep, dataset, settings, pool, workers, slo, stop, err)
+    finally:
+        if workers is not None:
+            workers.close()
+        await pool.aclose()
+    interrupted = stop.is_set()
+    if interrupted and not summaries:
+        err.print("interrupted before any level ran: nothing to report")
+        return 130
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {
+        "url": url, "model": model, "workers": sweep.workers, "interrupted": interrupted}
+    write_report(args, sweep, results, summaries, slo, config, interrupted, out)
     return 130 if interrupted else 0
 
 
 async def _run_workers(spec, settings, reqs, pool, workers, console, disabled: bool, stop):
     """One level over the worker processes; the parent only deals prompts, scrapes /metrics and merges."""
-    from pagedserve.bench.runner import finish_level, scrape_server_metrics, server_side
+    from pagedserve.bench.load_level import finish_level, scrape_server_metrics, server_side
 
     before: dict = {}
 
@@ -294,7 +342,7 @@ async def _run_workers(spec, settings, reqs, pool, workers, console, disabled: b
 async def _run_with_progress(spec, settings, reqs, pool, console, disabled: bool, stop=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pagedserve.bench.runner import run_level
+    from pagedserve.bench.load_level import run_level
 
     if disabled or not console.is_terminal:
         t = time.perf_counter()
@@ -352,7 +400,7 @@ def report_run(args: argparse.Namespace) -> int:
     from pagedserve.bench import report
     from pagedserve.bench.client import RequestRecord
     from pagedserve.bench.metrics import parse_slo, summarize
-    from pagedserve.bench.runner import LevelResult, LevelSpec
+    from pagedserve.bench.load_level import LevelResult, LevelSpec
 
     try:
         doc = json.loads(Path(args.json).read_text())

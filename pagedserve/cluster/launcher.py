@@ -39,6 +39,7 @@ import httpx
 from pagedserve.cluster.policies import DEFAULT_POLICY, POLICIES
 from pagedserve.cluster.tasks import cancel_tasks
 from pagedserve.errors import ConfigError
+from pagedserve.proc import describe_exit
 
 log = logging.getLogger("pagedserve.launcher")
 
@@ -141,16 +142,6 @@ def plan_placement(n: int, gpus: list[str], cores: list[int], tp: int = 1) -> li
     return plans
 
 
-def describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = f"signal {-rc}"
-        return f"killed by {name}" + (" (out of memory? see dmesg)" if -rc == signal.SIGKILL else "")
-    return f"exited with code {rc}"
-
-
 class Replica:
     def __init__(self, index: int, port: int, argv: list[str], plan: dict, command=None):
         self.index = index
@@ -242,8 +233,8 @@ class Cluster:
             self.server.should_exit = True
 
     async def run(self) -> int:
-        from pagedserve.answer_cache import wrap
-        from pagedserve.cluster.serving import Server, uvicorn_config
+        from pagedserve.answer_cache.middleware import wrap
+        from pagedserve.cluster.uvicorn_server import Server, uvicorn_config
 
         app = wrap(self.router, self.answer_cache, self.router.registry)
         self.server = Server(uvicorn_config(app, self.host, self.port))
@@ -385,7 +376,7 @@ def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: lis
     """Run `serve` as N replicas + router until SIGINT/SIGTERM. `argv` is the replicas'
     command line (default: this process's `serve ...` arguments without cluster flags)."""
     from pagedserve.cluster.router import RouterConfig
-    from pagedserve.cluster.serving import new_event_loop
+    from pagedserve.cluster.uvicorn_server import new_event_loop
 
     n = replicas if replicas is not None else args.replicas
     argv = argv if argv is not None else _serve_argv_from_sys()
@@ -396,7 +387,7 @@ def run_cluster(args: argparse.Namespace, replicas: int | None = None, argv: lis
     _check_free(host, port, "router address")
     cache_cfg = None
     if getattr(args, "answer_cache", "off") != "off":
-        from pagedserve.answer_cache import config_from_args
+        from pagedserve.answer_cache.args import config_from_args
 
         cache_cfg = config_from_args(args)
     for i in range(n):

@@ -414,79 +414,92 @@ class Router(BackendUpkeep):
         b.inflight_tokens += est
         b.total_requests += 1
         resp = None
-        timeout = self.cfg.request_timeout
         try:
             try:
                 resp = await self.upstream.request(b.url, method, target, headers, body)
             except upstream.ConnectError as e:
                 return self._fail(b, "connect", f"connect error: {e}", connect=True)
             except upstream.ReadTimeout:
-                return self._timeout(b, f"no answer within {timeout:.0f}s")
+                return self._timeout(b, f"no answer within {self.cfg.request_timeout:.0f}s")
             except upstream.RemoteClosed as e:
                 return self._reset(b, str(e))
-            status = resp.status
             out_headers = [(k, v) for k, v in resp.headers if k not in _RESP_DROP]
             if self.cfg.backend_header:
                 out_headers.append((b"x-pagedserve-backend", b.url.encode()))
-            if status >= 400 or not info.stream:
-                try:
-                    data = await resp.aread()
-                except upstream.ReadTimeout:
-                    return self._timeout(b, f"no answer within {timeout:.0f}s")
-                except upstream.RemoteClosed as e:
-                    return self._reset(b, f"broken before the end of a {status} answer: {e}")
-                if status in _RETRY_STATUS:
-                    # Only "did no work" answers are retried: 429 (queue full) and 503 with Retry-After (not
-                    # ready). A 5xx without it means the backend worked on this request and failed.
-                    retry = status == 429 or (status == 503 and any(k == b"retry-after" for k, _ in resp.headers))
-                    if status == 429:  # full queue: try elsewhere, the backend itself is fine
-                        self._child(self.m_errors, b.url, "http_429").inc()
-                    elif retry:  # the backend itself says it cannot serve now: counts against its health
-                        self._fail(b, "http_5xx", f"HTTP {status}")
-                    else:  # an answer to this body (one request's fault, or its engine's): not the backend's
-                        self._child(self.m_errors, b.url, "request_5xx").inc()
-                    if not retry:
-                        self.m_not_retried.labels("backend_5xx").inc()
-                        self.poison.record(self.poison.fingerprint(info.path, body))
-                    return _Failure(f"{b.url}: HTTP {status}", status, out_headers, data, retry=retry)
-                self.pool.record_success(b)
-                self._child(self.m_requests, b.url, str(status)).inc()
-                await self._send(send, status, data, out_headers)
-                return None
-            # Streaming: commit to this backend only once its first bytes arrive.
-            try:
-                first = await resp.next_chunk()
-            except upstream.ReadTimeout:
-                return self._timeout(b, f"no first token within {timeout:.0f}s")
-            except upstream.RemoteClosed as e:
-                return self._reset(b, f"closed before the first byte: {e}")
-            self.pool.record_success(b)
-            self._child(self.m_requests, b.url, str(status)).inc()
-            await send({"type": "http.response.start", "status": status, "headers": out_headers})
-            if first is not None:
-                await send({"type": "http.response.body", "body": first, "more_body": True})
-                tail = first
-                try:
-                    while (chunk := await resp.next_chunk()) is not None:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        tail = chunk
-                except upstream.UpstreamError as e:
-                    msg = (f"backend {b.url} sent nothing for {timeout:.0f}s; the response is incomplete"
-                           if isinstance(e, upstream.ReadTimeout)
-                           else f"backend {b.url} failed mid-stream ({e}); the response is incomplete")
-                    self._child(self.m_errors, b.url, "stream_broken").inc()
-                    self.pool.record_failure(b, "stream broken")
-                    log.warning("stream from %s broke after the first bytes: %s", b.url, e)
-                    sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
-                    event = b"data: " + _error_body(msg, 502, "upstream_error") + b"\n\ndata: [DONE]\n\n"
-                    await send({"type": "http.response.body", "body": sep + event, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            return None
+            if resp.status >= 400 or not info.stream:
+                return await self._relay_whole(b, resp, out_headers, info, body, send)
+            return await self._relay_stream(b, resp, out_headers, send)
         finally:
             b.inflight -= 1
             b.inflight_tokens -= est
             if resp is not None:
                 resp.close()
+
+    async def _relay_whole(self, b: Backend, resp, out_headers, info: RequestInfo, body: bytes,
+                           send) -> _Failure | None:
+        """A JSON answer or an error: read whole, then relayed, or returned as a failure to retry or report."""
+        status, timeout = resp.status, self.cfg.request_timeout
+        try:
+            data = await resp.aread()
+        except upstream.ReadTimeout:
+            return self._timeout(b, f"no answer within {timeout:.0f}s")
+        except upstream.RemoteClosed as e:
+            return self._reset(b, f"broken before the end of a {status} answer: {e}")
+        if status in _RETRY_STATUS:
+            # Only "did no work" answers are retried: 429 (queue full) and 503 with Retry-After (not
+            # ready). A 5xx without it means the backend worked on this request and failed.
+            retry = status == 429 or (status == 503 and any(k == b"retry-after" for k, _ in resp.headers))
+            if status == 429:  # full queue: try elsewhere, the backend itself is fine
+                self._child(self.m_errors, b.url, "http_429").inc()
+            elif retry:  # the backend itself says it cannot serve now: counts against its health
+                self._fail(b, "http_5xx", f"HTTP {status}")
+            else:  # an answer to this body (one request's fault, or its engine's): not the backend's
+                self._child(self.m_errors, b.url, "request_5xx").inc()
+            if not retry:
+                self.m_not_retried.labels("backend_5xx").inc()
+                self.poison.record(self.poison.fingerprint(info.path, body))
+            return _Failure(f"{b.url}: HTTP {status}", status, out_headers, data, retry=retry)
+        self.pool.record_success(b)
+        self._child(self.m_requests, b.url, str(status)).inc()
+        await self._send(send, status, data, out_headers)
+        return None
+
+    async def _relay_stream(self, b: Backend, resp, out_headers, send) -> _Failure | None:
+        """Streaming: commit to this backend only once its first bytes arrive; a break after that ends the
+        stream with an error event (the client has the first bytes: no retry)."""
+        status, timeout = resp.status, self.cfg.request_timeout
+        try:
+            first = await resp.next_chunk()
+        except upstream.ReadTimeout:
+            return self._timeout(b, f"no first token within {timeout:.0f}s")
+        except upstream.RemoteClosed as e:
+            return self._reset(b, f"closed before the first byte: {e}")
+        self.pool.record_success(b)
+        self._child(self.m_requests, b.url, str(status)).inc()
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        if first is not None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            tail = first
+            try:
+                while (chunk := await resp.next_chunk()) is not None:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    tail = chunk
+            except upstream.UpstreamError as e:
+                await self._end_broken_stream(b, e, tail, send)
+        await send({"type": "http.response.body", "body": b""})
+        return None
+
+    async def _end_broken_stream(self, b: Backend, e: upstream.UpstreamError, tail: bytes, send) -> None:
+        timeout = self.cfg.request_timeout
+        msg = (f"backend {b.url} sent nothing for {timeout:.0f}s; the response is incomplete"
+               if isinstance(e, upstream.ReadTimeout)
+               else f"backend {b.url} failed mid-stream ({e}); the response is incomplete")
+        self._child(self.m_errors, b.url, "stream_broken").inc()
+        self.pool.record_failure(b, "stream broken")
+        log.warning("stream from %s broke after the first bytes: %s", b.url, e)
+        sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
+        event = b"data: " + _error_body(msg, 502, "upstream_error") + b"\n\ndata: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": sep + event, "more_body": True})
 
     def _timeout(self, b: Backend, message: str) -> _Failure:
         """No retry: the backend may still be working on it. A backend that stops answering counts

@@ -13,7 +13,7 @@ quiet. A worker that dies makes the next step (or the collective it was in) rais
 exits and requests get 503. Workers die with their parent (PDEATHSIG, EOF on the pipe), so
 nothing is orphaned.
 
-The worker process's entry point (`pagedserve.engine.tp_worker.worker_main`) is passed in by the
+The worker process's entry point (`pagedserve.engine.tp_rank_main.worker_main`) is passed in by the
 engine: this package never imports `pagedserve.engine`.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pagedserve.distributed.group import TPGroup
 from pagedserve.distributed.partition import plan_shards_for
 from pagedserve.errors import ConfigError, NotReadyError, PagedServeError
 from pagedserve.ports import free_port
+from pagedserve.proc import describe_exit
 
 log = logging.getLogger("pagedserve.tp")
 
@@ -171,8 +172,6 @@ class Executor:
         proc.join(1.0)
         why = "is unresponsive"
         if proc.exitcode is not None:
-            from pagedserve.cluster.launcher import describe_exit
-
             why = describe_exit(proc.exitcode)
         return TensorParallelWorkerError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) {why} {when}",
                                          hint="see the server log for its error; restart the server")

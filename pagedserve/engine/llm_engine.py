@@ -5,7 +5,8 @@ Each step schedules, runs one forward pass over the flat batch, samples, and upd
 engine and the offline `LLM` drive it. This module only wires the parts together:
 
 - `worker.py`: device, model, memory and the `ModelRunner` (`self.worker`)
-- `request_intake.py`: what `add_request` checks and builds
+- `request_intake.py` and `request_checks.py`: what `add_request` builds and checks (the server runs the
+  same checks)
 - `sampling.py`: a step's sample rows and the batched sampling (`self.sampler`)
 - `beam_search.py`: one beam-search step (`self.beam_search`)
 - `output_processor.py`: a sampled token's effects and the `RequestOutput`s (`self.output`)
@@ -26,13 +27,13 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine import request_intake as intake
 from pagedserve.engine.beam_search import BeamSearch
 from pagedserve.engine.block_manager import BlockManager
-from pagedserve.engine.fault_injection import FaultInjector
 from pagedserve.engine.output_processor import OutputProcessor
-from pagedserve.engine.overlap import InFlightStep, launch_sampling, overlappable, resolve
+from pagedserve.engine.overlap import InFlightStep, launch_sampling, resolve
+from pagedserve.engine.request_checks import EngineLimits, check_request
 from pagedserve.engine.sampling import StepSampler
 from pagedserve.engine.scheduler import ScheduledSeq, Scheduler
 from pagedserve.engine.sequence import Request, Sequence, Status
-from pagedserve.engine.tp_worker import worker_main
+from pagedserve.engine.tp_rank_main import worker_main
 from pagedserve.engine.worker import Worker
 from pagedserve.errors import ConfigError, InvalidRequestError, PagedServeError
 from pagedserve.model.loader import load_tokenizer
@@ -48,7 +49,7 @@ def _from_worker(name: str) -> property:
 
 
 class LLMEngine:
-    # Device, model and memory facts live on the worker; read them through the engine as before.
+    # Device, model and memory facts live on the worker; the engine reads them through.
     device = _from_worker("device")
     dtype = _from_worker("dtype")
     model_dir = _from_worker("model_dir")
@@ -74,10 +75,11 @@ class LLMEngine:
         w.init_kv_cache()
         self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens)
+        self.limits = EngineLimits(w.args.vocab_size, w.max_model_len, config.max_num_seqs,
+                                   w.max_num_batched_tokens, config.block_size, w.num_kv_blocks)
         self.requests: dict[str, Request] = {}
         self.failed: list[tuple[str, str]] = []  # requests aborted by an error in their own processing
         self._failed_ids: set[str] = set()
-        self.faults = FaultInjector.from_env()  # tests only; inert unless PAGEDSERVE_FAULT_INJECT is set
         self._seq_ids = itertools.count()
         self.generator = torch.Generator(device=w.device).manual_seed(config.seed)
         # Structured outputs: grammars compile off the step loop; requests wait there until ready.
@@ -111,10 +113,9 @@ class LLMEngine:
                     final_only: bool = False) -> Request:
         params = intake.checked_params(params, request_id, self.requests)
         text, ids = intake.prompt_ids(prompt, prompt_token_ids, self.tokenizer)
-        max_tokens = intake.check_prompt(ids, params, self.args.vocab_size, self.max_model_len)
+        max_tokens = check_request(ids, params, self.limits)
         seq = intake.new_sequence(next(self._seq_ids), 0, ids, params, self.tokenizer, self.device)
         req = intake.new_request(request_id, text, ids, params, max_tokens, seq, arrival_time, final_only)
-        intake.check_capacity(req, self.config, self.max_num_batched_tokens, self.num_kv_blocks)
         self.requests[request_id] = req
         if params.structured_outputs is None or self._submit_grammar(req):
             self.scheduler.add(req)
@@ -207,7 +208,6 @@ class LLMEngine:
                 e.request.metrics.first_scheduled_time = now
         self.runner.copy_blocks(self.block_manager.pending_copies)
         self.block_manager.pending_copies.clear()
-        self.faults.on_step(scheduled)
         logits, sampled = self.runner.execute(scheduled, prev.tokens if prev is not None else None)
         for e in scheduled:
             e.seq.num_computed += e.num_tokens
@@ -222,10 +222,9 @@ class LLMEngine:
     def _launch(self, logits: torch.Tensor, sampled: list[ScheduledSeq], scheduled: list[ScheduledSeq]
                 ) -> InFlightStep | None:
         """Sample on the device and leave this step in flight, when every sampled row allows it."""
-        if not sampled or not all(overlappable(e.request) for e in sampled):
+        if not sampled or not all(e.request.overlappable for e in sampled):
             return None  # (no row samples: prefill chunks only, nothing to carry over)
         try:
-            self.faults.on_sample([e.request for e in sampled])
             step = launch_sampling(logits, sampled, scheduled, self.generator, self.max_model_len)
         except Exception:  # noqa: BLE001 - the synchronous path samples request by request
             return None
@@ -256,7 +255,7 @@ class LLMEngine:
         if rows.plain_rows:
             self.sampler.greedy_and_append(logits, rows, now, touched, self._guarded, append)
         if rows.rows:
-            self.sampler.sample_and_append(logits, rows, now, touched, self.faults, self._guarded, append)
+            self.sampler.sample_and_append(logits, rows, now, touched, self._guarded, append)
         for rid, entries in rows.beams.items():
             req = self.requests[rid]
             self._guarded(req, self._beam_step, req, entries, logits, now)
@@ -333,13 +332,11 @@ def _eos_ids(hf_config: dict, model_dir: Path, tokenizer) -> set[int]:
 
 def _freeze_startup_objects() -> None:
     """Collect once, then move everything start-up made (torch, transformers, the tokenizer: ~300K objects)
-    out of the collector's reach. A full collection walks them all: 160 ms on a CI core with the default
-    model, and Python starts one by itself after enough allocations, i.e. inside some step. On an H200
-    a probe's first 7B fp8 b=1 generate after warm-up ran at 244 tok/s and the next ones at 290-302; frozen,
-    288 from the first call (benchmarks/results/fp8_b1_first_call_h200.json). Unfreezing first
-    lets a process that builds engines one after another (tests) still reclaim the cycles of dropped ones;
-    unfreezing at exit lets the interpreter's last collection free native objects (frozen, Triton's
-    bindings report hundreds of "leaked" instances at shutdown)."""
+    out of the collector's reach. A full collection walks them all (160 ms on one CPU core with the default
+    model), and Python starts one by itself after enough allocations, i.e. inside some step, which then
+    stalls every running stream. Unfreezing first lets a process that builds engines one after another
+    (tests) still reclaim the cycles of dropped ones; unfreezing at exit lets the interpreter's last
+    collection free native objects (frozen, Triton's bindings report "leaked" instances at shutdown)."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

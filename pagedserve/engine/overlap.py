@@ -13,8 +13,8 @@ the placeholders and runs the usual per-token processing one step late.
 Costs: a sequence that stops (EOS, stop string) has already been scheduled for one
 more step, and that row is wasted. Sequences that reach their length limit are not
 scheduled again (`stop_scheduling`), so a fixed-length batch wastes nothing.
-Requests whose sampling needs the host's view of the latest token (penalties,
-logprobs, grammars, beams, n > 1 forks, min_tokens) make their step synchronous;
+Requests whose sampling needs the host's view of the latest token
+(`SamplingParams.can_overlap` says which) make their step synchronous;
 greedy outputs are token-identical either way (tests/test_overlap.py).
 """
 from __future__ import annotations
@@ -26,14 +26,6 @@ import torch
 from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import PLACEHOLDER, Request, Sequence
 from pagedserve.model.sampler import SampleRow, sample_tokens
-
-
-def overlappable(req: Request) -> bool:
-    """Can this request's next token stay on the device for a step? (Its sampling reads no host history.)"""
-    p = req.params
-    return (not p.use_beam_search and req.num_slots == 1 and p.structured_outputs is None and p.logprobs is None
-            and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-            and p.min_tokens == 0)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedserve.engine.block_manager import BlockManager
-from pagedserve.engine.fault_injection import FaultInjector
 from pagedserve.engine.request_intake import seed_sequence
 from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import Request, Sequence
@@ -97,13 +96,12 @@ class StepSampler:
             touched[req.request_id] = req
 
     def sample_and_append(self, logits: torch.Tensor, step: StepRows, now: float, touched: dict[str, Request],
-                          faults: FaultInjector, guarded: Callable, append: Callable) -> None:
+                          guarded: Callable, append: Callable) -> None:
         """Sample all rows in one batch; if that raises, again request by request so only the culprit fails.
 
         Each token goes to `append(req, seq, token, logprob info, sampled logprob, now)` under `guarded`."""
         rows, row_seqs, row_src = step.rows, step.row_seqs, step.row_src
         try:
-            faults.on_sample(rows)
             groups = [(None, list(range(len(rows))), self.sample_rows(logits, rows, row_src))]
         except Exception:  # noqa: BLE001
             by_req: dict[str, list[int]] = {}
@@ -113,7 +111,7 @@ class StepSampler:
             for js in by_req.values():
                 req = row_seqs[js[0]][0]
                 sub = [rows[j] for j in js]
-                res = guarded(req, self.sample_one, logits, sub, [row_src[j] for j in js], faults)
+                res = guarded(req, self.sample_rows, logits, sub, [row_src[j] for j in js])
                 if res is not None:
                     groups.append((req, js, res))
         for _, js, (res, lp_info) in groups:
@@ -122,10 +120,6 @@ class StepSampler:
                 slp = res.sampled_logprobs[k] if res.sampled_logprobs is not None else None
                 guarded(req, append, req, seq, res.token_ids[k], lp_info[k] if lp_info else None, slp, now)
                 touched[req.request_id] = req
-
-    def sample_one(self, logits: torch.Tensor, rows: list[SampleRow], src: list[int], faults: FaultInjector):
-        faults.on_sample(rows)
-        return self.sample_rows(logits, rows, src)
 
     def sample_rows(self, logits: torch.Tensor, rows: list[SampleRow], src: list[int]
                     ) -> tuple[SampleResult, list[LogprobInfo] | None]:

@@ -106,7 +106,8 @@ class Request:
     metrics: RequestMetrics | None = None
     forked: bool = False  # n>1 / beam: children created after the prompt's prefill
     final_only: bool = False  # report only the finished output (offline use: no per-step outputs to build)
-    plain_greedy: bool = False  # argmax with no penalties, logprobs or forks: the sampler's fast path
+    plain_greedy: bool = False  # SamplingParams.is_plain_greedy, kept for the step's hot loop
+    overlappable: bool = False  # SamplingParams.can_overlap, kept for the step's hot loop
     beam_done: list[BeamHypothesis] = field(default_factory=list)
     lora: None = None
 
@@ -121,8 +122,7 @@ class Request:
     @property
     def num_slots(self) -> int:
         """Sequences this request will occupy at its widest (reserved at admission)."""
-        p = self.params
-        return p.beam_width if p.use_beam_search else p.n
+        return self.params.num_slots
 
     @property
     def finished(self) -> bool:

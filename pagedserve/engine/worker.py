@@ -20,6 +20,7 @@ from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.errors import ConfigError, OutOfMemoryError
 from pagedserve.model.layers.attention import get_attention_backend
+from pagedserve.model.default_model import DEFAULT_MODEL_NAME
 from pagedserve.model.loader import init_dummy_weights, iter_weights, read_hf_config, resolve_model_dir
 from pagedserve.model.model_args import ModelArgs
 from pagedserve.model.registry import resolve_architecture
@@ -140,7 +141,7 @@ class Worker:
         self.max_num_batched_tokens = config.max_num_batched_tokens or self._default_token_budget()
         self._check_memory()  # before allocating anything: refuse with numbers, not an OOM later
         self.served_model_name = config.served_model_name or (
-            "SmolLM2-135M-Instruct" if config.model in (None, "default") else str(config.model).rstrip("/"))
+            DEFAULT_MODEL_NAME if config.model in (None, "default") else str(config.model).rstrip("/"))
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.model = None
         self.runner = None
@@ -221,7 +222,8 @@ class Worker:
 
 
     def _check_memory(self) -> None:
-        from pagedserve.plan import ModelShape, check_memory_before_load
+        from pagedserve.plan.model_shapes import ModelShape
+        from pagedserve.plan.startup_check import check_memory_before_load
 
         cfg = self.config
         kv_pool = None

@@ -16,14 +16,16 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from pagedserve import __version__
-from pagedserve.answer_cache import AnswerCache, AnswerCacheConfig, AnswerCacheMiddleware
+from pagedserve.answer_cache.cache import AnswerCache
+from pagedserve.answer_cache.config import AnswerCacheConfig
+from pagedserve.answer_cache.middleware import AnswerCacheMiddleware
 from pagedserve.config import EngineConfig
 from pagedserve.engine.async_engine import AsyncEngine
 from pagedserve.errors import InvalidRequestError, NotReadyError, PagedServeError
@@ -94,48 +96,58 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
     engine = AsyncEngine(config, observer=metrics, log_level=logging.getLogger().getEffectiveLevel())
     serving = OpenAIServing(engine, metrics, opts.served_model_names, opts.max_queue_len, opts.log_requests,
                             opts.tools, opts.trust_request_chat_template)
-    api_key = opts.api_key
-
-    async def load() -> None:
-        from pagedserve.model.loader import load_tokenizer
-
-        t0 = time.time()
-        try:
-            tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model, config.tokenizer))
-            info = await engine.wait_ready()
-            serving.set_tokenizer(await tok_task)
-        except Exception as e:  # noqa: BLE001 - a server that cannot load its model exits non-zero
-            log.error("start-up failed: %s", e)
-            if on_fatal is not None:
-                on_fatal(e)
-            return
-        metrics.kv_blocks.set(info["num_kv_blocks"])
-        metrics.engine_up.set(1)
-        log.info("ready in %.1fs: model %s (%s) on %s, dtype %s, max_model_len %d, KV cache %d blocks x %d tokens "
-                 "= %d tokens, max_num_seqs %d, max_num_batched_tokens %d, engine pid %d; listening on http://%s:%d",
-                 time.time() - t0, opts.served_model_names[0], info["model_dir"], info["device"], info["dtype"],
-                 info["max_model_len"], info["num_kv_blocks"], info["block_size"],
-                 info["num_kv_blocks"] * info["block_size"], info["max_num_seqs"], info["max_num_batched_tokens"],
-                 info["pid"], opts.host, opts.port)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        task = asyncio.create_task(load())
-        yield
-        task.cancel()
-        metrics.engine_up.set(0)
-        await engine.shutdown()
-        log.info("engine stopped")
-
-    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
-    app.state.serving = serving
-    app.state.metrics = metrics
+    app = FastAPI(title="pagedserve", version=__version__, docs_url=None, redoc_url=None,
+                  lifespan=_lifespan)
+    app.state.config, app.state.opts, app.state.on_fatal = config, opts, on_fatal
+    app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
     if opts.answer_cache is not None and opts.answer_cache.enabled:  # keys hold the Authorization header and API key: a hit implies auth passed
         app.add_middleware(AnswerCacheMiddleware, cache=AnswerCache(opts.answer_cache, metrics.registry))
+    _add_error_handlers(app)
+    app.include_router(routes)
+    return app
 
-    # -- errors ------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    st = app.state
+    st.engine.start()
+    task = asyncio.create_task(_load(st.engine, st.serving, st.metrics, st.config, st.opts, st.on_fatal))
+    yield
+    task.cancel()
+    st.metrics.engine_up.set(0)
+    await st.engine.shutdown()
+    log.info("engine stopped")
+
+
+async def _load(engine: AsyncEngine, serving: OpenAIServing, metrics: ServerMetrics, config: EngineConfig,
+                opts: ServerOptions, on_fatal) -> None:
+    """The engine process and the tokenizer load side by side; the server is ready when both are."""
+    from pagedserve.model.loader import load_tokenizer
+
+    t0 = time.time()
+    try:
+        tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model, config.tokenizer))
+        info = await engine.wait_ready()
+        serving.set_tokenizer(await tok_task)
+    except Exception as e:  # noqa: BLE001 - a server that cannot load its model exits non-zero
+        log.error("start-up failed: %s", e)
+        if on_fatal is not None:
+            on_fatal(e)
+        return
+    metrics.kv_blocks.set(info["num_kv_blocks"])
+    metrics.engine_up.set(1)
+    log.info("ready in %.1fs: model %s (%s) on %s, dtype %s, max_model_len %d, KV cache %d blocks x %d tokens "
+             "= %d tokens, max_num_seqs %d, max_num_batched_tokens %d, engine pid %d; listening on http://%s:%d",
+             time.time() - t0, opts.served_model_names[0], info["model_dir"], info["device"], info["dtype"],
+             info["max_model_len"], info["num_kv_blocks"], info["block_size"],
+             info["num_kv_blocks"] * info["block_size"], info["max_num_seqs"], info["max_num_batched_tokens"],
+             info["pid"], opts.host, opts.port)
+
+
+# -- errors ------------------------------------------------------------------------
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI error JSON; the unexpected ones with their traceback in the log only."""
+
     @app.exception_handler(PagedServeError)
     async def _paged_error(request: Request, e: PagedServeError):
         return error_response(e)
@@ -156,68 +168,82 @@ def build_app(config: EngineConfig, opts: ServerOptions, on_fatal=None) -> FastA
         err = PagedServeError(f"internal server error ({type(e).__name__}); see the server log")
         return error_response(err)
 
-    def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            metrics.rejected("unauthorized")
-            raise AuthenticationError("invalid or missing API key: send 'Authorization: Bearer <key>'")
 
-    # -- OpenAI routes --------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        check_auth(request)
-        return await serving.completions(await read_body(request), request)
+def check_auth(request: Request) -> None:
+    api_key = request.app.state.opts.api_key
+    if api_key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        request.app.state.metrics.rejected("unauthorized")
+        raise AuthenticationError("invalid or missing API key: send 'Authorization: Bearer <key>'")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_auth(request)
-        return await serving.chat(await read_body(request), request)
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
-    async def models(request: Request):
-        check_auth(request)
-        info = engine.info
-        data = [{"id": name, "object": "model", "created": serving.created, "owned_by": "pagedserve",
-                 "root": info.get("model_dir", config.model), "parent": None,
-                 "max_model_len": info.get("max_model_len", config.max_model_len)}
-                for name in opts.served_model_names]
-        return json_response({"object": "list", "data": data})
+routes = APIRouter()
 
-    # -- operations -------------------------------------------------------------------------
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    async def health():
-        if serving.ready:
-            return json_response({"status": "ok", "model": serving.model_name, "engine_pid": engine.pid})
-        if engine.state == "dead":
-            return error_response(NotReadyError(f"the engine process died: {engine.error}" +
-                                                (f"; restart #{engine.restarts + 1} under way" if engine.restarting
-                                                 else "")))
-        return error_response(NotReadyError("the model is still loading" if engine.state in ("created", "loading")
-                                            else "the server is shutting down"))
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
-    async def metrics_endpoint():
-        metrics.engine_up.set(1 if serving.ready else 0)
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+# -- OpenAI routes --------------------------------------------------------------------
+@routes.post("/v1/completions")
+async def completions(request: Request):
+    check_auth(request)
+    return await request.app.state.serving.completions(await read_body(request), request)
 
-    @app.api_route("/version", methods=["GET", "HEAD"])
-    async def version():
-        return json_response({"version": __version__})
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        check_auth(request)  # tokenizing is work a client can size: same key as /v1/*
-        return await serving.tokenize(await read_body(request))
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    check_auth(request)
+    return await request.app.state.serving.chat(await read_body(request), request)
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        check_auth(request)
-        return await serving.detokenize(await read_body(request))
 
-    return app
+@routes.api_route("/v1/models", methods=["GET", "HEAD"])
+async def models(request: Request):
+    check_auth(request)
+    st = request.app.state
+    info = st.engine.info
+    data = [{"id": name, "object": "model", "created": st.serving.created, "owned_by": "pagedserve",
+             "root": info.get("model_dir", st.config.model), "parent": None,
+             "max_model_len": info.get("max_model_len", st.config.max_model_len)}
+            for name in st.opts.served_model_names]
+    return json_response({"object": "list", "data": data})
+
+
+# -- operations -------------------------------------------------------------------------
+@routes.api_route("/health", methods=["GET", "HEAD"])
+async def health(request: Request):
+    engine, serving = request.app.state.engine, request.app.state.serving
+    if serving.ready:
+        return json_response({"status": "ok", "model": serving.model_name, "engine_pid": engine.pid})
+    if engine.state == "dead":
+        return error_response(NotReadyError(f"the engine process died: {engine.error}" +
+                                            (f"; restart #{engine.restarts + 1} under way" if engine.restarting
+                                             else "")))
+    return error_response(NotReadyError("the model is still loading" if engine.state in ("created", "loading")
+                                        else "the server is shutting down"))
+
+
+@routes.api_route("/metrics", methods=["GET", "HEAD"])
+async def metrics_endpoint(request: Request):
+    st = request.app.state
+    st.metrics.engine_up.set(1 if st.serving.ready else 0)
+    return Response(st.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@routes.api_route("/version", methods=["GET", "HEAD"])
+async def version():
+    return json_response({"version": __version__})
+
+
+@routes.post("/tokenize")
+async def tokenize(request: Request):
+    check_auth(request)  # tokenizing is work a client can size: same key as /v1/*
+    return await request.app.state.serving.tokenize(await read_body(request))
+
+
+@routes.post("/detokenize")
+async def detokenize(request: Request):
+    check_auth(request)
+    return await request.app.state.serving.detokenize(await read_body(request))
 
 
 def default_served_name(model: str | None) -> str:

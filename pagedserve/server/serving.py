@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from pagedserve.engine.async_engine import AsyncEngine, RequestStream
 from pagedserve.engine.engine_process import EngineOutput, SeqDelta
+from pagedserve.engine.request_checks import EngineLimits, check_request
 from pagedserve.errors import (InvalidRequestError, ModelNotFoundError, NotReadyError, PagedServeError,
                                PromptTooLongError, QueueFullError)
 from pagedserve.sampling_params import SamplingParams
@@ -183,40 +184,8 @@ class OpenAIServing:
         return self.engine.info[key]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
-        L = self._info("max_model_len")
-        vocab = self._info("vocab_size")
-        n = len(ids)
-        if n == 0:
-            raise InvalidRequestError(f"{param}: must contain at least one token", param=param)
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidRequestError(f"{param}: token ids must be integers in [0, {vocab})", param=param)
-        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
-            raise InvalidRequestError(f"stop_token_ids: token ids must be integers in [0, {vocab})",
-                                      param="stop_token_ids")
-        if params.top_k > vocab:
-            raise InvalidRequestError(f"top_k: must be -1 or 0 (disabled) or in [1, {vocab}], got {params.top_k}",
-                                      param="top_k")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
-        if n >= L:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {L} tokens, but the prompt has {n} tokens "
-                f"(at least one token must be left for the completion)", param=param)
-        mt = params.max_tokens if params.max_tokens is not None else L - n
-        if n + mt > L:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {L} tokens, but {n + mt} were requested "
-                f"({n} in the prompt, {mt} for the completion); lower max_tokens", param="max_tokens")
-        slots = params.beam_width if params.use_beam_search else params.n
-        max_seqs = self._info("max_num_seqs")
-        if slots > max_seqs:
-            raise InvalidRequestError(f"n={slots} exceeds this server's max_num_seqs={max_seqs}", param="n")
-        bs, blocks = self._info("block_size"), self._info("num_kv_blocks")
-        need = -(-(n + mt) // bs) * slots
-        if need > blocks:
-            raise InvalidRequestError(
-                f"this request may need {need} KV blocks ({slots} x {n + mt} tokens) but the cache has {blocks}; "
-                f"lower max_tokens or n", param="max_tokens")
+        """The engine's own checks (`request_checks`), run here so a refusal is a 400 before submitting."""
+        check_request(ids, params, EngineLimits.from_info(self.engine.info), param)
 
     def sampling_params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         bias = None

@@ -148,7 +148,7 @@ def test_engine_refuses_fp8_weights_on_cpu_and_bad_kv_dtype(tmp_path, monkeypatc
 def test_cli_flags_reach_engine_config():
     import argparse
 
-    from pagedserve.entrypoints.generate_cli import add_engine_args, engine_kwargs
+    from pagedserve.entrypoints.engine_args import add_engine_args, engine_kwargs
 
     p = argparse.ArgumentParser()
     add_engine_args(p)
@@ -326,7 +326,9 @@ def test_fp8_checkpoint_conflicts(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ planner
 def test_plan_counts_fp8_weights_and_kv():
-    from pagedserve.plan import GPUS, KNOWN_MODELS, ModelShape, PlanInput, make_plan
+    from pagedserve.plan.gpus import GPUS
+    from pagedserve.plan.memory_plan import PlanInput, make_plan
+    from pagedserve.plan.model_shapes import KNOWN_MODELS, ModelShape
 
     name = next(n for n in KNOWN_MODELS if "8B" in n or "7B" in n)
     shape = ModelShape.from_config(KNOWN_MODELS[name], name)

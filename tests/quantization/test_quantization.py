@@ -254,7 +254,7 @@ def test_bad_quantization_requests_refused(tmp_path):
 def test_cli_flag_reaches_engine_config():
     import argparse
 
-    from pagedserve.entrypoints.generate_cli import add_engine_args, engine_kwargs
+    from pagedserve.entrypoints.engine_args import add_engine_args, engine_kwargs
 
     p = argparse.ArgumentParser()
     add_engine_args(p)

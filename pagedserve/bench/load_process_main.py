@@ -1,4 +1,4 @@
-"""One load-generator worker process of `bench serve --workers N` (the parent side is workers.py).
+"""One load-generator worker process of `bench serve --workers N` (the parent side is load_processes.py).
 
 It runs its share of each level in its own event loop with its own connection pool: it
 opens its connections, says ready, starts at the parent's shared instant, asks for more
@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from pagedserve.bench.client import RequestRecord, StreamPool
-from pagedserve.bench.runner import drive_level, prewarm
+from pagedserve.bench.load_level import drive_level, prewarm
 
 FLUSH_S = 0.5  # how often a worker sends its finished records (and a heartbeat)
 

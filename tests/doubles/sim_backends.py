@@ -21,7 +21,7 @@ status), `health_status`, `drop_before_first_chunk` (send headers then drop the 
 `break_after_chunks` (drop the connection after N chunks), `fail_retry_after` (send
 Retry-After with `fail_status`).
 
-`python -m pagedserve.cluster.sim --num 4` serves several on consecutive free ports and
+`python -m tests.doubles.sim_backends --num 4` serves several on consecutive free ports and
 prints their URLs as JSON on one line.
 """
 from __future__ import annotations
@@ -381,7 +381,7 @@ async def serve_sims(num: int, config: SimConfig, host: str = "127.0.0.1", log_l
                      port: int = 0):
     """Start `num` simulated backends in this loop (on port, port+1, ... or free ports when port
     is 0); returns [(backend, server, task, url)]."""
-    from pagedserve.cluster.serving import start_server
+    from pagedserve.cluster.uvicorn_server import start_server
 
     out = []
     for i in range(num):
@@ -392,7 +392,7 @@ async def serve_sims(num: int, config: SimConfig, host: str = "127.0.0.1", log_l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pagedserve.cluster.sim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.doubles.sim_backends", description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=4)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="first port (default: free ports)")
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"urls": [s[3] for s in sims], "config": asdict(cfg)}), flush=True)
         await asyncio.gather(*(s[2] for s in sims))
 
-    from pagedserve.cluster.serving import new_event_loop
+    from pagedserve.cluster.uvicorn_server import new_event_loop
 
     loop = new_event_loop()
     try:

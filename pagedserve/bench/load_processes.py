@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from pagedserve.bench.client import BenchRequest, RequestRecord
-from pagedserve.bench.runner import LevelSpec, RequestSettings, gamma_intervals
-from pagedserve.bench.worker_main import worker_main
+from pagedserve.bench.load_level import LevelSpec, RequestSettings, gamma_intervals
+from pagedserve.bench.load_process_main import worker_main
 
 STREAMS_PER_WORKER = 64  # the auto rule: one worker per this many concurrent streams
 WATCHDOG_S = 30.0  # a worker silent this long mid-level is presumed hung and killed
@@ -175,118 +175,153 @@ class WorkerPool:
                 self.conns[w].close()
                 self._spawn(w)
         jobs = self._plan(spec, requests)
-        next_index = spec.num_prompts or 0
-        active = list(range(len(jobs)))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def on_conn(w: int) -> None:
-            c = self.conns[w]
-            try:
-                while c.poll():
-                    events.put_nowait((w, c.recv()))
-            except (EOFError, OSError):
-                loop.remove_reader(c.fileno())
-                events.put_nowait((w, ("eof",)))
-
-        def on_exit(w: int) -> None:
-            loop.remove_reader(self.procs[w].sentinel)
-            on_conn(w)  # what it sent before it died comes first
-            events.put_nowait((w, ("died",)))
-
-        for w in active:
-            loop.add_reader(self.conns[w].fileno(), on_conn, w)
-            loop.add_reader(self.procs[w].sentinel, on_exit, w)
-        records: list[RequestRecord] = []
-        raw: list[dict] = []
-        failures: list[str] = []
-        live = set(active)
-        ready: set[int] = set()
-        finished: set[int] = set()
-        interrupted = False
-        seen = {w: time.monotonic() for w in active}
-        dealt = {w: len(job["items"]) for w, job in zip(active, jobs)}
-        got = {w: 0 for w in active}
+        level = _Level(self, spec, jobs, requests, on_records)
         stop_task = asyncio.ensure_future(stop.wait()) if stop else None
-
-        def fail(w: int, why: str) -> None:
-            if w in live:
-                live.discard(w)
-                code = self.procs[w].exitcode
-                lost = f"; {dealt[w] - got[w]} of its {dealt[w]} requests are missing" if dealt[w] > got[w] else ""
-                failures.append(f"load-generator worker {w} (pid {self.procs[w].pid}) {why}"
-                                + (f" (exit code {code})" if code is not None else "") + lost)
-
-        def send(w: int, msg) -> None:
-            try:
-                self.conns[w].send(msg)
-            except (OSError, ValueError):
-                fail(w, "could not be reached")
-
+        level.attach()
         try:
-            for w, job in zip(active, jobs):
+            for w, job in zip(level.active, jobs):
                 job.setdefault("max_concurrency", None)
-                send(w, ("level", {"spec": spec, "settings": settings, **job}))
-            started = False
-            t_ready = time.monotonic()
-            t0 = wall0 = 0.0
-            stopping = False
-            while live - finished:
-                if not started and (live <= ready):
+                level.send(w, ("level", {"spec": spec, "settings": settings, **job}))
+            while level.live - level.finished:
+                if not level.started and level.live <= level.ready:
                     if before_start is not None:
                         await before_start()
-                    t0, wall0 = time.monotonic() + 0.05, time.time() + 0.05
-                    for w in live:
-                        send(w, ("go", t0))
-                    started = True
-                if stop_task is not None and stop_task.done() and not stopping:
-                    stopping = interrupted = True
-                    for w in live - finished:
-                        send(w, ("stop",) if started else ("exit",))
-                    if not started:
+                    level.go()
+                if stop_task is not None and stop_task.done() and not level.stopping:
+                    if not level.stop():
                         break
-                get = asyncio.ensure_future(events.get())
-                waits = {get} | ({stop_task} if stop_task is not None and not stopping else set())
+                get = asyncio.ensure_future(level.events.get())
+                waits = {get} | ({stop_task} if stop_task is not None and not level.stopping else set())
                 await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
+                if get.done():
+                    level.handle(*get.result())
+                else:
                     get.cancel()
-                    now = time.monotonic()
-                    for w in list(live - finished):
-                        limit = READY_TIMEOUT_S if not started else (10.0 if stopping else WATCHDOG_S)
-                        if now - (seen[w] if started else t_ready) > limit:
-                            self.procs[w].kill()
-                            fail(w, f"sent nothing for {limit:.0f} s and was killed")
-                    continue
-                w, msg = get.result()
-                seen[w] = time.monotonic()
-                kind = msg[0]
-                if kind == "ready":
-                    ready.add(w)
-                elif kind == "records":
-                    records.extend(msg[1])
-                    got[w] += len(msg[1])
-                    if on_records and msg[1]:
-                        on_records(msg[1])
-                elif kind == "need":
-                    per = 2 * max(1, jobs[active.index(w)]["streams"])
-                    over = stopping or (spec.duration and time.monotonic() > t0 + spec.duration)
-                    batch = [] if over else [(next_index + i, None, next(requests)) for i in range(per)]
-                    next_index += len(batch)
-                    dealt[w] += len(batch)
-                    send(w, ("more", batch))
-                elif kind == "done":
-                    finished.add(w)
-                    if msg[1] is not None:
-                        raw.append(msg[1])
-                    interrupted = interrupted or msg[2]
-                elif kind in ("died", "eof") and w not in finished:
-                    fail(w, "died mid-level" if started else "died before the level started")
+                    level.kill_silent()
         finally:
             if stop_task is not None:
                 stop_task.cancel()
-            for w in active:
-                loop.remove_reader(self.conns[w].fileno())
-                loop.remove_reader(self.procs[w].sentinel)
-        records.sort(key=lambda r: r.index)
+            level.detach()
+        return level.result()
+
+
+class _Level:
+    """One level's bookkeeping in the parent: which workers are live, ready, finished; what they were dealt
+    and sent back; the shared start instant; and the watchdog."""
+
+    def __init__(self, pool: WorkerPool, spec: LevelSpec, jobs: list[dict], requests: Iterator[BenchRequest],
+                 on_records: Callable[[list], None] | None):
+        self.pool, self.spec, self.jobs, self.requests, self.on_records = pool, spec, jobs, requests, on_records
+        self.active = list(range(len(jobs)))
+        self.next_index = spec.num_prompts or 0
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.records: list[RequestRecord] = []
+        self.raw: list[dict] = []
+        self.failures: list[str] = []
+        self.live, self.ready, self.finished = set(self.active), set(), set()
+        self.interrupted = self.started = self.stopping = False
+        self.t_ready = time.monotonic()
+        self.t0 = self.wall0 = 0.0
+        self.seen = {w: time.monotonic() for w in self.active}
+        self.dealt = {w: len(job["items"]) for w, job in zip(self.active, jobs)}
+        self.got = {w: 0 for w in self.active}
+
+    # -- the pipes, read by the event loop --------------------------------------------------
+    def _on_conn(self, w: int) -> None:
+        c = self.pool.conns[w]
+        try:
+            while c.poll():
+                self.events.put_nowait((w, c.recv()))
+        except (EOFError, OSError):
+            self.loop.remove_reader(c.fileno())
+            self.events.put_nowait((w, ("eof",)))
+
+    def _on_exit(self, w: int) -> None:
+        self.loop.remove_reader(self.pool.procs[w].sentinel)
+        self._on_conn(w)  # what it sent before it died comes first
+        self.events.put_nowait((w, ("died",)))
+
+    def attach(self) -> None:
+        for w in self.active:
+            self.loop.add_reader(self.pool.conns[w].fileno(), self._on_conn, w)
+            self.loop.add_reader(self.pool.procs[w].sentinel, self._on_exit, w)
+
+    def detach(self) -> None:
+        for w in self.active:
+            self.loop.remove_reader(self.pool.conns[w].fileno())
+            self.loop.remove_reader(self.pool.procs[w].sentinel)
+
+    # -- control ------------------------------------------------------------------------------
+    def fail(self, w: int, why: str) -> None:
+        if w in self.live:
+            self.live.discard(w)
+            proc = self.pool.procs[w]
+            dealt, got = self.dealt[w], self.got[w]
+            lost = f"; {dealt - got} of its {dealt} requests are missing" if dealt > got else ""
+            self.failures.append(f"load-generator worker {w} (pid {proc.pid}) {why}"
+                                 + (f" (exit code {proc.exitcode})" if proc.exitcode is not None else "") + lost)
+
+    def send(self, w: int, msg) -> None:
+        try:
+            self.pool.conns[w].send(msg)
+        except (OSError, ValueError):
+            self.fail(w, "could not be reached")
+
+    def go(self) -> None:
+        """Every live worker is ready: start them all at one shared instant."""
+        self.t0, self.wall0 = time.monotonic() + 0.05, time.time() + 0.05
+        for w in self.live:
+            self.send(w, ("go", self.t0))
+        self.started = True
+
+    def stop(self) -> bool:
+        """Ctrl-C: running workers send what completed, waiting ones exit. False if the level never started."""
+        self.stopping = self.interrupted = True
+        for w in self.live - self.finished:
+            self.send(w, ("stop",) if self.started else ("exit",))
+        return self.started
+
+    def kill_silent(self) -> None:
+        """The watchdog: a worker silent for too long is presumed hung."""
+        now = time.monotonic()
+        for w in list(self.live - self.finished):
+            limit = READY_TIMEOUT_S if not self.started else (10.0 if self.stopping else WATCHDOG_S)
+            if now - (self.seen[w] if self.started else self.t_ready) > limit:
+                self.pool.procs[w].kill()
+                self.fail(w, f"sent nothing for {limit:.0f} s and was killed")
+
+    def handle(self, w: int, msg: tuple) -> None:
+        self.seen[w] = time.monotonic()
+        kind = msg[0]
+        if kind == "ready":
+            self.ready.add(w)
+        elif kind == "records":
+            self.records.extend(msg[1])
+            self.got[w] += len(msg[1])
+            if self.on_records and msg[1]:
+                self.on_records(msg[1])
+        elif kind == "need":
+            self.deal(w)
+        elif kind == "done":
+            self.finished.add(w)
+            if msg[1] is not None:
+                self.raw.append(msg[1])
+            self.interrupted = self.interrupted or msg[2]
+        elif kind in ("died", "eof") and w not in self.finished:
+            self.fail(w, "died mid-level" if self.started else "died before the level started")
+
+    def deal(self, w: int) -> None:
+        """A --duration level running low: a batch of prompts, or none once the level is over."""
+        per = 2 * max(1, self.jobs[self.active.index(w)]["streams"])
+        spec = self.spec
+        over = self.stopping or (spec.duration and time.monotonic() > self.t0 + spec.duration)
+        batch = [] if over else [(self.next_index + i, None, next(self.requests)) for i in range(per)]
+        self.next_index += len(batch)
+        self.dealt[w] += len(batch)
+        self.send(w, ("more", batch))
+
+    def result(self) -> WorkersResult:
+        records = sorted(self.records, key=lambda r: r.index)
         end = max((r.start + (r.e2e or 0.0) for r in records), default=0.0)
-        return WorkersResult(records, raw, failures, interrupted, wall0, t0, end)
+        return WorkersResult(records, self.raw, self.failures, self.interrupted, self.wall0, self.t0, end)

@@ -6,7 +6,7 @@ gamma-distributed intervals with mean 1/rate (burstiness 1 = Poisson; < 1 is
 burstier, > 1 more regular), optionally capped by `max_concurrency`.
 
 This module runs a level in ONE event loop: the whole load in-process
-(`--workers 1`), or one worker's share (pagedserve/bench/workers.py). Each loop
+(`--workers 1`), or one worker's share (pagedserve/bench/load_processes.py). Each loop
 watches itself (pagedserve/bench/saturation.py): a level whose client was the
 bottleneck is flagged client-bound.
 """
@@ -80,7 +80,7 @@ class Source:
 
     This one draws from an iterator (the in-process path): a shared budget of
     `num_prompts`, no new request after `duration`, and in rate mode a gamma arrival
-    schedule. Worker processes get their share from the parent (pagedserve/bench/workers.py).
+    schedule. Worker processes get their share from the parent (pagedserve/bench/load_processes.py).
     """
 
     def __init__(self, spec: LevelSpec, requests: Iterator[BenchRequest], t_origin: float):

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                    help="turn on /admin/backends (list, add, remove backends) behind 'Authorization: Bearer KEY' "
                         "(default: $PAGEDSERVE_ADMIN_API_KEY; without a key /admin/* answers 403)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    from pagedserve.answer_cache import add_answer_cache_args
+    from pagedserve.answer_cache.args import add_answer_cache_args
 
     add_answer_cache_args(p)
     p.set_defaults(func=run)
@@ -47,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from pagedserve import answer_cache
+    from pagedserve.answer_cache.args import config_from_args
+    from pagedserve.answer_cache.middleware import wrap
     from pagedserve.cluster.router import Router, RouterConfig
-    from pagedserve.cluster.serving import Server, new_event_loop, uvicorn_config
+    from pagedserve.cluster.uvicorn_server import Server, new_event_loop, uvicorn_config
     from pagedserve.errors import ConfigError
 
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())
-    cache_cfg = answer_cache.config_from_args(args)  # a bad or unreachable Redis fails here, as one line
+    cache_cfg = config_from_args(args)  # a bad or unreachable Redis fails here, as one line
     urls = [u for b in args.backend for u in b.split(",") if u.strip()]
     if not urls and not args.backends_file:
         logging.getLogger("pagedserve.router").warning(
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         router = Router(urls, cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    server = Server(uvicorn_config(answer_cache.wrap(router, cache_cfg, router.registry), args.host, args.port))
+    server = Server(uvicorn_config(wrap(router, cache_cfg, router.registry), args.host, args.port))
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 

@@ -6,7 +6,7 @@ import os
 
 
 def add_parser(sub) -> None:
-    from pagedserve.entrypoints.generate_cli import add_engine_args
+    from pagedserve.entrypoints.engine_args import add_engine_args
     from pagedserve.server.tool_parsers import TOOL_PARSERS
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
                         "model), llama3_json (Llama 3.x)")
     t.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help='do not show the tools to the chat template when tool_choice is "none"')
-    from pagedserve.answer_cache import add_answer_cache_args
+    from pagedserve.answer_cache.args import add_answer_cache_args
 
     add_answer_cache_args(p)
     try:  # data parallel: `serve --replicas N` runs N of these servers behind the router
@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pagedserve.entrypoints.generate_cli import engine_kwargs
+    from pagedserve.entrypoints.engine_args import engine_kwargs
     from pagedserve.errors import ConfigError
     from pagedserve.server.api import ServerOptions, default_served_name, serve
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_port_free(args.host, args.port)  # before minutes of model loading, not after
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
-    from pagedserve.answer_cache import config_from_args
+    from pagedserve.answer_cache.args import config_from_args
 
     opts = ServerOptions(served_model_names=args.served_model_name or [default_served_name(model)],
                          api_key=api_key, max_queue_len=args.max_queue_len,

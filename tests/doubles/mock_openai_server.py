@@ -27,7 +27,7 @@ without a finish reason or `data: [DONE]`.
 Pure asyncio and the standard library (no FastAPI), so thousands of streams
 cost little CPU and the file runs without importing pagedserve:
 
-    python pagedserve/bench/mock_server.py --port 0 --ttft 0.2 --itl 0.02
+    python tests/doubles/mock_openai_server.py --port 0 --ttft 0.2 --itl 0.02
 """
 from __future__ import annotations
 
