@@ -20,7 +20,7 @@ Loads carry no masks: K steps divide K, weight rows past N wrap (% N) and padded
 the stores drop them. fp8 weights (e4m3, one fp32 scale per output row) are converted to the
 activation's dtype tile by tile (exact) and the scale applied to the accumulator.
 
-Tiles come from `moe_config`: `_TILES` keyed by (E, I) and the token count's bucket, filled from
+Tiles come from `moe_config`: `_TILES` keyed by (E, I, weight kind) and the token count's bucket, filled from
 benchmarks/moe_tile_sweep.py on the GPU; shapes not in it take `_DEFAULT`.
 """
 from __future__ import annotations
@@ -147,19 +147,23 @@ _DEFAULT: tuple[tuple[int, MoeTiles], ...] = (
     (1024, _tiles(64, (64, 64, 4, 3), (128, 64, 4, 3))),
     (1 << 62, _tiles(64, (128, 64, 8, 3), (128, 64, 8, 3))),
 )
-# (E, I) -> buckets as in _DEFAULT; benchmarks/moe_tile_sweep.py prints this table's entries.
-_TILES: dict[tuple[int, int], tuple[tuple[int, MoeTiles], ...]] = {}
+# (E, I, "bf16" or "fp8" weights) -> buckets as in _DEFAULT; benchmarks/moe_tile_sweep.py prints entries.
+_TILES: dict[tuple[int, int, str], tuple[tuple[int, MoeTiles], ...]] = {}
 
 
-def moe_config(e: int, inter: int, tokens: int) -> MoeTiles:
+def _buckets(e: int, inter: int, fp8: bool) -> tuple[tuple[int, MoeTiles], ...]:
+    return _TILES.get((e, inter, "fp8" if fp8 else "bf16"), _DEFAULT)
+
+
+def moe_config(e: int, inter: int, tokens: int, fp8: bool = False) -> MoeTiles:
     """Tiles for T = `tokens` tokens over E experts of intermediate size I (the table, else the defaults)."""
-    return next(t for top, t in _TILES.get((e, inter), _DEFAULT) if tokens <= top)
+    return next(t for top, t in _buckets(e, inter, fp8) if tokens <= top)
 
 
-def warm_up_sizes(e: int, inter: int, max_tokens: int) -> list[int]:
+def warm_up_sizes(e: int, inter: int, max_tokens: int, fp8: bool = False) -> list[int]:
     """Token counts that reach every bucket's tiles once (compile them before serving)."""
     sizes, lo = [], 1
-    for top, _ in _TILES.get((e, inter), _DEFAULT):
+    for top, _ in _buckets(e, inter, fp8):
         if lo > max_tokens:
             break
         sizes.append(lo)
@@ -221,7 +225,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if x.stride(-1) != 1:
         x = x.contiguous()
     s = t * k
-    cfg = tiles or moe_config(e, inter, t)
+    cfg = tiles or moe_config(e, inter, t, w13_scale is not None)
     bm = cfg.block_m
     slots, experts = align_slots(topk_ids, e, bm)
     blocks = experts.numel()
