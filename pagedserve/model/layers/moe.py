@@ -70,10 +70,14 @@ class RouterGate(nn.Linear):
 
 
 class FusedMoE(nn.Module):
-    """Router + E stacked experts. forward(x [T, H]) -> [T, H]."""
+    """Router + E stacked experts (+ an optional shared expert). forward(x [T, H]) -> [T, H].
+
+    Parameter names follow HF's sparse MoE blocks where they can (`gate`, `shared_expert`,
+    `shared_expert_gate`); the experts are the stacks `w13` / `w2` (`load_expert` fills them)."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool):
+                 renormalize: bool, shared_expert: nn.Module | None = None):
+        """`shared_expert` (Qwen2-MoE): a dense MLP every token runs, scaled by sigmoid(shared_expert_gate(x))."""
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k {top_k} must be between 1 and num_experts {num_experts}")
@@ -84,10 +88,20 @@ class FusedMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
         self.w13_scale: nn.Parameter | None = None
         self.w2_scale: nn.Parameter | None = None
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = RouterGate(hidden_size, 1, bias=False) if shared_expert is not None else None
+
+    @classmethod
+    def from_shape(cls, moe, hidden_size: int, shared_expert: nn.Module | None = None) -> "FusedMoE":
+        """From an hf_config.MoeShape."""
+        return cls(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size, moe.renormalize, shared_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        return self.experts(x, weights, ids)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         args = (x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)
