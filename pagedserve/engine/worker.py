@@ -212,6 +212,11 @@ class Worker:
             n = warm_up(self.model, self.dtype, self.max_num_batched_tokens)
             log.info("%s kernels warmed up for up to %d tokens (%d calls) in %.1fs", self.quantization,
                      self.max_num_batched_tokens, n, time.perf_counter() - t0)
+        if self.device.type == "cuda" and hasattr(model, "warm_up_experts"):  # before capture, as above
+            t0 = time.perf_counter()
+            n = model.warm_up_experts(self.max_num_batched_tokens)
+            log.info("fused MoE kernels warmed up for up to %d tokens (%d calls) in %.1fs",
+                     self.max_num_batched_tokens, n, time.perf_counter() - t0)
         if self.tp is not None:  # no CUDA graphs with TP yet (NCCL capture untested)
             from pagedserve.distributed.executor import attach
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # one compiled kernel per tile config for every batch size
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, expert_ptr, S, TOPK, E, N, K,
                     stride_xm, stride_we, stride_wn, stride_se, stride_hm,
                     HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -78,7 +78,7 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, expert_ptr, S, TOPK, E
              h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _down_kernel(h_ptr, w_ptr, s_ptr, rw_ptr, y_ptr, slot_ptr, expert_ptr, S, E, N, K,
                  stride_hm, stride_we, stride_wn, stride_se, stride_ym,
                  HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,

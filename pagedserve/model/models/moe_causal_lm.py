@@ -77,6 +77,11 @@ class MoeCausalLM(LlamaForCausalLM):
         kind = "fp8 e4m3 per channel" if first.w13_scale is not None else str(first.w13.dtype).replace("torch.", "")
         return f"{self.args.moe.describe()}; stacked w13 [E, 2I, H] / w2 [E, H, I], {kind}"
 
+    def warm_up_experts(self, max_tokens: int) -> int:
+        """FusedMoE.warm_up once per distinct expert layout (every MoE layer shares one here)."""
+        first = next(layer.mlp for layer in self.layers if isinstance(layer.mlp, FusedMoE))
+        return first.warm_up(self.embed_tokens.weight.dtype, max_tokens)
+
     # -- weights ---------------------------------------------------------
     def load_hf_weights(self, tensors) -> None:
         """HF-named tensors into the model: q/k/v and gate/up fused, per-expert tensors into the stacks."""
