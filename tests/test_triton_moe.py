@@ -101,7 +101,7 @@ def test_fp8_experts_match_dequantized_reference(t):
 
 def test_align_slots_groups_by_expert_and_pads():
     ids = torch.tensor([[2, 0], [2, 3], [0, 2]], dtype=torch.int32)  # expert 1 gets nothing
-    slots, experts = FM.align_slots(ids.to(DEVICE), 4, 4)
+    slots, experts = FM.align_slots_torch(ids.to(DEVICE), 4, 4)
     slots, experts = slots.cpu().tolist(), experts.cpu().tolist()
     s = 6
     assert len(slots) == len(experts) * 4 and len(slots) >= FM.max_padded_slots(6, 4, 4)
@@ -109,6 +109,16 @@ def test_align_slots_groups_by_expert_and_pads():
     assert slots[:12] == [1, 4, s, s, 0, 2, 5, s, 3, s, s, s]
     assert experts[:3] == [0, 2, 3] and all(x == 4 for x in experts[3:])
     assert all(x == s for x in slots[12:])
+
+
+@pytest.mark.parametrize("t,e,k,bm", [(1, 8, 2, 16), (3, 128, 8, 16), (37, 60, 4, 32), (300, 8, 2, 64)])
+def test_align_kernel_equals_torch_align(t, e, k, bm):
+    """The one-program Triton align (decode sizes) writes exactly what the torch ops write."""
+    g = torch.Generator().manual_seed(t + e)
+    ids = torch.randint(0, max(2, e // 3), (t, k), generator=g, dtype=torch.int32)  # many experts idle
+    slots, experts = FM.align_slots_triton(ids.to(DEVICE), e, bm)
+    want_slots, want_experts = FM.align_slots_torch(ids, e, bm)
+    assert torch.equal(slots.cpu(), want_slots) and torch.equal(experts.cpu(), want_experts)
 
 
 def test_nan_router_logits_stay_in_their_token():

@@ -8,10 +8,10 @@ a CUDA graph (every size below depends on T only):
    multiple of BLOCK_M with the sentinel S, and for every BLOCK_M block the expert it belongs to
    (E for blocks past the last segment: their programs return at once). The grid is sized for the
    worst case, S + min(S, E) * (BLOCK_M - 1) rows.
-2. `_gate_up_kernel`: for each block, its tokens' rows of x times the block expert's gate and up rows
+2. `_moe_gate_up_kernel`: for each block, its tokens' rows of x times the block expert's gate and up rows
    of w13 [E, 2I, H], both accumulated in one program, then SiLU(gate) * up in the epilogue: the
    [S, 2I] intermediate of an unfused gate_up GEMM is never written. Output h [S, I], row = slot.
-3. `_down_kernel`: h's rows of each block times the expert's w2 [E, H, I], multiplied by the slot's
+3. `_moe_down_kernel`: h's rows of each block times the expert's w2 [E, H, I], multiplied by the slot's
    routing weight in the epilogue, into fp32 y [S, H].
 4. y.view(T, k, H).sum(1): the sum over the top-k choices, in fp32, then cast.
 
@@ -33,7 +33,7 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["S"])  # one compiled kernel per tile config for every batch size
-def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, expert_ptr, S, TOPK, E, N, K,
+def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, expert_ptr, S, TOPK, E, N, K,
                     stride_xm, stride_we, stride_wn, stride_se, stride_hm,
                     HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -79,7 +79,7 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, expert_ptr, S, TOPK, E
 
 
 @triton.jit(do_not_specialize=["S"])
-def _down_kernel(h_ptr, w_ptr, s_ptr, rw_ptr, y_ptr, slot_ptr, expert_ptr, S, E, N, K,
+def _moe_down_kernel(h_ptr, w_ptr, s_ptr, rw_ptr, y_ptr, slot_ptr, expert_ptr, S, E, N, K,
                  stride_hm, stride_we, stride_wn, stride_se, stride_ym,
                  HAS_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -115,8 +115,40 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, rw_ptr, y_ptr, slot_ptr, expert_ptr, S, E,
     tl.store(y_ptr + row[:, None] * stride_ym + rn[None, :], acc, mask=mask)
 
 
+@triton.jit(do_not_specialize=["S"])
+def _moe_align_kernel(ids_ptr, slots_ptr, experts_ptr, S, E, ROWS, BLOCKS,
+                      E_P: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: count the slots per expert, pad the segments, write each block's expert, then place
+    every slot at its expert's segment start + its rank among the expert's earlier slots (slot order)."""
+    ex = tl.arange(0, E_P)
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros((E_P,), dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        ids = tl.load(ids_ptr + c0 + offs, mask=c0 + offs < S, other=E_P)
+        counts += tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    for b0 in range(0, BLOCKS, CHUNK):
+        b = b0 + offs
+        owner = tl.sum(((ends[None, :] <= (b * BLOCK_M)[:, None]) & (ex < E)[None, :]).to(tl.int32), axis=1)
+        tl.store(experts_ptr + b, owner, mask=b < BLOCKS)
+    for r0 in range(0, ROWS, CHUNK):
+        tl.store(slots_ptr + r0 + offs, tl.full((CHUNK,), 0, tl.int32) + S, mask=r0 + offs < ROWS)
+    tl.debug_barrier()  # the sentinels are down before any slot lands on them
+    seen = tl.zeros((E_P,), dtype=tl.int32)
+    for c0 in range(0, S, CHUNK):
+        ok = c0 + offs < S
+        ids = tl.load(ids_ptr + c0 + offs, mask=ok, other=E_P)
+        hot = (ids[:, None] == ex[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1  # among this chunk's slots of the expert
+        base = tl.sum(hot * (starts + seen)[None, :], axis=1)
+        tl.store(slots_ptr + base + rank, (c0 + offs).to(tl.int32), mask=ok)
+        seen += tl.sum(hot, axis=0)
+
+
 def _interpreted() -> bool:
-    return type(_gate_up_kernel).__name__ == "InterpretedFunction"
+    return type(_moe_gate_up_kernel).__name__ == "InterpretedFunction"
 
 
 @dataclass(frozen=True)
@@ -187,9 +219,33 @@ def max_padded_slots(slots: int, e: int, block_m: int) -> int:
     return slots + min(slots, e) * (block_m - 1)
 
 
+# Up to this many slots the align is one Triton program (decode: one launch instead of ~12 torch ops);
+# above, the torch ops, whose cost is small next to the GEMMs of a prefill-sized batch.
+ALIGN_TRITON_MAX_SLOTS = 4096
+
+
 def align_slots(topk_ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] -> (slot ids sorted by expert, segments padded to BLOCK_M with the sentinel S;
     the expert of each BLOCK_M block, E past the last segment). Sizes depend on T only; no host sync."""
+    s = topk_ids.numel()
+    if 0 < s <= ALIGN_TRITON_MAX_SLOTS and (topk_ids.is_cuda or _interpreted()):
+        return align_slots_triton(topk_ids, e, block_m)
+    return align_slots_torch(topk_ids, e, block_m)
+
+
+def align_slots_triton(topk_ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s = topk_ids.numel()
+    rows = max_padded_slots(s, e, block_m)
+    blocks = triton.cdiv(rows, block_m)
+    slots = torch.empty(blocks * block_m, dtype=torch.int32, device=topk_ids.device)
+    experts = torch.empty(blocks, dtype=torch.int32, device=topk_ids.device)
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    _moe_align_kernel[(1,)](ids, slots, experts, s, e, blocks * block_m, blocks, E_P=triton.next_power_of_2(e),
+                            BLOCK_M=block_m, CHUNK=64, num_warps=4)
+    return slots, experts
+
+
+def align_slots_torch(topk_ids: torch.Tensor, e: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = topk_ids.reshape(-1).long()
     s = flat.numel()
     dev = flat.device
@@ -232,7 +288,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     dot_fp32 = _interpreted() or x.dtype == torch.float32
     h = torch.empty(s, inter, dtype=x.dtype, device=x.device)
     g = cfg.gate_up
-    _gate_up_kernel[(blocks * triton.cdiv(inter, g.block_n),)](
+    _moe_gate_up_kernel[(blocks * triton.cdiv(inter, g.block_n),)](
         x, w13, w13_scale if w13_scale is not None else w13, h, slots, experts, s, k, e, inter, hidden,
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0) if w13_scale is not None else 0,
         h.stride(0), HAS_SCALE=w13_scale is not None, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=g.block_n,
@@ -240,7 +296,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     y = torch.empty(s, hidden, dtype=torch.float32, device=x.device)
     rw = topk_weights.reshape(-1).float().contiguous()
     d = cfg.down
-    _down_kernel[(blocks * triton.cdiv(hidden, d.block_n),)](
+    _moe_down_kernel[(blocks * triton.cdiv(hidden, d.block_n),)](
         h, w2, w2_scale if w2_scale is not None else w2, rw, y, slots, experts, s, e, hidden, inter,
         h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0) if w2_scale is not None else 0,
         y.stride(0), HAS_SCALE=w2_scale is not None, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=d.block_n,
