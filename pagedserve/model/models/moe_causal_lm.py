@@ -20,7 +20,7 @@ from torch import nn
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model.layers.moe import FusedMoE
 from pagedserve.model.llama import (_FUSE_DIM, MLP, Attention, DecoderLayer, LlamaForCausalLM, ModelArgs, RMSNorm,
-                                    RotaryEmbedding)
+                                    RotaryEmbedding, _input_quant)
 
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")  # transformers >= 5 in memory
@@ -37,14 +37,16 @@ class MoeDecoderLayer(DecoderLayer):
         self.mlp = mlp
 
     def forward(self, x, residual, positions, rope, kv_cache, meta):
-        if isinstance(self.mlp, MLP):
-            return super().forward(x, residual, positions, rope, kv_cache, meta)
+        """DecoderLayer.forward; the norm before the MLP hands over a quantized activation only to a dense
+        MLP's W8A8 gate_up (the MoE kernel reads the activation in the model's dtype)."""
+        quant = _input_quant(self.self_attn.qkv_proj, x)
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm(x, quant)
         else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
+            h, residual = self.input_layernorm.add_forward(x, residual, quant)
         h = self.self_attn(h, positions, rope, kv_cache, meta)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        mlp_quant = _input_quant(self.mlp.gate_up_proj, h) if isinstance(self.mlp, MLP) else None
+        h, residual = self.post_attention_layernorm.add_forward(h, residual, mlp_quant)
         return self.mlp(h), residual
 
 
