@@ -16,7 +16,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ConfigError, UnsupportedModelError
 from pagedserve.model.layers.moe import FusedMoE
-from tests.tiny_models import VOCAB, LogitTap, build_hf, moe_configs, save
+from tests.tiny_models import VOCAB, LogitTap, build_hf, moe_configs, save, tokenizer
 
 BLOCK = 8
 PROMPT_LEN = 45
@@ -158,3 +158,32 @@ def test_fp8_experts_emulated_on_cpu(dirs, monkeypatch):
         assert ((got - want).norm() / want.norm()).item() < 0.08  # e4m3: 3 mantissa bits
     out = llm.generate([_prompt(3, 20)], GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == NEW
+
+
+def test_server_serves_moe_and_names_the_expert_layout(dirs):
+    """A real server on a tiny Qwen2-MoE: chat completions through the official client, and /metrics
+    carries the expert layout."""
+    import httpx
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.servers import running_server
+
+    model, path = dirs["qwen2_moe"]
+    prompt = _prompt(4, 12)
+    ref_tokens, _ = _hf(model, prompt)
+    with running_server(["--max-model-len", "128", "--kv-cache-memory", "0.05", "--served-model-name", "moe"],
+                        model=str(path)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=300, max_retries=0)
+        out = client.completions.create(model="moe", prompt=prompt, max_tokens=NEW, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == NEW
+        assert out.choices[0].text == tokenizer().decode(ref_tokens, skip_special_tokens=True)
+        text = httpx.get(srv.url + "/metrics", timeout=60).text
+    info = [s for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "pagedserve:expert_layout_info"]
+    assert len(info) == 1 and info[0].value == 1
+    labels = info[0].labels
+    assert (labels["experts"], labels["top_k"], labels["intermediate_size"], labels["sparse_layers"],
+            labels["shared_intermediate_size"]) == ("6", "4", "32", "3", "80")
+    assert labels["weights"] == "float32"
