@@ -121,6 +121,24 @@ def test_align_kernel_equals_torch_align(t, e, k, bm):
     assert torch.equal(slots.cpu(), want_slots) and torch.equal(experts.cpu(), want_experts)
 
 
+@pytest.mark.parametrize("e,k,renorm", [(8, 2, True), (60, 4, False), (128, 8, True), (5, 1, False)])
+def test_route_kernel_equals_torch_route(e, k, renorm):
+    g = torch.Generator().manual_seed(e)
+    logits = torch.randn(19, e, generator=g) * 3  # fp32: no exact ties (their order is either's choice)
+    w, ids = FM.route(logits.to(DEVICE), k, renorm)
+    want_w, want_ids = route(logits, k, renorm)
+    assert ids.dtype == torch.int32 and torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+    bad = logits.clone()
+    bad[3] = float("nan")
+    bad[5, 0] = float("inf")
+    w, ids = FM.route(bad.to(DEVICE), k, renorm)
+    assert ids.cpu().min() >= 0 and ids.cpu().max() < e  # a NaN row still names real experts
+    keep = [i for i in range(19) if i not in (3, 5)]
+    assert torch.equal(ids.cpu()[keep], want_ids[keep]) and torch.equal(w.cpu()[keep], FM.route(
+        logits.to(DEVICE), k, renorm)[0].cpu()[keep])
+
+
 def test_nan_router_logits_stay_in_their_token():
     """One token's logits NaN / +inf: the other tokens keep their routing and finite outputs; the kernel's are
     bit-identical to a batch without the bad logits (each output row is its own token's; the CPU path's

@@ -4,6 +4,8 @@ The T tokens each pick top-k experts, which gives S = T * k token slots (slot s 
 (s % k)-th choice). The steps, all on the GPU with no host sync, so a decode step can be captured in
 a CUDA graph (every size below depends on T only):
 
+0. route (`route`): one program per token, softmax over its router logits, top-k by repeated argmax,
+   renormalization; the same arithmetic as layers.moe.route in one launch.
 1. align (`align_slots`, torch ops): the slots sorted by expert, each expert's segment padded up to a
    multiple of BLOCK_M with the sentinel S, and for every BLOCK_M block the expert it belongs to
    (E for blocks past the last segment: their programs return at once). The grid is sized for the
@@ -147,6 +149,33 @@ def _moe_align_kernel(ids_ptr, slots_ptr, experts_ptr, S, E, ROWS, BLOCKS,
         seen += tl.sum(hot, axis=0)
 
 
+@triton.jit
+def _moe_route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_lm, TOPK: tl.constexpr, E_P: tl.constexpr,
+                      RENORM: tl.constexpr):
+    """One token: softmax over its E logits in fp32, top-k by repeated argmax, optionally renormalized.
+    The ids are clamped into [0, E): a row of NaN logits still names real experts (its own output is
+    NaN; no other row reads anything of it)."""
+    row = tl.program_id(0).to(tl.int64)
+    ex = tl.arange(0, E_P)
+    x = tl.load(logits_ptr + row * stride_lm + ex, mask=ex < E, other=-float("inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(p == p, p, -2.0)  # NaN (an overflowed or NaN row) is never picked over a number
+    offs = tl.arange(0, TOPK)
+    w = tl.zeros((TOPK,), dtype=tl.float32)
+    ids = tl.zeros((TOPK,), dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(p, axis=0)
+        idx = tl.minimum(tl.argmax(p, axis=0), E - 1)
+        w = tl.where(offs == j, tl.where(best < -1.0, float("nan"), best), w)  # a NaN row: NaN weights
+        ids = tl.where(offs == j, idx, ids)
+        p = tl.where(ex == idx, -3.0, p)
+    if RENORM:
+        w = w / tl.sum(w, axis=0)
+    tl.store(w_ptr + row * TOPK + offs, w)
+    tl.store(ids_ptr + row * TOPK + offs, ids)
+
+
 def _interpreted() -> bool:
     return type(_moe_gate_up_kernel).__name__ == "InterpretedFunction"
 
@@ -201,6 +230,18 @@ def warm_up_sizes(e: int, inter: int, max_tokens: int, fp8: bool = False) -> lis
         sizes.append(lo)
         lo = top + 1
     return sizes
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """layers.moe.route in one launch: (weights fp32 [T, k], ids int32 [T, k]). top_k must be a power of 2
+    (the renormalizing load); the caller falls back to torch otherwise."""
+    t, e = logits.shape
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
+    if t:
+        _moe_route_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOPK=top_k,
+                                E_P=triton.next_power_of_2(e), RENORM=renormalize, num_warps=1 if e <= 64 else 4)
+    return weights, ids
 
 
 def supported(hidden: int, inter: int) -> bool:

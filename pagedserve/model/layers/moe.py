@@ -97,7 +97,13 @@ class FusedMoE(nn.Module):
         return cls(moe.num_experts, moe.top_k, hidden_size, moe.intermediate_size, moe.renormalize, shared_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        logits = self.gate(x)
+        if x.is_cuda and self.top_k & (self.top_k - 1) == 0:  # one launch instead of ~6 torch ops
+            from pagedserve.model.kernels import fused_moe
+
+            weights, ids = fused_moe.route(logits, self.top_k, self.renormalize)
+        else:
+            weights, ids = route(logits, self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
