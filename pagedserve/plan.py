@@ -172,12 +172,9 @@ class ModelShape(DecoderShape):
         """The engine's tensor-parallel partition of this model (ConfigError if it cannot be split)."""
         from pagedserve.distributed.partition import plan_shards
 
-        if self.moe is not None and tp > 1:
-            raise ConfigError("tensor parallelism is not supported for mixture-of-experts models yet",
-                              param="tensor_parallel_size")
 
         return plan_shards(self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
-                           self.vocab_size, tp)
+                           self.vocab_size, tp, self.moe)
 
 
 def weight_bytes(shape: ModelShape, dtype_bytes: int, quantization: str | None = None, tp: int = 1) -> int:

@@ -113,13 +113,32 @@ def test_deepseek_routing_and_mla_are_refused_by_name(dirs, tmp_path):
         assert key in msg
 
 
-def test_int8_and_tensor_parallel_refused_before_loading(dirs):
+def test_int8_refused_before_loading(dirs):
     _, path = dirs["qwen2_moe"]
     with pytest.raises(ConfigError, match="mixture-of-experts") as ei:
         LLM(model=str(path), max_model_len=64, num_kv_blocks=16, quantization="int8")
     assert ei.value.param == "quantization"
-    with pytest.raises(ConfigError, match="tensor parallelism") as ei:
-        LLM(model=str(path), max_model_len=64, num_kv_blocks=16, tensor_parallel_size=2)
+
+
+TP_KW = dict(max_model_len=128, kv_cache_memory=0.02, max_num_batched_tokens=32, max_num_seqs=8)
+
+
+@pytest.mark.parametrize("name,load_format", [("qwen2_moe", "auto"), ("mixtral", "auto"), ("qwen3_moe", "dummy")])
+def test_tensor_parallel_2_equals_1(dirs, name, load_format):
+    """Each rank holds every expert's half of the intermediate dimension (and half the shared expert's):
+    TP=2 over gloo on the CPU gives TP=1's tokens, loaded from the checkpoint or as dummy weights (drawn
+    full-size and sliced)."""
+    _, path = dirs[name]
+    prompts = [_prompt(s, 8 + 7 * s) for s in range(3)]
+    res = {}
+    for tp in (1, 2):
+        llm = LLM(model=str(path), tensor_parallel_size=tp, load_format=load_format, **TP_KW)
+        try:
+            res[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        finally:
+            if tp > 1:
+                llm.engine.tp.executor.shutdown()
+    assert res[2] == res[1]
 
 
 def test_sliding_window_caps_the_context(dirs, tmp_path):

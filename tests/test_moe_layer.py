@@ -102,3 +102,42 @@ def test_bad_shapes_are_refused():
     moe = FusedMoE(4, 2, 16, 24, True)
     with pytest.raises(ValueError, match="expected"):
         moe.load_expert(0, "gate_proj", torch.zeros(16, 24))
+
+
+def test_tensor_parallel_slices_sum_to_the_full_layer():
+    """Every expert's intermediate dimension split over 3 ranks (unevenly: 48 = 16 + 16 + 16, shared 40 =
+    14 + 13 + 13): the ranks' outputs, summed as the all-reduce sums them, equal the unsplit layer."""
+    from pagedserve.distributed.partition import plan_shards
+    from pagedserve.model.hf_config import MoeShape
+
+    moe = MoeShape(6, 3, 48, False, (0,), 40)
+    g = torch.Generator().manual_seed(4)
+    full = FusedMoE(6, 3, 32, 48, False)
+    with torch.no_grad():
+        for p in full.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    gu, down = torch.randn(80, 32, generator=g), torch.randn(32, 40, generator=g)
+    x = torch.randn(9, 32, generator=g)
+
+    def shared_out(gate_up, dn, h):
+        a = h @ gate_up.t()
+        return (torch.nn.functional.silu(a[:, :a.shape[1] // 2]) * a[:, a.shape[1] // 2:]) @ dn.t()
+
+    with torch.no_grad():
+        want = full(x) + shared_out(gu, down, x)
+        total = torch.zeros_like(want)
+        for s in plan_shards(6, 3, 16, 64, 384, 3, moe):
+            part = FusedMoE(6, 3, 32, s.expert_count, False)
+            part.gate.weight.copy_(full.gate.weight)
+            part.w13.copy_(s.shard_fused_tensor("layers.0.mlp.w13", full.w13, 0, 0, 0))
+            part.w2.copy_(s.shard_fused_tensor("layers.0.mlp.w2", full.w2, 0, 0, 0))
+            sgu = s.shard_fused_tensor("layers.0.mlp.shared_expert.gate_up_proj.weight", gu, 0, 0, 0)
+            sdn = s.shard_hf_tensor("layers.0.mlp.shared_expert.down_proj.weight", down)
+            assert sgu.shape == (2 * s.shared_count, 32) and sdn.shape == (32, s.shared_count)
+            # HF's per-expert tensors slice to the same rows as the stacks
+            assert torch.equal(s.shard_hf_tensor("layers.0.mlp.experts.2.gate_proj.weight", full.w13[2, :48]),
+                               part.w13[2, :s.expert_count])
+            assert torch.equal(s.shard_hf_tensor("layers.0.block_sparse_moe.experts.2.w2.weight", full.w2[2]),
+                               part.w2[2])
+            total += part(x) + shared_out(sgu, sdn, x)
+    torch.testing.assert_close(total, want, rtol=1e-4, atol=1e-4)

@@ -129,8 +129,13 @@ def test_moe_counts_total_for_memory_and_active_per_token():
     assert fp8.weights_gib * GiB / 1e9 == pytest.approx(31.3, abs=0.5)
     assert fp8.kv_pool_gib > bf16.kv_pool_gib + 25
     assert fp8.active_params_b == pytest.approx(3.35, abs=0.05)
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        make_plan(PlanInput(qwen3, GPUS["h100-80gb"], tensor_parallel_size=2))
+    tp2 = make_plan(PlanInput(qwen3, GPUS["h100-80gb"], dtype="bfloat16", tensor_parallel_size=2))
+    assert tp2.weights_gib == pytest.approx(bf16.weights_gib / 2, rel=0.01)
+    assert [(s.expert_start, s.expert_count) for s in qwen3.tp_shards(2)] == [(0, 384), (384, 384)]
+    from pagedserve.distributed.partition import plan_shards
+
+    with pytest.raises(ConfigError, match="experts' width 768"):
+        plan_shards(1024, 1024, 128, 4096, 1000, 1024, qwen3.moe)
 
 
 def test_startup_memory_check_refuses_before_allocating():

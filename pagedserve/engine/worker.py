@@ -95,14 +95,11 @@ def _own_gpu_memory(dev: torch.device) -> int | None:
     return None
 
 
-def check_moe_serving(quantization: str | None, tensor_parallel_size: int) -> None:
+def check_moe_serving(quantization: str | None) -> None:
     """What the MoE layer cannot serve yet, refused before anything loads."""
     if quantization not in (None, "fp8"):
         raise ConfigError(f"--quantization {quantization} does not cover mixture-of-experts layers",
                           param="quantization", hint="use --quantization fp8 (experts per channel) or none")
-    if tensor_parallel_size > 1:
-        raise ConfigError("tensor parallelism is not supported for mixture-of-experts models yet",
-                          param="tensor_parallel_size", hint="use --tensor-parallel-size 1 (fp8 halves the weights)")
 
 
 class Worker:
@@ -127,7 +124,7 @@ class Worker:
         self.args = ModelArgs.from_hf(self.hf_config)
         self.quantization = resolve_quantization(config.quantization, self.hf_config)
         if self.args.moe is not None:
-            check_moe_serving(self.quantization, config.tensor_parallel_size)
+            check_moe_serving(self.quantization)
         if self.quantization == "awq":
             self.args.make_linear = awq_linear_factory(self.hf_config)
         self.fp8_ckpt = self.quantization == "fp8" and is_prequantized_fp8(self.hf_config)

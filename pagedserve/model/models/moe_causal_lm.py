@@ -27,12 +27,15 @@ _STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 class MoeDecoderLayer(DecoderLayer):
-    """DecoderLayer with `mlp` given: the MoE layer or a dense MLP."""
+    """DecoderLayer with `mlp` given: the MoE layer or a dense MLP. Under tensor parallelism the MoE
+    layer's output (experts and shared expert, each this rank's slice) is summed over ranks here, in one
+    all-reduce; a dense MLP sums its own."""
 
-    def __init__(self, args: ModelArgs, backend, mlp: nn.Module):
+    def __init__(self, args: ModelArgs, backend, mlp: nn.Module, tp=None):
         nn.Module.__init__(self)
+        self.tp = tp
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, backend)
+        self.self_attn = Attention(args, backend, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = mlp
 
@@ -47,7 +50,10 @@ class MoeDecoderLayer(DecoderLayer):
         h = self.self_attn(h, positions, rope, kv_cache, meta)
         mlp_quant = _input_quant(self.mlp.gate_up_proj, h) if isinstance(self.mlp, MLP) else None
         h, residual = self.post_attention_layernorm.add_forward(h, residual, mlp_quant)
-        return self.mlp(h), residual
+        out = self.mlp(h)
+        if self.tp is not None and isinstance(self.mlp, FusedMoE):
+            out = self.tp.all_reduce(out)
+        return out, residual
 
 
 class MoeCausalLM(LlamaForCausalLM):
@@ -56,18 +62,20 @@ class MoeCausalLM(LlamaForCausalLM):
         moe = args.moe
         if moe is None:
             raise UnsupportedModelError("the config describes no experts (num_experts / num_local_experts)")
-        if tp is not None:
-            raise UnsupportedModelError("tensor parallelism is not supported for mixture-of-experts models yet")
         if args.make_linear is not None:
             raise UnsupportedModelError("pre-quantized (AWQ / fp8) mixture-of-experts checkpoints are not supported; "
                                         "load the bf16 checkpoint with --quantization fp8")
-        self.tp, self.full_args, self.args = None, args, args
+        self.tp, self.full_args = tp, args
+        if tp is not None:  # this rank's heads, MLP and expert slices (distributed/partition.py)
+            args = tp.shard.local_args(args)
+            moe = args.moe
+        self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         shared = replace(args, intermediate_size=moe.shared_intermediate_size, mlp_bias=False)
         self.layers = nn.ModuleList(
             MoeDecoderLayer(args, backend, FusedMoE.from_shape(
                 moe, args.hidden_size, MLP(shared) if moe.shared_intermediate_size else None)
-                if i in moe.sparse_layers else MLP(args))
+                if i in moe.sparse_layers else MLP(args, tp), tp)
             for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rope = RotaryEmbedding(args, max_len)
@@ -99,6 +107,10 @@ class MoeCausalLM(LlamaForCausalLM):
                 continue
             if name.endswith("e_score_correction_bias"):
                 raise UnsupportedModelError(f"checkpoint tensor {name!r}: grouped sigmoid routing is not supported")
+            if self.tp is not None:  # this rank's slice (None: another rank holds it)
+                w = self.tp.shard.shard_hf_tensor(name, w)
+                if w is None:
+                    continue
             if m := _EXPERT.match(name):
                 layer, expert, proj = int(m[1]), int(m[2]), m[3]
                 self._moe(layer, name).load_expert(expert, proj, w)
