@@ -84,7 +84,7 @@ def vllm_fused_experts():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pagedserve.model.fp8 import quantize_fp8_rows
+    from pagedserve.quantization.fp8 import quantize_fp8_rows
     from pagedserve.model.kernels.fused_moe import GemmTiles, MoeTiles, fused_moe, moe_config
     from pagedserve.model.layers.moe import experts_reference, route
 

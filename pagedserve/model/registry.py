@@ -1,9 +1,9 @@
-"""HF architecture name -> model class. One family today; new families add a line."""
+"""HF architecture name -> model class; a new family adds a line."""
 from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model.hf_config import check_moe_supported
-from pagedserve.model.llama import LlamaForCausalLM
+from pagedserve.model.models.llama import LlamaForCausalLM
 from pagedserve.model.models.mixtral import MixtralForCausalLM
 from pagedserve.model.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedserve.model.models.qwen3_moe import Qwen3MoeForCausalLM

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.model.fp8_dtype import FP8
+from pagedserve.quantization.fp8_dtype import FP8
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +155,7 @@ class FusedMoE(nn.Module):
 
     def quantize_fp8_(self) -> None:
         """Both stacks to e4m3 with per-output-row fp32 scales (in place; the router stays as it is)."""
-        from pagedserve.model.fp8 import quantize_fp8_rows
+        from pagedserve.quantization.fp8 import quantize_fp8_rows
 
         for name in ("w13", "w2"):
             q, s = quantize_fp8_rows(getattr(self, name).data)

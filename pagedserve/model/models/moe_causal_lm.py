@@ -14,46 +14,20 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-import torch
 from torch import nn
 
 from pagedserve.errors import UnsupportedModelError
+from pagedserve.model.layers.decoder import DecoderLayer
+from pagedserve.model.layers.linear import load_part
+from pagedserve.model.layers.mlp import MLP
 from pagedserve.model.layers.moe import FusedMoE
-from pagedserve.model.llama import (_FUSE_DIM, MLP, Attention, DecoderLayer, LlamaForCausalLM, ModelArgs, RMSNorm,
-                                    RotaryEmbedding, _input_quant)
+from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.model_args import ModelArgs
+from pagedserve.model.models.llama import LlamaForCausalLM
 
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")  # transformers >= 5 in memory
-
-
-class MoeDecoderLayer(DecoderLayer):
-    """DecoderLayer with `mlp` given: the MoE layer or a dense MLP. Under tensor parallelism the MoE
-    layer's output (experts and shared expert, each this rank's slice) is summed over ranks here, in one
-    all-reduce; a dense MLP sums its own."""
-
-    def __init__(self, args: ModelArgs, backend, mlp: nn.Module, tp=None):
-        nn.Module.__init__(self)
-        self.tp = tp
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, backend, tp)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = mlp
-
-    def forward(self, x, residual, positions, rope, kv_cache, meta):
-        """DecoderLayer.forward; the norm before the MLP hands over a quantized activation only to a dense
-        MLP's W8A8 gate_up (the MoE kernel reads the activation in the model's dtype)."""
-        quant = _input_quant(self.self_attn.qkv_proj, x)
-        if residual is None:
-            residual, h = x, self.input_layernorm(x, quant)
-        else:
-            h, residual = self.input_layernorm.add_forward(x, residual, quant)
-        h = self.self_attn(h, positions, rope, kv_cache, meta)
-        mlp_quant = _input_quant(self.mlp.gate_up_proj, h) if isinstance(self.mlp, MLP) else None
-        h, residual = self.post_attention_layernorm.add_forward(h, residual, mlp_quant)
-        out = self.mlp(h)
-        if self.tp is not None and isinstance(self.mlp, FusedMoE):
-            out = self.tp.all_reduce(out)
-        return out, residual
 
 
 class MoeCausalLM(LlamaForCausalLM):
@@ -73,9 +47,9 @@ class MoeCausalLM(LlamaForCausalLM):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         shared = replace(args, intermediate_size=moe.shared_intermediate_size, mlp_bias=False)
         self.layers = nn.ModuleList(
-            MoeDecoderLayer(args, backend, FusedMoE.from_shape(
+            DecoderLayer(args, backend, tp, FusedMoE.from_shape(
                 moe, args.hidden_size, MLP(shared) if moe.shared_intermediate_size else None)
-                if i in moe.sparse_layers else MLP(args, tp), tp)
+                if i in moe.sparse_layers else None)
             for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rope = RotaryEmbedding(args, max_len)
@@ -138,18 +112,13 @@ class MoeCausalLM(LlamaForCausalLM):
                     offset, size = sum(qkv_sizes[:idx]), qkv_sizes[idx]
                 else:
                     target = ".".join(parts[:-2] + ["gate_up_proj", parts[-1]])
-                    p = params.get(target)
-                    size = None if p is None else p.shape[_FUSE_DIM.get(parts[-1], (0, 1))[0]] // 2
+                    p = params.get(target)  # a dense MLP's or the shared expert's: each its own size
+                    size = None if p is None else p.shape[0] // 2
                     offset = idx * (size or 0)
             p = params.get(target)
             if p is None:
                 raise UnsupportedModelError(f"checkpoint tensor {name!r} has no place in the model")
-            with torch.no_grad():
-                dst = p if size is None else p.narrow(0, offset, size)
-                if tuple(dst.shape) != tuple(w.shape):
-                    raise UnsupportedModelError(
-                        f"checkpoint tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
-                dst.copy_(w)
+            load_part(p, name, w, offset, size)
             loaded.add((target, offset))
         self._check_complete(params, loaded, qkv_sizes)
 

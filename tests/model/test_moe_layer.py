@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.model.fp8_dtype import FP8
+from pagedserve.quantization.fp8_dtype import FP8
 from pagedserve.model.layers.moe import FusedMoE, RouterGate, experts_reference, route
 
 

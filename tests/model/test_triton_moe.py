@@ -82,7 +82,7 @@ def test_every_block_size_and_bf16(bm):
 @pytest.mark.parametrize("t", [1, 17])
 def test_fp8_experts_match_dequantized_reference(t):
     """fp8 weights with per-row scales: the kernel equals the reference over the dequantized stacks."""
-    from pagedserve.model.fp8 import quantize_fp8_rows
+    from pagedserve.quantization.fp8 import quantize_fp8_rows
 
     e, k = 8, 2
     w13, w2 = _weights(e, seed=11)
@@ -189,7 +189,7 @@ def test_config_table_buckets():
 def test_gpu_real_shape_in_a_cuda_graph(dtype):
     """Qwen3-30B-A3B's expert shape (E=128, k=8, H=2048, I=768), compiled: decode-sized batches captured
     in a CUDA graph and replayed with new routing equal the eager call and the reference."""
-    from pagedserve.model.fp8 import quantize_fp8_rows
+    from pagedserve.quantization.fp8 import quantize_fp8_rows
 
     e, k, h, inter = 128, 8, 2048, 768
     w13, w2 = (w.cuda().bfloat16() for w in _weights(e, seed=1, h=h, inter=inter))
