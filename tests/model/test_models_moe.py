@@ -206,3 +206,31 @@ def test_server_serves_moe_and_names_the_expert_layout(dirs):
     assert (labels["experts"], labels["top_k"], labels["intermediate_size"], labels["sparse_layers"],
             labels["shared_intermediate_size"]) == ("6", "4", "32", "3", "80")
     assert labels["weights"] == "float32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_gpu_bf16_graphs_equal_eager_and_fp8_experts_run(dirs, name):
+    """On the GPU in bf16: the fused kernel inside captured decode graphs gives the eager path's tokens,
+    and the prompt's last logits stay within bf16 tolerance of HF's; with --quantization fp8 the stacks
+    are e4m3 and the engine generates."""
+    model, path = dirs[name]
+    prompts = [_prompt(s, 10 + 9 * s) for s in range(4)]
+    kw = dict(model=str(path), dtype="bfloat16", max_model_len=128, kv_cache_memory=0.5)
+    eager = LLM(enforce_eager=True, **kw)
+    graphs = LLM(**kw)
+    assert graphs.engine.runner.graphs, "no CUDA graphs were captured"
+    a = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY, use_tqdm=False)]
+    assert a == [o.outputs[0].token_ids for o in graphs.generate(prompts, GREEDY, use_tqdm=False)]
+    tap = LogitTap(graphs.engine)
+    graphs.generate([prompts[-1]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    hf = model.to("cuda", torch.bfloat16)
+    with torch.inference_mode():
+        want = hf(torch.tensor([prompts[-1]], device="cuda")).logits[0, -1].float()
+    model.to("cpu", torch.float32)
+    got = tap.rows[-1][3].cuda()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    fp8 = LLM(quantization="fp8", **kw)
+    moe = [m for m in fp8.engine.model.modules() if isinstance(m, FusedMoE)]
+    assert moe and all(m.w13.dtype == torch.float8_e4m3fn for m in moe)
+    assert all(len(o.outputs[0].token_ids) == NEW for o in fp8.generate(prompts, GREEDY, use_tqdm=False))
