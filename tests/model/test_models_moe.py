@@ -3,7 +3,7 @@
 Tiny random models built and saved by transformers (per-expert tensors, as real checkpoints), loaded by
 `LLM(model=dir)`: the logits at every step of a greedy generation equal one HF forward pass over the same
 tokens, with the prompt prefilled in chunks, in mixed batches and under preemption. On CUDA the experts
-run through the fused Triton kernel (tests/test_triton_moe.py covers it through the interpreter too).
+run through the fused Triton kernel (tests/model/test_triton_moe.py covers it through the interpreter too).
 """
 from __future__ import annotations
 
