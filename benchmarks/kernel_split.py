@@ -4,6 +4,7 @@
     python benchmarks/kernel_split.py vllm ctx4k64,b32             # vLLM importable (peer_vllm.py's notes)
     python benchmarks/kernel_split.py vllm b1,b32 --quantization fp8 # either engine, vLLM's option names
     python benchmarks/kernel_split.py pagedserve b4 --dry-run      # CPU: tiny shape, CPU kernels
+    python benchmarks/kernel_split.py pagedserve b1,b32 --shape qwen3-30b-a3b --quantization fp8  # MoE
 
 Workloads: `bN` = N prompts of 128 tokens, 128 new; `ctx4kN` = N prompts of 4,096 tokens, 256 new.
 Each workload runs once untimed-by-profiler (its tok/s is `tok_s_plain`) and once under
@@ -29,6 +30,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CATEGORIES = [  # first match wins
+    # MoE expert GEMMs (ours: _moe_gate_up / _moe_down; vLLM: fused_moe_kernel), then the routing around them
+    ("moe_gemm", r"fused_moe|_moe_gate_up|_moe_down"),
+    ("moe_route", r"moe_align|sort_expert|topk|gating|moe_sum|radixSort|searchsorted|scatter_add"),
     ("attn", r"flash|attn|attention|_decode|_prefill|fmha"),
     ("gemm", r"gemm|cutlass|nvjet|cublas|xmma|matmul|_w8a8|_awq|splitKreduce|addmm|mm_"),
     ("norm", r"norm"),

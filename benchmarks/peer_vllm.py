@@ -6,6 +6,10 @@
     python benchmarks/peer_vllm.py --repeat 3                        # 3 passes, fresh prompts: medians
     python benchmarks/peer_vllm.py --served --streams 1,64,256       # both servers, both clients
     python benchmarks/peer_vllm.py --dry-run                         # CPU: tiny shape, pagedserve only
+    python benchmarks/peer_vllm.py --dry-run --shapes tiny-moe       # CPU: a tiny Qwen3-MoE
+    python benchmarks/peer_vllm.py --shapes qwen3-30b-a3b --configs fp8 --no-long        # MoE, H100
+    python benchmarks/peer_vllm.py --shapes qwen1.5-moe-a2.7b --configs bf16 --no-long   # MoE (Qwen2-MoE)
+    python benchmarks/peer_vllm.py --shapes qwen3-30b-a3b --configs bf16 --no-long       # MoE, H200 only
 
 vLLM must be importable (on the GPU machine: `../shared/peers/vllm/README.md`, then
 PYTHONPATH=/tmp/peer-site and VLLM_USE_FLASHINFER_SAMPLER=0). Each (engine, shape, config)
@@ -13,7 +17,9 @@ runs in its own process, so one engine's memory and compiled state never touch t
 and the engines alternate per config.
 
 Models: Qwen2.5-7B / 0.5B shapes with dummy bf16 weights and the vocab cut to SmolLM2's
-49,152 (both engines load the same config.json). Prompts are token ids; greedy; ignore_eos.
+49,152 (both engines load the same config.json). Mixture-of-experts shapes the same way:
+Qwen3-30B-A3B (128 experts, top-8; 61 GB in bf16, so bf16 needs an H200; fp8 fits an H100) and
+Qwen1.5-MoE-A2.7B (60 experts, top-4, a shared expert), from plan.KNOWN_MODELS. Prompts are token ids; greedy; ignore_eos.
 Workloads (vLLM's names for the knobs):
 - fixed: 128-token prompts, 128 new tokens, all requests at once, at each --batches size;
 - long tail: 256 requests, outputs 50-500 tokens;
@@ -44,7 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "tiny": None}
+SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "tiny": None, "tiny-moe": None,
+          "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B"}
+# model_type -> architecture of the MoE shapes (gpu_throughput.make_model_dir writes dense Qwen2 configs)
+MOE_ARCH = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
 # pagedserve alone, with the overlapped step off: the A/B for issue 18 (compared with vLLM's bf16 row).
 CONFIGS["bf16-sync"] = {"async_scheduling": False}
@@ -61,7 +70,7 @@ def model_dir(shape: str, tokenizer_dir: str | None = None) -> Path:
 
         tokenizer_dir = str(default_model_dir())
     tok_dir = Path(tokenizer_dir)
-    if shape == "tiny":
+    if shape in ("tiny", "tiny-moe"):
         import tempfile
 
         d = Path(tempfile.mkdtemp(prefix="shape-"))
@@ -69,11 +78,19 @@ def model_dir(shape: str, tokenizer_dir: str | None = None) -> Path:
                "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
                "rope_theta": 1e6, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+        if shape == "tiny-moe":  # 8 experts of 64, top-2: the MoE path end to end on the CPU
+            cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=32, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
     else:
         from gpu_throughput import make_model_dir
 
+        from pagedserve.plan.model_shapes import KNOWN_MODELS
+
         d = make_model_dir(SHAPES[shape])
         cfg = json.loads((d / "config.json").read_text())
+        kind = KNOWN_MODELS[SHAPES[shape]].get("model_type")
+        if kind in MOE_ARCH:
+            cfg.update(model_type=kind, architectures=[MOE_ARCH[kind]])
     for f in tok_dir.glob("tokenizer*"):
         shutil.copy(f, d / f.name)
     for f in ("special_tokens_map.json",):
@@ -306,7 +323,8 @@ def main() -> int:
     args = ap.parse_args()
     parent_argv = [a for a in sys.argv[1:]]
     if args.dry_run:
-        args.shapes, args.engines, args.batches, args.long_batches = "tiny", "pagedserve", "1,4", "1"
+        args.engines, args.batches, args.long_batches = "pagedserve", "1,4", "1"
+        args.shapes = args.shapes if args.shapes in ("tiny", "tiny-moe") else "tiny"
         args.prompt_len, args.output_len, args.longtail = 16, 8, 4
         args.long_prompt_len, args.long_output_len = 64, 4
     args.batches = [int(b) for b in str(args.batches).split(",") if b]

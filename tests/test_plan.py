@@ -113,7 +113,32 @@ def test_presets_are_consistent():
     for name, cfg in KNOWN_MODELS.items():
         shape = ModelShape.from_config(cfg, name)
         assert shape.num_heads % shape.num_kv_heads == 0
-        assert 0.4e9 < shape.num_params() < 9e9
+        assert 0.4e9 < shape.num_params() < (50e9 if shape.moe else 9e9)
+
+
+def test_moe_counts_total_for_memory_and_active_per_token():
+    """Published sizes: Qwen3-30B-A3B 30.5 B (3.3 B active), Qwen1.5-MoE-A2.7B 14.3 B (2.7 B active),
+    Mixtral-8x7B 46.7 B (12.9 B active). Weights take the total; fp8 halves them (61 -> 31 GB)."""
+    for name, total, active in (("Qwen/Qwen3-30B-A3B", 30.5, 3.35), ("Qwen/Qwen1.5-MoE-A2.7B", 14.3, 2.69),
+                                ("mistralai/Mixtral-8x7B-Instruct-v0.1", 46.7, 12.9)):
+        shape = load_shape(name)
+        assert shape.num_params() / 1e9 == pytest.approx(total, abs=0.05)
+        assert shape.active_params() / 1e9 == pytest.approx(active, abs=0.05)
+    qwen3 = load_shape("Qwen/Qwen3-30B-A3B")
+    assert qwen3.moe.num_experts == 128 and qwen3.moe.top_k == 8 and len(qwen3.moe.sparse_layers) == 48
+    bf16 = make_plan(PlanInput(qwen3, GPUS["h100-80gb"], dtype="bfloat16"))
+    fp8 = make_plan(PlanInput(qwen3, GPUS["h100-80gb"], dtype="bfloat16", quantization="fp8"))
+    assert bf16.weights_gib * GiB / 1e9 == pytest.approx(61.1, abs=0.3)
+    assert fp8.weights_gib * GiB / 1e9 == pytest.approx(31.3, abs=0.5)
+    assert fp8.kv_pool_gib > bf16.kv_pool_gib + 25
+    assert fp8.active_params_b == pytest.approx(3.35, abs=0.05)
+    tp2 = make_plan(PlanInput(qwen3, GPUS["h100-80gb"], dtype="bfloat16", tensor_parallel_size=2))
+    assert tp2.weights_gib == pytest.approx(bf16.weights_gib / 2, rel=0.01)
+    assert [(s.expert_start, s.expert_count) for s in qwen3.tp_shards(2)] == [(0, 384), (384, 384)]
+    from pagedserve.distributed.partition import plan_shards
+
+    with pytest.raises(ConfigError, match="experts' width 768"):
+        plan_shards(1024, 1024, 128, 4096, 1000, 1024, qwen3.moe)
 
 
 def test_startup_memory_check_refuses_before_allocating():

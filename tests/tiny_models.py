@@ -57,10 +57,33 @@ def configs():
     }
 
 
+def moe_configs():
+    """Mixture-of-experts families: expert sizes multiples of 16 (the fused kernel's K steps), some idle experts."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    moe = dict(num_hidden_layers=3, head_dim=32)
+    return {
+        # layer 0 dense (mlp_only_layers), top-2 of 8 renormalized, q/k norms
+        "qwen3_moe": lambda: Qwen3MoeConfig(**common(**moe, rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, norm_topk_prob=True,
+                                                     mlp_only_layers=[0])),
+        # decoder_sparse_step 2: only layer 1 has experts; top-3 of 6, not renormalized
+        "qwen3_moe_step2": lambda: Qwen3MoeConfig(**common(**moe, rope_theta=1e6, num_experts=6,
+                                                           num_experts_per_tok=3, moe_intermediate_size=48,
+                                                           norm_topk_prob=False, decoder_sparse_step=2)),
+        # q/k/v bias, top-4 of 6 without renormalization, a sigmoid-gated shared expert
+        "qwen2_moe": lambda: Qwen2MoeConfig(**common(**moe, rope_theta=1e6, num_experts=6, num_experts_per_tok=4,
+                                                     moe_intermediate_size=32, shared_expert_intermediate_size=80,
+                                                     norm_topk_prob=False)),
+        "mixtral": lambda: MixtralConfig(**common(**moe, intermediate_size=48, num_local_experts=4,
+                                                  num_experts_per_tok=2, sliding_window=None, rope_theta=1e6)),
+    }
+
+
 def build_hf(name: str):
     from transformers import AutoModelForCausalLM
 
-    cfg = configs()[name]()
+    cfg = {**configs(), **moe_configs()}[name]()
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # HF's 0.02 init gives near-uniform logits (argmax ties); larger weights separate them, and

@@ -62,6 +62,16 @@ class EngineStats(NamedTuple):
     prefix_cache_hits: int = 0  # cumulative, tokens
 
 
+def expert_info(engine) -> dict | None:
+    """A mixture-of-experts model's expert layout for the server (/metrics), None for a dense model."""
+    moe = engine.args.moe
+    if moe is None:
+        return None
+    return {"experts": moe.num_experts, "top_k": moe.top_k, "intermediate_size": moe.intermediate_size,
+            "sparse_layers": len(moe.sparse_layers), "shared_intermediate_size": moe.shared_intermediate_size,
+            "layout": engine.worker.model.expert_layout()}
+
+
 def unpack_output(o: tuple) -> EngineOutput:
     """One output tuple off the pipe -> EngineOutput (named tuples rebuilt on the server side)."""
     seqs = []
@@ -231,6 +241,7 @@ def engine_main(config: EngineConfig, in_conn, out_conn, log_level: int) -> None
         "dtype": str(engine.dtype).replace("torch.", ""),
         "eos_token_ids": sorted(engine.eos_token_ids),
         "load_seconds": engine.load_seconds,
+        "experts": expert_info(engine),
     }
     out_conn.send(("ready", info))
     try:

@@ -96,6 +96,13 @@ def _own_gpu_memory(dev: torch.device) -> int | None:
     return None
 
 
+def check_moe_serving(quantization: str | None) -> None:
+    """What the MoE layer cannot serve yet, refused before anything loads."""
+    if quantization not in (None, "fp8"):
+        raise ConfigError(f"--quantization {quantization} does not cover mixture-of-experts layers",
+                          param="quantization", hint="use --quantization fp8 (experts per channel) or none")
+
+
 class Worker:
     """One rank's device, model, KV cache and runner.
 
@@ -114,9 +121,11 @@ class Worker:
         self.device = select_device(config.device)
         self.model_dir = resolve_model_dir(config.model)
         self.hf_config = read_hf_config(self.model_dir)
-        self.model_cls = resolve_architecture(self.hf_config.get("architectures"))
+        self.model_cls = resolve_architecture(self.hf_config.get("architectures"), self.hf_config)
         self.args = ModelArgs.from_hf(self.hf_config)
         self.quantization = resolve_quantization(config.quantization, self.hf_config)
+        if self.args.moe is not None:
+            check_moe_serving(self.quantization)
         if self.quantization == "awq":
             self.args.make_linear = awq_linear_factory(self.hf_config)
         self.fp8_ckpt = self.quantization == "fp8" and is_prequantized_fp8(self.hf_config)
@@ -177,6 +186,8 @@ class Worker:
             log.info("quantization %s: %d linear layers quantized per channel", self.quantization,
                      quantize_model(model, self.quantization))
             model.to(self.device)
+        if hasattr(model, "expert_layout"):
+            log.info("mixture of experts: %s", model.expert_layout())
         if self.quantization == "awq" and self.device.type == "cuda":
             done, left = prepare_awq_for_gpu(model)
             if left:
@@ -198,6 +209,11 @@ class Worker:
             t0 = time.perf_counter()
             n = warm_up(self.model, self.dtype, self.max_num_batched_tokens)
             log.info("%s kernels warmed up for up to %d tokens (%d calls) in %.1fs", self.quantization,
+                     self.max_num_batched_tokens, n, time.perf_counter() - t0)
+        if self.device.type == "cuda" and hasattr(model, "warm_up_experts"):  # before capture, as above
+            t0 = time.perf_counter()
+            n = model.warm_up_experts(self.max_num_batched_tokens)
+            log.info("fused MoE kernels warmed up for up to %d tokens (%d calls) in %.1fs",
                      self.max_num_batched_tokens, n, time.perf_counter() - t0)
         if self.tp is not None:  # no CUDA graphs with TP yet (NCCL capture untested)
             from pagedserve.distributed.executor import attach

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pagedserve.errors import ConfigError
+from pagedserve.errors import ConfigError, UnsupportedModelError
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -47,12 +47,81 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         rope_freq_factors=g("rope_freq_factors"),
         max_position_embeddings=g("max_position_embeddings", 4096),
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or attention_bias,  # Qwen2 always; others where attention_bias is set
+        # Qwen2 and Qwen2-MoE always; others where attention_bias is set
+        qkv_bias=model_type in ("qwen2", "qwen2_moe") or attention_bias,
         o_bias=attention_bias and model_type != "qwen2",
         mlp_bias=bool(g("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",  # Qwen3's per-head RMSNorm on q and k
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),  # Qwen3's per-head RMSNorm on q and k
         checkpoint_dtype=g("torch_dtype") or g("dtype") or "bfloat16",
+        moe=moe_shape(cfg),
     )
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """The expert layout of a mixture-of-experts decoder (layers.moe builds it; the planner counts it)."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per expert
+    renormalize: bool  # top-k weights rescaled to sum to one
+    sparse_layers: tuple[int, ...]  # the layers whose MLP is the MoE; the others are dense
+    shared_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+
+    def describe(self) -> str:
+        shared = f" + a shared expert of {self.shared_intermediate_size}" if self.shared_intermediate_size else ""
+        return (f"{self.num_experts} experts of intermediate size {self.intermediate_size}, top-{self.top_k}"
+                f"{' renormalized' if self.renormalize else ''}{shared}, in {len(self.sparse_layers)} layers")
+
+
+# Config keys of MoE variants the MoE layer does not implement -> what they switch on.
+_UNSUPPORTED_MOE = {
+    "kv_lora_rank": "MLA attention", "q_lora_rank": "MLA attention",
+    "topk_method": "grouped routing (DeepSeek's noaux_tc with e_score_correction_bias)",
+    "n_group": "grouped routing", "topk_group": "grouped routing",
+    "scoring_func": "sigmoid routing scores", "routed_scaling_factor": "scaled routed experts",
+}
+
+
+def unsupported_moe_keys(cfg: Any) -> list[str]:
+    """The keys (with values) of `cfg` that select an MoE variant pagedserve cannot run."""
+    g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    bad = []
+    for key in _UNSUPPORTED_MOE:
+        v = g(key)
+        if v is None or (key == "scoring_func" and v == "softmax") or (key == "topk_method" and v == "greedy") \
+                or (key in ("n_group", "topk_group") and v <= 1) or (key == "routed_scaling_factor" and v == 1.0):
+            continue
+        bad.append(f"{key}={v!r} ({_UNSUPPORTED_MOE[key]})")
+    return bad
+
+
+def check_moe_supported(cfg: Any) -> None:
+    """One UnsupportedModelError naming every unsupported MoE key (DeepSeek-V2/V3-style checkpoints)."""
+    bad = unsupported_moe_keys(cfg)
+    if bad:
+        raise UnsupportedModelError(
+            f"this MoE variant is not supported: {', '.join(bad)}; supported MoE families are Qwen3-MoE, "
+            "Qwen2-MoE and Mixtral (softmax top-k routing, standard attention)")
+
+
+def moe_shape(cfg: Any) -> MoeShape | None:
+    """The expert layout of Qwen3-MoE, Qwen2-MoE and Mixtral configs; None for dense models."""
+    g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    check_moe_supported(cfg)
+    model_type = g("model_type", "")
+    layers = g("num_hidden_layers")
+    if model_type == "mixtral":
+        return MoeShape(g("num_local_experts", 8), g("num_experts_per_tok", 2), g("intermediate_size"), True,
+                        tuple(range(layers)))
+    if model_type not in ("qwen2_moe", "qwen3_moe"):
+        return None
+    # Qwen's own configs say num_experts; transformers >= 5 saves it as num_local_experts
+    experts, step = g("num_experts") or g("num_local_experts") or 0, g("decoder_sparse_step", 1) or 1
+    dense = set(g("mlp_only_layers") or ())
+    sparse = tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
+    shared = g("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+    return MoeShape(experts, g("num_experts_per_tok"), g("moe_intermediate_size"), bool(g("norm_topk_prob", False)),
+                    sparse, shared or 0)
 
 
 @dataclass(kw_only=True)
@@ -68,6 +137,7 @@ class DecoderShape:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
+    moe: MoeShape | None = None
 
     @classmethod
     def from_hf(cls, cfg: Any, **extra):

@@ -1,18 +1,29 @@
-"""HF architecture name -> model class. One family today; new families add a line."""
+"""HF architecture name -> model class; a new family adds a line."""
 from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
+from pagedserve.model.hf_config import check_moe_supported
 from pagedserve.model.models.llama import LlamaForCausalLM
+from pagedserve.model.models.mixtral import MixtralForCausalLM
+from pagedserve.model.models.qwen2_moe import Qwen2MoeForCausalLM
+from pagedserve.model.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 
-def resolve_architecture(architectures: list[str] | None):
+def resolve_architecture(architectures: list[str] | None, hf_config: dict | None = None):
+    """The model class for config.json's `architectures`; an unsupported MoE variant (DeepSeek's MLA and
+    grouped routing) is refused naming its keys."""
+    if hf_config is not None:
+        check_moe_supported(hf_config)
     for arch in architectures or []:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]

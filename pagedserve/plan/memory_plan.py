@@ -39,6 +39,7 @@ class Plan:
     kv_cache_dtype: str
     gpus_needed: int
     params_b: float
+    active_params_b: float  # per token: < params_b for mixture-of-experts models (top-k of the experts)
     budget_gib: float | None
     weights_gib: float
     overhead_gib: float
@@ -133,7 +134,8 @@ def make_plan(p: PlanInput) -> Plan:
     return Plan(
         model=m.name, device=device, dtype=dtype, quantization=p.quantization, tensor_parallel_size=tp,
         replicas=p.replicas, kv_cache_dtype=p.kv_cache_dtype, gpus_needed=0 if p.gpu is None else tp * p.replicas,
-        params_b=m.num_params() / 1e9, budget_gib=None if budget is None else budget / GiB,
+        params_b=m.num_params() / 1e9, active_params_b=m.active_params() / 1e9,
+        budget_gib=None if budget is None else budget / GiB,
         weights_gib=weights / GiB, overhead_gib=overhead / GiB, kv_pool_gib=max(pool, 0) / GiB,
         kv_bytes_per_token=kv_tok, kv_gib_per_sequence=per_seq_gib, num_blocks=blocks, token_capacity=capacity,
         max_model_len=max_len, seq_len=seq_len, max_concurrency=max_conc, cluster_concurrency=max_conc * p.replicas,

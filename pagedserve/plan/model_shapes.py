@@ -40,6 +40,25 @@ KNOWN_MODELS: dict[str, dict] = {
                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                                      max_position_embeddings=4096, tie_word_embeddings=False,
                                      torch_dtype="float16"),
+    "Qwen/Qwen3-30B-A3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                               num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                               max_position_embeddings=40960, tie_word_embeddings=False, torch_dtype="bfloat16",
+                               model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+                               moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1,
+                               mlp_only_layers=[]),
+    "Qwen/Qwen1.5-MoE-A2.7B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                                   num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                                   max_position_embeddings=8192, tie_word_embeddings=False,
+                                   torch_dtype="bfloat16", model_type="qwen2_moe", num_experts=60,
+                                   num_experts_per_tok=4, moe_intermediate_size=1408,
+                                   shared_expert_intermediate_size=5632, norm_topk_prob=False,
+                                   decoder_sparse_step=1, mlp_only_layers=[]),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                                 num_hidden_layers=32, num_attention_heads=32,
+                                                 num_key_value_heads=8, max_position_embeddings=32768,
+                                                 tie_word_embeddings=False, torch_dtype="bfloat16",
+                                                 model_type="mixtral", num_local_experts=8,
+                                                 num_experts_per_tok=2),
     "mistralai/Mistral-7B-Instruct-v0.3": dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
                                                num_hidden_layers=32, num_attention_heads=32,
                                                num_key_value_heads=8, max_position_embeddings=32768,
@@ -57,28 +76,48 @@ class ModelShape(DecoderShape):
         return cls.from_hf(cfg, name=name)
 
     # -- parameter counts ---------------------------------------------------
-    def linear_params(self) -> int:
-        """Weights of the transformer blocks' matmuls (what weight quantization shrinks)."""
+    def linear_params(self, active: bool = False) -> int:
+        """Weights of the transformer blocks' matmuls (what weight quantization shrinks). `active`: a MoE
+        model's per-token share, top-k experts instead of all of them (what one decode step reads)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h
-        mlp = 3 * h * self.intermediate_size
-        return self.num_layers * (attn + mlp)
+        return self.num_layers * attn + 3 * h * self._mlp_width(active)
+
+    def _mlp_width(self, active: bool = False) -> int:
+        """Intermediate sizes summed over the layers' MLPs (dense ones, experts and shared experts)."""
+        m = self.moe
+        if m is None:
+            return self.num_layers * self.intermediate_size
+        experts = m.top_k if active else m.num_experts
+        sparse = len(m.sparse_layers)
+        return (sparse * (experts * m.intermediate_size + m.shared_intermediate_size)
+                + (self.num_layers - sparse) * self.intermediate_size)
 
     def linear_rows(self) -> int:
         """Output channels of those matmuls (one int8 scale each)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return self.num_layers * ((q + 2 * kv) + h + 2 * self.intermediate_size + h)
+        m = self.moe
+        mlps = self.num_layers if m is None else (self.num_layers - len(m.sparse_layers)
+                                                  + len(m.sparse_layers) * (m.num_experts + (m.shared_intermediate_size > 0)))
+        return self.num_layers * ((q + 2 * kv) + h) + 2 * self._mlp_width() + mlps * h
 
     def other_params(self) -> int:
-        """Embeddings, LM head, norms and biases: kept in the compute dtype."""
+        """Embeddings, LM head, norms, biases and MoE routers: kept in the compute dtype."""
         emb = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else emb
         norms = self.num_layers * 2 * self.hidden_size + self.hidden_size
         bias = self.num_layers * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.qkv_bias else 0
-        return emb + head + norms + bias
+        m = self.moe
+        routers = 0 if m is None else len(m.sparse_layers) * self.hidden_size * (
+            m.num_experts + (m.shared_intermediate_size > 0))
+        return emb + head + norms + bias + routers
 
     def num_params(self) -> int:
         return self.linear_params() + self.other_params()
+
+    def active_params(self) -> int:
+        """Parameters one token runs through (all of them for a dense model)."""
+        return self.linear_params(active=True) + self.other_params()
 
     def kv_bytes_per_token(self, dtype_bytes: int, tp: int = 1, kv_heads: int | None = None) -> int:
         """K and V for every layer; KV heads split over TP ranks (replicated when fewer heads than ranks;
@@ -91,7 +130,7 @@ class ModelShape(DecoderShape):
         from pagedserve.distributed.partition import plan_shards
 
         return plan_shards(self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
-                           self.vocab_size, tp)
+                           self.vocab_size, tp, self.moe)
 
 
 def weight_bytes(shape: ModelShape, dtype_bytes: int, quantization: str | None = None, tp: int = 1) -> int:
@@ -117,6 +156,9 @@ def activation_bytes(shape: ModelShape, max_num_batched_tokens: int, dtype_bytes
     measures the real peak on the GPU."""
     t = max_num_batched_tokens
     mlp = t * (3 * shape.intermediate_size + 4 * shape.hidden_size) * dtype_bytes
+    if shape.moe is not None:  # the fused MoE's slot buffers: [T*k, I] in the dtype, [T*k, H] in fp32
+        m = shape.moe
+        mlp = max(mlp, t * m.top_k * (m.intermediate_size * dtype_bytes + 4 * shape.hidden_size))
     qkv = t * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim * dtype_bytes
     logits = min(t, 256) * shape.vocab_size * 4
     return max(mlp, qkv) + logits

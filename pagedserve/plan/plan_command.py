@@ -56,7 +56,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def format_plan(plan: Plan) -> str:
     rows = [
-        ("model", f"{plan.model} ({plan.params_b:.2f} B params)"),
+        ("model", f"{plan.model} ({plan.params_b:.2f} B params"
+                  + (f", {plan.active_params_b:.2f} B active per token)" if plan.active_params_b < plan.params_b
+                     else ")")),
         ("device", f"{plan.device}, dtype {plan.dtype}"
                    + (f", quantization {plan.quantization}" if plan.quantization else "")
                    + (f", TP {plan.tensor_parallel_size}" if plan.tensor_parallel_size > 1 else "")),

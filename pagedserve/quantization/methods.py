@@ -283,7 +283,12 @@ def quantize_model(model: nn.Module, method: str) -> int:
              if type(child) is nn.Linear and child is not head]
     for parent, name, child in swaps:
         setattr(parent, name, make(child))
-    return len(swaps)
+    experts = [m for m in model.modules() if hasattr(m, "quantize_fp8_")]  # MoE stacks (layers/moe.py)
+    if experts and method != "fp8":
+        raise UnsupportedModelError(f"--quantization {method} does not cover mixture-of-experts layers")
+    for m in experts:
+        m.quantize_fp8_()
+    return len(swaps) + len(experts)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -135,6 +135,9 @@ async def _load(engine: AsyncEngine, serving: OpenAIServing, metrics: ServerMetr
             on_fatal(e)
         return
     metrics.kv_blocks.set(info["num_kv_blocks"])
+    if info.get("experts"):
+        metrics.set_expert_layout(info["experts"])
+        log.info("mixture of experts: %s", info["experts"]["layout"])
     metrics.engine_up.set(1)
     log.info("ready in %.1fs: model %s (%s) on %s, dtype %s, max_model_len %d, KV cache %d blocks x %d tokens "
              "= %d tokens, max_num_seqs %d, max_num_batched_tokens %d, engine pid %d; listening on http://%s:%d",

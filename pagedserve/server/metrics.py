@@ -65,7 +65,17 @@ class ServerMetrics(EngineObserver):
                                  ["model_name", "reason"], registry=reg)
         self.kv_blocks = gauge("pagedserve:kv_cache_blocks", "Blocks in the KV cache.")
         self.engine_up = gauge("pagedserve:engine_up", "1 when the engine is ready, 0 while loading or dead.")
+        self._experts = Gauge("pagedserve:expert_layout_info", "A mixture-of-experts model's expert layout "
+                              "(labels); absent for dense models.",
+                              ["model_name", "experts", "top_k", "intermediate_size", "sparse_layers",
+                               "shared_intermediate_size", "weights"], registry=reg)
         self._last = EngineStats()
+
+    def set_expert_layout(self, info: dict) -> None:
+        """From the engine's ready message (engine_process.expert_info)."""
+        weights = info["layout"].rsplit(", ", 1)[-1]
+        self._experts.labels(self._model, *(str(info[k]) for k in (
+            "experts", "top_k", "intermediate_size", "sparse_layers", "shared_intermediate_size")), weights).set(1)
 
     # -- engine observer --------------------------------------------------------
     def on_stats(self, s: EngineStats) -> None:

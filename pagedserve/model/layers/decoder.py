@@ -11,12 +11,15 @@ from pagedserve.model.model_args import ModelArgs
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, backend, tp=None):
+    def __init__(self, args: ModelArgs, backend, tp=None, mlp: nn.Module | None = None):
+        """`mlp`: the block's MLP when it is not the dense one (a mixture-of-experts layer). Its output is
+        summed over tensor-parallel ranks here, the all-reduce a dense MLP does itself."""
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args, backend, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args, tp)
+        self.mlp = MLP(args, tp) if mlp is None else mlp
+        self.mlp_tp = None if mlp is None else tp
 
     def forward(self, x, residual, positions, rope, kv_cache, meta):
         """Carries the residual stream apart from the sublayer output, so each add fuses into the next
@@ -28,5 +31,6 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm.add_forward(x, residual, quant)
         h = self.self_attn(h, positions, rope, kv_cache, meta)
         h, residual = self.post_attention_layernorm.add_forward(
-            h, residual, linear.input_quant(self.mlp.gate_up_proj, h))
-        return self.mlp(h), residual
+            h, residual, linear.input_quant(getattr(self.mlp, "gate_up_proj", None), h))
+        out = self.mlp(h)
+        return (out if self.mlp_tp is None else self.mlp_tp.all_reduce(out)), residual
