@@ -114,7 +114,8 @@ def test_grammar_past_its_budget_is_a_400_within_it_and_plain_requests_go_on(htt
 
 
 def hostile_values() -> list:
-    return [nest_arrays(190), nest_objects(97), {"$ref": "#"}, {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
+    return [nest_arrays(190), nest_objects(97), {"$ref": "#"},
+            {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
             {"type": "object", "$defs": [1]}, {"definitions": "x"}, {"properties": [1, 2]}, {"type": 5},
             {"anyOf": "x"}, {"items": [[[[]]]]}, "[" * 100_000, "{" * 5000, "x" * 200_000, 5, None, True, [], [None],
             {"enum": []}, {"required": 7}, {"pattern": "(" * 5000}, "(" * 5000, "root ::= root",

@@ -101,7 +101,8 @@ def _constraints(value) -> list[tuple[StructuredOutputsParams, str]]:
 
 def hostile_values(rng: random.Random) -> list:
     """Nested, self-referencing, wrong-typed and huge values."""
-    vals = [nest_arrays(190), nest_objects(97), {"$ref": "#"}, {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
+    vals = [nest_arrays(190), nest_objects(97), {"$ref": "#"},
+            {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}},
             {"type": "object", "$defs": [1]}, {"definitions": "x"}, {"properties": [1, 2]}, {"type": 5},
             {"anyOf": "x"}, {"items": [[[[]]]]}, _huge_enum(100_000, 6), _huge_enum(2_000, 1000), "[" * 100_000,
             "{" * 5000, "x" * 200_000, 5, None, True, [], [None], [["a"]], {"enum": []}, {"required": 7},
@@ -111,7 +112,8 @@ def hostile_values(rng: random.Random) -> list:
         v: object = rng.choice(["s", 1, None, {}, []])
         for _ in range(rng.randrange(1, 150)):
             v = rng.choice([lambda x: [x], lambda x: {"items": x}, lambda x: {"properties": {"p": x}},
-                            lambda x: {"anyOf": [x, {"type": "null"}]}, lambda x: {"$defs": {"d": x}, "$ref": "#/$defs/d"}])(v)
+                            lambda x: {"anyOf": [x, {"type": "null"}]},
+                            lambda x: {"$defs": {"d": x}, "$ref": "#/$defs/d"}])(v)
         vals.append(v)
     return vals
 
@@ -127,7 +129,8 @@ def test_fuzz_every_field_gets_400_or_passes():
                      lambda: plan_and_check([tool(value)], "none"),
                      lambda: history_tool_calls([{"function": {"name": "f", "arguments": value}}], 0)]
         if not isinstance(value, str):
-            attempts.append(lambda: history_tool_calls([{"function": {"name": "f", "arguments": json.dumps(value)}}], 0))
+            text = json.dumps(value)
+            attempts.append(lambda: history_tool_calls([{"function": {"name": "f", "arguments": text}}], 0))
         for attempt in attempts:
             try:
                 attempt()

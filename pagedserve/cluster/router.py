@@ -15,7 +15,8 @@ the original body bytes over a pooled keep-alive connection, and relay the answe
 - Health: active checks of each backend's /health; passive ejection on connect errors (at
   once) and on repeated resets, timeouts and 503s with Retry-After; readmission when a check
   passes after the ejection period. A 5xx without Retry-After answers one body, so it is
-  counted (kind "request_5xx") but never ejects: one client's requests cannot eject replicas. With no healthy backend the router answers 503 with an OpenAI-style error.
+  counted (kind "request_5xx") but never ejects: one client's requests cannot eject replicas.
+  With no healthy backend the router answers 503 with an OpenAI-style error.
 - A client that disconnects cancels its upstream request (the backend aborts it).
 
 Router-owned paths: /health, /metrics, /v1/models (merged from the backends) and
