@@ -92,3 +92,25 @@ def test_mixed_batch_prefix_cache_and_preemption_match_hf(gemma):
     small = LLM(model=str(path), block_size=BLOCK, max_model_len=64, num_kv_blocks=12, max_num_batched_tokens=32)
     assert [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY, use_tqdm=False)] == refs
     assert small.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_triton_kernels_match_hf(gemma):
+    """On the GPU the Triton kernels take the window and the cap: fp32 greedy tokens and logits equal HF's
+    (chunked prefill included), and in bf16 the captured decode graphs give the eager path's tokens."""
+    model, path = gemma
+    prompt = _prompt()
+    ref_tokens, ref_logits = _hf(model, prompt)
+    llm = LLM(model=str(path), dtype="float32", block_size=BLOCK, max_model_len=128, kv_cache_memory=0.5,
+              max_num_batched_tokens=12)
+    assert llm.engine.model.layers[0].self_attn.backend.name == "triton"
+    tap = LogitTap(llm.engine)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == ref_tokens
+    got = torch.stack([r[3] for r in tap.rows]).cpu()
+    torch.testing.assert_close(got, ref_logits.float(), atol=2e-3, rtol=1e-3)
+    prompts = [_prompt(s, 10 + 9 * s) for s in range(4)]
+    kw = dict(model=str(path), dtype="bfloat16", block_size=BLOCK, max_model_len=128, kv_cache_memory=0.5)
+    eager = [o.outputs[0].token_ids for o in LLM(enforce_eager=True, **kw).generate(prompts, GREEDY, use_tqdm=False)]
+    graphs = LLM(**kw)
+    assert graphs.engine.runner.graphs, "no CUDA graphs were captured"
+    assert [o.outputs[0].token_ids for o in graphs.generate(prompts, GREEDY, use_tqdm=False)] == eager
