@@ -80,10 +80,23 @@ def moe_configs():
     }
 
 
+def window_configs():
+    """Sliding-window and soft-capped families: windows shorter than the test prompts."""
+    from transformers import Gemma2Config
+
+    return {
+        # layers 0 and 2 local (window 8), 1 and 3 global; caps low enough to bite on these weights
+        "gemma2": lambda: Gemma2Config(**common(num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=24,
+                                                attn_logit_softcapping=4.0, final_logit_softcapping=5.0,
+                                                tie_word_embeddings=True, rope_theta=1e4,
+                                                attn_implementation="eager")),
+    }
+
+
 def build_hf(name: str):
     from transformers import AutoModelForCausalLM
 
-    cfg = {**configs(), **moe_configs()}[name]()
+    cfg = {**configs(), **moe_configs(), **window_configs()}[name]()
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # HF's 0.02 init gives near-uniform logits (argmax ties); larger weights separate them, and

@@ -225,9 +225,6 @@ class Worker:
     # -- set-up helpers ----------------------------------------------------
     def _resolve_max_model_len(self) -> int:
         limit = self.args.max_position_embeddings
-        sw = self.hf_config.get("sliding_window")
-        if sw and self.hf_config.get("use_sliding_window", True):
-            limit = min(limit, sw)  # no sliding-window attention yet: stay inside the window
         want = self.config.max_model_len
         if want is None:
             return min(limit, 8192)

@@ -54,7 +54,32 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         qk_norm=model_type in ("qwen3", "qwen3_moe"),  # Qwen3's per-head RMSNorm on q and k
         checkpoint_dtype=g("torch_dtype") or g("dtype") or "bfloat16",
         moe=moe_shape(cfg),
+        layer_windows=layer_windows(cfg),
+        attn_softcap=float(g("attn_logit_softcapping") or 0.0),
+        final_softcap=float(g("final_logit_softcapping") or 0.0),
+        query_pre_attn_scalar=g("query_pre_attn_scalar"),
+        hidden_act=g("hidden_activation") or g("hidden_act") or "silu",
     )
+
+
+def layer_windows(cfg: Any) -> tuple[int, ...]:
+    """Each layer's sliding window (0: global attention), by transformers' rules: `layer_types` where the
+    config lists them; else Gemma 2's alternation (even layers local), Qwen's layers from
+    `max_window_layers` on when `use_sliding_window`, and every layer for Mistral and Mixtral."""
+    g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    n, window = g("num_hidden_layers"), g("sliding_window") or 0
+    model_type = g("model_type", "")
+    qwen = model_type.startswith("qwen")
+    if not window or (qwen and not g("use_sliding_window", False)):
+        return (0,) * n
+    types = g("layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    if model_type == "gemma2":
+        return tuple(window if i % 2 == 0 else 0 for i in range(n))
+    if qwen:
+        return tuple(window if i >= g("max_window_layers", 28) else 0 for i in range(n))
+    return (window,) * n
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 @dataclass
 class ModelArgs(DecoderShape):
     """DecoderShape plus what the model itself needs; `ModelArgs.from_hf(config)` reads both."""
+
+    def window(self, layer: int) -> int:
+        """The sliding window of `layer` (0: global attention)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
     rms_norm_eps: float
     rope_theta: float
     o_bias: bool = False
@@ -20,6 +25,11 @@ class ModelArgs(DecoderShape):
     qk_norm: bool = False
     rope_scaling: dict | None = None
     rope_freq_factors: list[float] | None = None  # llama.cpp's rope_freqs (GGUF): inv_freq is divided by these
+    layer_windows: tuple[int, ...] = ()  # each layer's sliding window, 0: global (empty: all global)
+    attn_softcap: float = 0.0  # Gemma 2: tanh soft-cap on the attention scores (0: none)
+    final_softcap: float = 0.0  # Gemma 2: tanh soft-cap on the logits (0: none)
+    query_pre_attn_scalar: float | None = None  # Gemma: the softmax scale is its -1/2 power, not head_dim's
+    hidden_act: str = "silu"  # the MLP's gate activation (Gemma: gelu_pytorch_tanh)
     # Builds the block projections: make_linear(in, out, bias). None: nn.Linear; AWQ checkpoints pass
     # quantization.methods.awq_linear_factory (int8 instead swaps nn.Linear after loading).
     make_linear: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model.hf_config import check_moe_supported
+from pagedserve.model.models.gemma2 import Gemma2ForCausalLM
 from pagedserve.model.models.llama import LlamaForCausalLM
 from pagedserve.model.models.mixtral import MixtralForCausalLM
 from pagedserve.model.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -16,6 +17,7 @@ MODEL_REGISTRY = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
 }
 
 

@@ -141,19 +141,23 @@ def test_tensor_parallel_2_equals_1(dirs, name, load_format):
     assert res[2] == res[1]
 
 
-def test_sliding_window_caps_the_context(dirs, tmp_path):
-    """No sliding-window attention yet: a Mixtral config with a window serves up to the window and refuses
-    a longer --max-model-len at start-up, in one line."""
-    _, src = dirs["mixtral"]
-    dst = _edited(src, tmp_path, sliding_window=32)
-    with pytest.raises(ConfigError, match="exceeds the model's context length 32"):
-        LLM(model=str(dst), max_model_len=64, num_kv_blocks=16)
-    prompt = _prompt(1, 20)
-    ref_tokens, _ = _hf(dirs["mixtral"][0], prompt)
-    llm = LLM(model=str(dst), block_size=BLOCK, num_kv_blocks=16)
-    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == ref_tokens
-    with pytest.raises(Exception, match="32"):  # a prompt past the window is a request error, not a wrong answer
-        llm.generate([_prompt(1, 40)], GREEDY, use_tqdm=False)
+def test_sliding_window_matches_hf(tmp_path):
+    """A Mixtral config with a window shorter than the prompt: every layer attends within it, as HF's
+    Mixtral does, and --max-model-len may exceed the window."""
+    model = build_hf("mixtral")
+    model.config.sliding_window = 8  # HF reads it at forward time
+    path = save(model, tmp_path / "mixtral_window")
+    prompt = _prompt()
+    ref_tokens, ref_logits = _hf(model, prompt)
+    model.config.sliding_window = None
+    _, global_logits = _hf(model, prompt)
+    assert (global_logits - ref_logits).abs().max() > 1e-2  # the window matters for this prompt
+    llm = LLM(model=str(path), block_size=BLOCK, max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=16)
+    assert [layer.self_attn.sliding_window for layer in llm.engine.model.layers] == [8, 8, 8]
+    tap = LogitTap(llm.engine)
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref_tokens
+    torch.testing.assert_close(torch.stack([r[3] for r in tap.rows]), ref_logits.float(), atol=2e-3, rtol=1e-3)
 
 
 def test_fp8_experts_emulated_on_cpu(dirs, monkeypatch):

@@ -33,6 +33,12 @@ Kernels
   mask up to its last query.
   Tiles past the end of a shorter chunk return at once.
 
+Sliding window and soft-cap (per layer, see attention.py) are constexpr switches, so a layer
+without them compiles to the kernels above unchanged. A windowed decode program starts its share at
+seq_len - W; a windowed prefill tile starts at its first query's position - W + 1 and masks every
+tile (causal and window). The soft-cap applies tanh(s / c) * c to the scores in log2 units (s and c
+both times log2(e), which leaves the cap's shape unchanged).
+
 All softmax arithmetic is in fp32 (exp2 with the scale folded into log2 units);
 inputs may be fp16, bf16 or fp32 (fp32 matmuls use IEEE precision, not TF32).
 """
@@ -56,6 +62,13 @@ def _mm(a, b, DOT_FP32: tl.constexpr):
     else:
         r = tl.dot(a, b)
     return r
+
+
+@triton.jit
+def _softcap(s, cap_log2):
+    """cap * tanh(s / cap), tanh written with exp2 (s and cap in log2 units; saturates to +-cap)."""
+    e = tl.exp2(2.8853900817779268 * s / cap_log2)  # exp(2 s / cap)
+    return cap_log2 * (1.0 - 2.0 / (e + 1.0))
 
 
 # --------------------------------------------------------------------------
@@ -98,6 +111,8 @@ def _decode_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     qk_scale,  # softmax scale * log2(e) (* k_scale for an fp8 cache)
     v_scale,  # 1.0, or an fp8 cache's V scale: multiplies the output
+    window,  # sliding window in tokens (read when WINDOW)
+    cap_log2,  # soft-cap * log2(e) (read when SOFTCAP)
     stride_qb, stride_qh,
     stride_ob, stride_oh,
     stride_cb, stride_cs, stride_ch,
@@ -107,15 +122,20 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b)
-    # Each split takes an equal, BLOCK_N-aligned share of this sequence.
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    if WINDOW:  # the query at seq_len - 1 sees the last `window` keys
+        lo = tl.maximum(seq_len - window, 0)
+    else:
+        lo = 0
+    # Each split takes an equal, BLOCK_N-aligned share of the keys [lo, seq_len).
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     g = tl.arange(0, G_PAD)
@@ -141,6 +161,8 @@ def _decode_kernel(
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
         s = _mm(q, tl.trans(k), DOT_FP32)
         s = s * qk_scale
+        if SOFTCAP:
+            s = _softcap(s, cap_log2)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -198,14 +220,14 @@ def _decode_reduce_kernel(
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, q_start_ptr, seq_lens_ptr, out_ptr,
-    qk_scale, v_scale,
+    qk_scale, v_scale, window, cap_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch,
     stride_bt,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     h = tl.program_id(0)
     mt = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -238,6 +260,11 @@ def _prefill_kernel(
         full_end = ((first_pos + m0) // BLOCK_N) * BLOCK_N
         # Last key any query of this tile sees, + 1.
         kv_end = tl.minimum(first_pos + m0 + BLOCK_M, ctx)
+        if WINDOW:  # every tile masked, from the first key the tile's first query sees
+            masked_start = tl.maximum(first_pos + m0 + 1 - window, 0)
+            full_end = 0
+        else:
+            masked_start = full_end
 
         for n0 in range(0, full_end, BLOCK_N):
             pos = n0 + n_off
@@ -247,6 +274,8 @@ def _prefill_kernel(
             v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=dmask[None, :], other=0.0).to(q.dtype)
             s = _mm(q, tl.trans(k), DOT_FP32)
             s = s * qk_scale
+            if SOFTCAP:
+                s = _softcap(s, cap_log2)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -255,7 +284,7 @@ def _prefill_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        for n0 in range(full_end, kv_end, BLOCK_N):
+        for n0 in range(masked_start, kv_end, BLOCK_N):
             pos = n0 + n_off
             nmask = pos < kv_end
             phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
@@ -265,7 +294,11 @@ def _prefill_kernel(
             v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kvmask, other=0.0).to(q.dtype)
             s = _mm(q, tl.trans(k), DOT_FP32)
             s = s * qk_scale
+            if SOFTCAP:
+                s = _softcap(s, cap_log2)
             causal = (pos[None, :] <= qpos[:, None]) & nmask[None, :]
+            if WINDOW:
+                causal = causal & (pos[None, :] > qpos[:, None] - window)
             s = tl.where(causal, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows that have seen no key yet keep m = -inf; avoid (-inf) - (-inf)
@@ -363,7 +396,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   max_seq_len: int | None = None, num_splits: int | None = None,
                                   block_n: int | None = None, out: torch.Tensor | None = None,
                                   num_warps: int = 4, num_stages: int = 3,
-                                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                                  k_scale: float = 1.0, v_scale: float = 1.0,
+                                  sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [B, H, D] (one query per sequence) -> out [B, H, D]; see `paged_decode_attention_ref`.
     An fp8 cache is read as (k_scale x K, v_scale x V), converted to q's dtype in registers.
 
@@ -387,7 +421,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if not max_seq_len:
         max_seq_len = block_tables.shape[1] * bs
     if num_splits is None:
-        num_splits = choose_num_splits(b, kvh, max_seq_len, q.device)
+        keys = min(max_seq_len, sliding_window) if sliding_window > 0 else max_seq_len
+        num_splits = choose_num_splits(b, kvh, keys, q.device)
     num_splits = max(1, int(num_splits))
     split = num_splits > 1
     if split:
@@ -399,14 +434,14 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _decode_kernel[(b, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_acc, part_m, part_l,
-        scale * k_scale * _LOG2E, float(v_scale),
+        scale * k_scale * _LOG2E, float(v_scale), int(sliding_window), float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         num_splits,
         NUM_HEADS=h, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=bs, BLOCK_N=block_n,
-        SPLIT=split, DOT_FP32=_dot_fp32(q.dtype),
+        SPLIT=split, DOT_FP32=_dot_fp32(q.dtype), WINDOW=sliding_window > 0, SOFTCAP=softcap > 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
@@ -424,7 +459,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
                                    block_m: int | None = None, block_n: int | None = None,
                                    out: torch.Tensor | None = None,
                                    num_warps: int = 4, num_stages: int = 2,
-                                   k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                                   k_scale: float = 1.0, v_scale: float = 1.0,
+                                   sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [Tp, H, D] holding P chunks back to back -> out [Tp, H, D]; see `paged_prefill_attention_ref`.
 
     query_start [P+1] and seq_lens [P] are device tensors; max_query_len is a
@@ -447,12 +483,12 @@ def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     grid = (h, triton.cdiv(max_query_len, block_m), p)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start, seq_lens, out,
-        scale * k_scale * _LOG2E, float(v_scale),
+        scale * k_scale * _LOG2E, float(v_scale), int(sliding_window), float(softcap) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=h // kvh, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_FP32=_dot_fp32(q.dtype),
+        DOT_FP32=_dot_fp32(q.dtype), WINDOW=sliding_window > 0, SOFTCAP=softcap > 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -470,8 +506,10 @@ class TritonAttentionBackend:
         self.k_scale, self.v_scale = k_scale, v_scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] for the flat batch -> [T, H, D]."""
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] for the flat batch -> [T, H, D]; sliding_window and softcap are
+        this layer's (0: none)."""
         fp8 = k_cache.dtype == torch.float8_e4m3fn
         ks, vs = (self.k_scale, self.v_scale) if fp8 else (1.0, 1.0)
         write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
@@ -480,13 +518,17 @@ class TritonAttentionBackend:
         if nd:
             paged_decode_attention_triton(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                           meta.decode_seq_lens, scale, meta.decode_max_seq_len,
-                                          num_splits=self.decode_num_splits, out=out[:nd], k_scale=ks, v_scale=vs)
+                                          num_splits=self.decode_num_splits, out=out[:nd], k_scale=ks, v_scale=vs,
+                                          sliding_window=sliding_window, softcap=softcap)
         if meta.num_prefill:
+            # a window no chunk outgrows is global attention: keep the kernel's unmasked path
+            window = sliding_window if sliding_window < max(meta.prefill_seq_lens_list) else 0
             qs = meta.prefill_query_start_list
             max_qlen = max(qs[i + 1] - qs[i] for i in range(len(qs) - 1))
             paged_prefill_attention_triton(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                                            meta.prefill_query_start, meta.prefill_seq_lens, max_qlen,
-                                           scale, out=out[nd:], k_scale=ks, v_scale=vs)
+                                           scale, out=out[nd:], k_scale=ks, v_scale=vs,
+                                           sliding_window=window, softcap=softcap)
         return out
 
 

@@ -9,6 +9,11 @@ The model runner builds one flat batch per step with all decode tokens first
 (one per sequence) and then the prefill chunks. Each layer first writes the
 new tokens' K/V into their slots, then attends over the cache, so a prefill
 chunk sees both the cached prefix and itself (causally).
+
+Two per-layer options, as HF's Gemma 2 / Mistral define them:
+* sliding_window W > 0: the query at position i attends keys j with i - W < j <= i (W keys, itself
+  included); 0 is global attention, and so is any W at least as long as the sequence.
+* softcap c > 0: the scaled scores s become tanh(s / c) * c before the softmax.
 """
 from __future__ import annotations
 
@@ -101,7 +106,7 @@ def group_by_length(nblocks: list[int], overhead: int = GROUP_OVERHEAD_BLOCKS) -
 class DecodeGroup:
     rows: torch.Tensor | None  # [n] int64 rows of the decode batch, None: all rows in order
     ids: torch.Tensor  # [n * nb] int64 block ids to gather, nb = blocks of the group's longest sequence
-    mask: torch.Tensor  # [n, 1, 1, nb * block_size] additive: 0 inside a sequence, -inf past its end
+    mask: torch.Tensor  # [n, 1, 1, nb * block_size] additive: 0 inside a sequence (and window), else -inf
 
 
 @dataclass
@@ -114,13 +119,15 @@ class DecodePlan:
 
 
 def _group_tensors(block_tables: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor | None, max_len: int,
-                   block_size: int, dtype: torch.dtype) -> DecodeGroup:
+                   block_size: int, dtype: torch.dtype, window: int = 0) -> DecodeGroup:
     nb = (max_len + block_size - 1) // block_size
     bt = block_tables if rows is None else block_tables.index_select(0, rows)
     lens = seq_lens if rows is None else seq_lens.index_select(0, rows)
     ids = bt[:, :nb].reshape(-1).long()
     pos = torch.arange(nb * block_size, device=block_tables.device)
     past_end = pos[None, :] >= lens[:, None].to(pos.dtype)  # [n, L]
+    if window:  # the query sits at lens - 1 and sees keys after lens - 1 - window
+        past_end |= pos[None, :] < lens[:, None].to(pos.dtype) - window
     mask = torch.zeros(bt.shape[0], 1, 1, nb * block_size, dtype=dtype, device=block_tables.device)
     mask.masked_fill_(past_end[:, None, None, :], float("-inf"))
     return DecodeGroup(rows, ids, mask)
@@ -128,20 +135,20 @@ def _group_tensors(block_tables: torch.Tensor, seq_lens: torch.Tensor, rows: tor
 
 def decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int,
                 dtype: torch.dtype, cache: torch.Tensor | None = None,
-                seq_lens_list: list[int] | tuple[int, ...] | None = None) -> DecodePlan:
-    """Block ids and padding masks per group of rows (one group unless the host lengths
-    `seq_lens_list` are given and splitting pays), and, given a layer's cache, reusable gather
-    buffers of its dtype and row size."""
+                seq_lens_list: list[int] | tuple[int, ...] | None = None, window: int = 0) -> DecodePlan:
+    """Block ids and padding (and sliding-window) masks per group of rows (one group unless the host
+    lengths `seq_lens_list` are given and splitting pays), and, given a layer's cache, reusable
+    gather buffers of its dtype and row size."""
     if seq_lens_list and len(seq_lens_list) > 1:
         nblocks = [max(1, (n + block_size - 1) // block_size) for n in seq_lens_list]
         parts = group_by_length(nblocks)
     else:
         parts = None
     if parts is None or len(parts) == 1:
-        groups = [_group_tensors(block_tables, seq_lens, None, max_seq_len, block_size, dtype)]
+        groups = [_group_tensors(block_tables, seq_lens, None, max_seq_len, block_size, dtype, window)]
     else:
         groups = [_group_tensors(block_tables, seq_lens, torch.tensor(rows, device=block_tables.device),
-                                 max(1, max(seq_lens_list[i] for i in rows)), block_size, dtype)
+                                 max(1, max(seq_lens_list[i] for i in rows)), block_size, dtype, window)
                   for rows in parts]
     plan = DecodePlan(groups)
     if cache is not None:
@@ -152,8 +159,30 @@ def decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len:
     return plan
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+         softcap: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """SDPA over [N, H, M, D] queries and [N, KVH, L, D] keys (H a multiple of KVH); with a soft-cap,
+    the same attention written out (SDPA has no soft-cap), scores and softmax in fp32. `mask` is a
+    boolean (True: attend) or additive float mask broadcastable to [N, H, M, L]."""
+    gqa = k.shape[1] != q.shape[1]
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
+    if gqa:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    if is_causal:
+        m, n = s.shape[-2:]
+        mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return torch.matmul(torch.softmax(s, -1), v.float()).to(q.dtype)
+
+
 def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, grp: DecodeGroup, scale: float,
-                  k_buf: torch.Tensor | None, v_buf: torch.Tensor | None) -> torch.Tensor:
+                  k_buf: torch.Tensor | None, v_buf: torch.Tensor | None, softcap: float = 0.0) -> torch.Tensor:
     b, h, d = q.shape
     kvh = k_cache.shape[2]
     seq = grp.mask.shape[-1]
@@ -164,30 +193,32 @@ def _decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     v = v.view(b, seq, kvh, d).transpose(1, 2)
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    out = F.scaled_dot_product_attention(q.reshape(b, kvh, h // kvh, d), k, v, attn_mask=grp.mask, scale=scale)
+    out = sdpa(q.reshape(b, kvh, h // kvh, d), k, v, grp.mask, scale, softcap)
     return out.reshape(b, h, d)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                               max_seq_len: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
+                               max_seq_len: int | None = None, plan: DecodePlan | None = None,
+                               sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [B, H, D] (one query per sequence) -> out [B, H, D].
 
     Batched over sequences: gathers the sequences' blocks into a padded [n, L, KVH, D] tensor (one
     index_select per cache) and runs one fused SDPA with an additive padding mask, per group of
     similar lengths (see `decode_plan`). GQA without repeating K/V: the g query heads that share a
-    KV head become g query rows of that head. `plan` is `decode_plan(...)` for these tables, when
-    the caller already has it.
+    KV head become g query rows of that head. `plan` is `decode_plan(...)` for these tables (and this
+    sliding window), when the caller already has it.
     """
     if plan is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
-        plan = decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], q.dtype)
+        plan = decode_plan(block_tables, seq_lens, max_seq_len, k_cache.shape[1], q.dtype, window=sliding_window)
     if len(plan.groups) == 1 and plan.groups[0].rows is None:
-        return _decode_group(q, k_cache, v_cache, plan.groups[0], scale, plan.k_buf, plan.v_buf)
+        return _decode_group(q, k_cache, v_cache, plan.groups[0], scale, plan.k_buf, plan.v_buf, softcap)
     out = torch.empty_like(q)
     for grp in plan.groups:
-        o = _decode_group(q.index_select(0, grp.rows), k_cache, v_cache, grp, scale, plan.k_buf, plan.v_buf)
+        o = _decode_group(q.index_select(0, grp.rows), k_cache, v_cache, grp, scale, plan.k_buf, plan.v_buf,
+                          softcap)
         out.index_copy_(0, grp.rows, o)
     return out
 
@@ -195,7 +226,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, query_start: list[int] | tuple[int, ...],
                                 seq_lens: list[int] | tuple[int, ...], scale: float,
-                                k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+                                k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [Tp, H, D] holding several sequences' chunks back to back -> out [Tp, H, D].
 
     Chunk i covers positions [seq_lens[i] - qlen, seq_lens[i]) of its sequence and attends causally
@@ -204,9 +236,6 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     instead of gathering them back. SDPA gets 4-d inputs (its fused CPU kernel; 3-d inputs fall back
     to the unfused math path) and handles GQA itself.
     """
-    h = q.shape[1]
-    kvh = k_cache.shape[2]
-    gqa = kvh != h
     n = len(seq_lens)
     out = None if n == 1 else torch.empty_like(q)
     for i, ctx in enumerate(seq_lens):
@@ -220,14 +249,17 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
             vi = gather_context(v_cache, block_tables[i], ctx)
         ki = ki.transpose(0, 1).unsqueeze(0).to(qi.dtype)  # [1, KVH, ctx, D]
         vi = vi.transpose(0, 1).unsqueeze(0).to(qi.dtype)
-        if qlen == ctx:
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
+        windowed = 0 < sliding_window < ctx
+        if qlen == ctx and not windowed:
+            o = sdpa(qi, ki, vi, None, scale, softcap, is_causal=True)
         else:
-            # query j sits at position ctx - qlen + j and sees keys 0..that position
+            # query j sits at position ctx - qlen + j and sees keys 0..that position (the last W of them)
             qpos = torch.arange(ctx - qlen, ctx, device=q.device)
             kpos = torch.arange(ctx, device=q.device)
             mask = kpos[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            if windowed:
+                mask &= kpos[None, :] > qpos[:, None] - sliding_window
+            o = sdpa(qi, ki, vi, mask, scale, softcap)
         o = o[0].transpose(0, 1)  # [qlen, H, D]
         if out is None:
             return o
@@ -247,38 +279,45 @@ class TorchAttentionBackend:
     v_scale: float = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] for the flat batch -> [T, H, D]."""
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] for the flat batch -> [T, H, D]; sliding_window and softcap are
+        this layer's (0: none)."""
         if k_cache.dtype == FP8:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-            out = self._attend(q, k, v, k_cache, v_cache, meta, scale * self.k_scale)
+            out = self._attend(q, k, v, k_cache, v_cache, meta, scale * self.k_scale, sliding_window, softcap)
             return out if self.v_scale == 1.0 else out * self.v_scale
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+        return self._attend(q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int,
+                softcap: float) -> torch.Tensor:
         nd = meta.num_decode
         decode = None
         if nd:
-            key = ("decode_plan", q.dtype, k_cache.dtype, k_cache[0].shape)
+            key = ("decode_plan", q.dtype, k_cache.dtype, k_cache[0].shape, window, bool(softcap))
             plan = meta.derived.get(key)
-            if plan is None:  # the first layer of this step
+            if plan is None:  # the first layer of this step (with this window and soft-cap use)
+                # the shared-prefix path attends globally without soft-cap: plain layers only
+                plain = not window and not softcap and meta.decode_seq_lens_list
                 shared = plan_shared(meta.decode_block_tables, meta.decode_seq_lens, meta.decode_seq_lens_list,
-                                     k_cache.shape[1], q.dtype) if meta.decode_seq_lens_list else None
+                                     k_cache.shape[1], q.dtype) if plain else None
                 plan = meta.derived[key] = shared or decode_plan(
                     meta.decode_block_tables, meta.decode_seq_lens, meta.decode_max_seq_len, k_cache.shape[1],
-                    q.dtype, k_cache, meta.decode_seq_lens_list)
+                    q.dtype, k_cache, meta.decode_seq_lens_list, window)
             if isinstance(plan, SharedPrefix):  # the rows share a cached prefix: read it once, not once per row
                 decode = shared_prefix_decode(q[:nd], k_cache, v_cache, plan, scale)
             else:
                 decode = paged_decode_attention_ref(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                    meta.decode_seq_lens, scale, meta.decode_max_seq_len, plan)
+                                                    meta.decode_seq_lens, scale, meta.decode_max_seq_len, plan,
+                                                    window, softcap)
             if meta.num_prefill == 0:
                 return decode
+        kv = (k[nd:], v[nd:]) if k.dtype == k_cache.dtype else (None, None)
         prefill = paged_prefill_attention_ref(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                                               meta.prefill_query_start_list, meta.prefill_seq_lens_list, scale,
-                                              *((k[nd:], v[nd:]) if k.dtype == k_cache.dtype else ()))
+                                              *kv, sliding_window=window, softcap=softcap)
         if decode is None:
             return prefill
         return torch.cat([decode, prefill])

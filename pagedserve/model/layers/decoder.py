@@ -11,12 +11,13 @@ from pagedserve.model.model_args import ModelArgs
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, backend, tp=None, mlp: nn.Module | None = None):
+    def __init__(self, args: ModelArgs, backend, tp=None, mlp: nn.Module | None = None, sliding_window: int = 0):
         """`mlp`: the block's MLP when it is not the dense one (a mixture-of-experts layer). Its output is
-        summed over tensor-parallel ranks here, the all-reduce a dense MLP does itself."""
+        summed over tensor-parallel ranks here, the all-reduce a dense MLP does itself. `sliding_window`:
+        this layer's attention window (0: global)."""
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, backend, tp)
+        self.self_attn = Attention(args, backend, tp, sliding_window=sliding_window)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp) if mlp is None else mlp
         self.mlp_tp = None if mlp is None else tp

@@ -1,9 +1,11 @@
-"""The gated SiLU MLP: down(silu(gate(x)) * up(x)), gate and up as one matmul."""
+"""The gated MLP: down(act(gate(x)) * up(x)), gate and up as one matmul; act is SiLU (SwiGLU) or, for
+Gemma, tanh-approximated GELU (GeGLU)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.errors import UnsupportedModelError
 from pagedserve.model.kernels import fused_ops
 from pagedserve.model.model_args import ModelArgs
 
@@ -12,6 +14,10 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, tp=None):
         super().__init__()
         self.inter = args.intermediate_size
+        if args.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise UnsupportedModelError(f"MLP activation {args.hidden_act!r} is not supported "
+                                        "(supported: silu, gelu_pytorch_tanh)")
+        self.gelu = args.hidden_act == "gelu_pytorch_tanh"
         self.tp = tp  # row-parallel down_proj: its bias lives on rank 0 only, added once by the all-reduce
         linear = args.make_linear or nn.Linear
         self.gate_up_proj = linear(args.hidden_size, 2 * self.inter, bias=args.mlp_bias)
@@ -19,9 +25,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
-        if fused_ops.enabled(gate_up):
+        if not self.gelu and fused_ops.enabled(gate_up):
             out = self.down_proj(fused_ops.silu_mul(gate_up))
         else:
             gate, up = gate_up.split(self.inter, dim=-1)
-            out = self.down_proj(F.silu(gate).mul_(up))
+            act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+            out = self.down_proj(act.mul_(up))
         return out if self.tp is None else self.tp.all_reduce(out)

@@ -32,3 +32,17 @@ class RMSNorm(nn.Module):
             return fused_ops.add_rms_norm(x, residual, self.weight, self.eps, quant=quant)
         residual = x + residual
         return self(residual), residual
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w with the norm scaling by (1 + w), applied in fp32 before
+    the cast (adding 1 to a bf16 w at load time would round it away)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor, quant: torch.dtype | None = None):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)

@@ -11,7 +11,10 @@ from pagedserve.model.model_args import ModelArgs
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend, tp=None):
+    def __init__(self, args: ModelArgs, backend, tp=None, sliding_window: int = 0, softcap: float = 0.0,
+                 scale: float | None = None):
+        """sliding_window, softcap: this layer's (0: global attention, no cap); scale: the softmax
+        scale when it is not head_dim ** -0.5 (Gemma's query_pre_attn_scalar)."""
         super().__init__()
         self.tp = tp  # TPGroup: args hold this rank's heads; o_proj's output is summed over ranks
         self.nh, self.nkv, self.hd = args.num_heads, args.num_kv_heads, args.head_dim
@@ -24,7 +27,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.scale = self.hd ** -0.5
+        self.scale = self.hd ** -0.5 if scale is None else scale
+        self.sliding_window, self.softcap = sliding_window, softcap
         self.backend = backend
 
     def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata):
@@ -48,6 +52,7 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rope(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                   sliding_window=self.sliding_window, softcap=self.softcap)
         out = self.o_proj(out.reshape(t, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)

@@ -2,7 +2,7 @@
 
 One class covers the family; config flags switch the differences:
 Qwen2's bias on q/k/v, Qwen3's per-head RMSNorm on q and k, tied embeddings,
-RoPE scaling. Q, K, V share one matmul and gate/up share another.
+RoPE scaling, Mistral's (and Qwen's optional) sliding window. Q, K, V share one matmul and gate/up share another.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class LlamaForCausalLM(nn.Module):
             args = tp.shard.local_args(args)
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, backend, tp) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, backend, tp, sliding_window=args.window(i))
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rope = RotaryEmbedding(args, max_len)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -49,7 +49,7 @@ class MoeCausalLM(LlamaForCausalLM):
         self.layers = nn.ModuleList(
             DecoderLayer(args, backend, tp, FusedMoE.from_shape(
                 moe, args.hidden_size, MLP(shared) if moe.shared_intermediate_size else None)
-                if i in moe.sparse_layers else None)
+                if i in moe.sparse_layers else None, sliding_window=args.window(i))
             for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rope = RotaryEmbedding(args, max_len)
