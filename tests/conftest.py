@@ -66,3 +66,28 @@ def llm():
     from pagedserve import LLM
 
     return LLM(max_model_len=512, kv_cache_memory=0.25, max_num_seqs=32)
+
+
+# The `slow` marker, from one rule: a test is slow when it loads a model, starts a server or another
+# process, or runs Triton's CPU interpreter. Fixtures that do one of these (a test using one, even
+# through another fixture, is slow), then modules whose tests start processes themselves.
+# `make test-fast` runs the rest: unit tests built directly from their classes.
+SLOW_FIXTURES = frozenset({
+    "model_dir", "llm", "hf_model", "tiny_dir", "tiny_dirs", "dirs",  # models
+    "server", "cluster", "stack", "real_server", "timed_server", "pool2", "redis_proc",  # servers, processes
+    "default_pair", "default_serving", "tool_serving",
+    "_interpret",  # Triton's CPU interpreter (tests/triton_interp.py)
+})
+SLOW_MODULES = frozenset({
+    "test_bench_cli", "test_bench_loadgen", "test_bench_workers", "test_cluster_launcher", "test_deploy",
+    "test_docker", "test_gc_freeze", "test_hf_parity", "test_models_tiny", "test_peer_harness", "test_runtime",
+    "test_shared_prefix_attention", "test_startup_errors", "test_token_budget", "test_fp8", "test_quantization",
+    "test_download", "test_gpu", "test_plan", "test_tensor_parallel",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -179,7 +179,21 @@ def compose(docker) -> list[str]:
     pytest.skip("no docker compose (apt-get install docker-compose; .ci/run does)")
 
 
-def test_compose_cpu_profile(docker, compose, cpu_image, base_image):
+def compose_file(compose: list[str], tmp_path: Path) -> str:
+    """deploy/docker-compose.yml, or for Compose v1 (Debian bookworm's docker-compose 1.29) a copy
+    without the top-level `name`, which v1 does not know (the project name is passed with -p)."""
+    if compose != ["docker-compose"] or not sh("docker-compose", "version", "--short").stdout.startswith("1."):
+        return str(DEPLOY / "docker-compose.yml")
+    import yaml
+
+    spec = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    spec.pop("name", None)
+    out = tmp_path / "docker-compose.v1.yml"
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(out)
+
+
+def test_compose_cpu_profile(docker, compose, cpu_image, base_image, tmp_path):
     """Two replicas, the router and Prometheus; a request through the router and a scrape.
 
     Grafana stays down: its image comes only from a registry, and nothing here reads it."""
@@ -189,7 +203,8 @@ def test_compose_cpu_profile(docker, compose, cpu_image, base_image):
     sh(docker, "build", "--network", "host", "-f", str(DEPLOY / "offline" / "Dockerfile.prometheus"),
        "--build-arg", f"BASE={base_image}", "-t", PROM_IMAGE, str(DEPLOY / "offline"))
     env = {**os.environ, "PROMETHEUS_IMAGE": PROM_IMAGE, "PAGEDSERVE_CPU_THREADS": "1"}
-    cmd = [*compose, "-f", str(DEPLOY / "docker-compose.yml"), "-p", PROJECT, "--profile", "cpu"]
+    cmd = [*compose, "-f", compose_file(compose, tmp_path), "--project-directory", str(DEPLOY), "-p", PROJECT,
+           "--profile", "cpu"]
     services = ["cpu-replica0", "cpu-replica1", "router-cpu", "prometheus-cpu"]
     try:
         sh(*cmd, "up", "-d", "--no-build", *services, env=env, timeout=300)
