@@ -4,6 +4,7 @@ production code never imports a test double."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "pagedserve"
 
 
+@functools.lru_cache(maxsize=None)
 def _graph() -> dict[str, set[str]]:
     mods = {}
     for f in ROOT.rglob("*.py"):
@@ -69,6 +71,7 @@ def test_no_module_of_the_package_is_in_an_import_cycle():
     assert not sorted(m for m in graph if m in _reaches(graph, m))
 
 
+@functools.lru_cache(maxsize=None)
 def _package_imports() -> dict[str, set[str]]:
     """Module -> every dotted name it imports (absolute, also outside the package)."""
     out: dict[str, set[str]] = {}
