@@ -32,6 +32,7 @@ CACHE = Path(os.environ.get("PAGEDSERVE_DOCKER_CACHE", Path.home() / ".cache" / 
 IMAGE = "pagedserve:cpu"
 PROM_IMAGE = "pagedserve-prometheus:debian"
 PROJECT = "pagedserve-ci"
+INDEX_PORT = 38765
 
 
 def sh(*args: str, timeout: float = 1800, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -113,7 +114,11 @@ def torch_index():
         (simple / project).mkdir(parents=True, exist_ok=True)
         (simple / project / whl.name).symlink_to(whl)
     handler = functools.partial(QuietHandler, directory=str(CACHE))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    # A fixed port where free: TORCH_INDEX is a build argument, and a new value rebuilds every layer.
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", INDEX_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/simple", version
     server.shutdown()
@@ -223,9 +228,14 @@ def test_compose_cpu_profile(docker, compose, cpu_image, base_image, tmp_path):
             return want <= {k for k, v in up.items() if v == "1"}
 
         wait_until(scraped, 90, "Prometheus scraping both replicas and the router", interval=3)
-        r = httpx.get("http://127.0.0.1:9090/api/v1/query",
-                      params={"query": "sum(vllm:generation_tokens_total)"}, timeout=10).json()
-        assert r["status"] == "success" and float(r["data"]["result"][0]["value"][1]) > 0
+
+        def generated_tokens_scraped() -> bool:
+            r = httpx.get("http://127.0.0.1:9090/api/v1/query",
+                          params={"query": "sum(vllm:generation_tokens_total)"}, timeout=10).json()
+            return r["status"] == "success" and float(r["data"]["result"][0]["value"][1]) > 0
+
+        # The chat completion's tokens, once a scrape (every 10 s) has followed it.
+        wait_until(generated_tokens_scraped, 60, "the generated tokens in Prometheus", interval=3)
     finally:
         logs = sh(*cmd, "logs", "--no-color", "--tail", "40", env=env, check=False, timeout=120)
         print(logs.stdout[-6000:])
