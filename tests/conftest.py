@@ -66,3 +66,36 @@ def llm():
     from pagedserve import LLM
 
     return LLM(max_model_len=512, kv_cache_memory=0.25, max_num_seqs=32)
+
+
+# The `slow` marker, from one rule: a test is slow when it loads a model, starts a server or another
+# process, or runs Triton's CPU interpreter. Fixtures that do one of these (a test using one, even
+# through another fixture, is slow), then modules whose tests start processes themselves.
+# `make test-fast` runs the rest: unit tests built directly from their classes.
+SLOW_FIXTURES = frozenset({
+    "model_dir", "llm", "hf_model", "tiny_dir", "tiny_dirs", "dirs",  # models
+    "server", "cluster", "stack", "real_server", "timed_server", "pool2", "redis_proc",  # servers, processes
+    "default_pair", "default_serving", "tool_serving",
+    "_interpret",  # Triton's CPU interpreter (tests/triton_interp.py)
+})
+SLOW_MODULES = frozenset({
+    "test_bench_cli", "test_bench_loadgen", "test_bench_workers", "test_cluster_launcher", "test_deploy",
+    "test_docker", "test_gc_freeze", "test_hf_parity", "test_models_tiny", "test_peer_harness", "test_runtime",
+    "test_shared_prefix_attention", "test_startup_errors", "test_token_budget", "test_fp8", "test_quantization",
+    "test_download", "test_gpu", "test_plan", "test_tensor_parallel", "test_offline_bench", "test_server_lifecycle",
+})
+# Tests in otherwise quick modules that build an engine, start a CLI process or ask the Hub.
+SLOW_TESTS = frozenset({
+    "test_real_server_answer_cache", "test_serve_cli_checks_before_loading_the_model", "test_router_cli_startup_errors",
+    "test_cli_bad_size_is_a_usage_error", "test_cli_flags_reach_the_replicas_and_are_checked_first",
+    "test_preemption_keeps_constraint", "test_unknown_model_path", "test_unknown_hub_id_not_cached",
+    "test_plots_render_narrow_and_wide_sweeps",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if (module in SLOW_MODULES or getattr(item, "originalname", item.name) in SLOW_TESTS
+                or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)

