@@ -30,6 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="KV cache storage: auto (the model's dtype) or fp8 (e4m3, per-tensor scale 1.0; "
                         "twice the tokens; compute capability >= 8.9)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM compatibility and ignored: pagedserve never runs a checkpoint's code")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N ranks (GPUs; on CPU, N processes sharing the cores)")
 

@@ -20,6 +20,10 @@ class ModelArgs(DecoderShape):
     qk_norm: bool = False
     rope_scaling: dict | None = None
     rope_freq_factors: list[float] | None = None  # llama.cpp's rope_freqs (GGUF): inv_freq is divided by these
+    # Qwen (v1): the training length, and the two mechanisms that act past it (models/qwen.py)
+    seq_length: int = 0
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
     # Builds the block projections: make_linear(in, out, bias). None: nn.Linear; AWQ checkpoints pass
     # quantization.methods.awq_linear_factory (int8 instead swaps nn.Linear after loading).
     make_linear: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)

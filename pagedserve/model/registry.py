@@ -1,14 +1,16 @@
-"""HF architecture name -> model class. One family today; new families add a line."""
+"""HF architecture name -> model class, one file per family in `models/`; a new family adds a line."""
 from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
 from pagedserve.model.models.llama import LlamaForCausalLM
+from pagedserve.model.models.qwen import QWenLMHeadModel
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "QWenLMHeadModel": QWenLMHeadModel,
 }
 
 
