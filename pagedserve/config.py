@@ -62,7 +62,9 @@ class EngineConfig:
     tensor_parallel_size: int = field(default=1, metadata=flag(
         "split the model over N ranks (GPUs; on CPU, N processes sharing the cores)", type=int,
         aliases=("-tp",)))
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata=flag(
+        "accepted for vLLM compatibility and ignored: pagedserve never runs a checkpoint's code",
+        action="store_true"))
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     enforce_eager: bool = field(default=False, metadata=flag("GPU: no CUDA graphs (debugging)",
                                                              action="store_true"))

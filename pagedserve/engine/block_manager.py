@@ -67,7 +67,7 @@ class BlockManager:
             return []
         bs = self.block_size
         hits: list[int] = []
-        parent = None
+        parent = seq.cache_salt
         max_blocks = (seq.num_tokens - 1) // bs  # the last token must be computed to get logits
         for i in range(max_blocks):
             h = chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
@@ -149,7 +149,7 @@ class BlockManager:
         full = (seq.num_computed if upto is None else upto) // bs
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             h = chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             if self.enable_prefix_caching:

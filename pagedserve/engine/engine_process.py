@@ -232,7 +232,7 @@ def engine_main(config: EngineConfig, in_conn, out_conn, log_level: int) -> None
         "served_model_name": engine.served_model_name,
         "model_dir": str(engine.model_dir),
         "max_model_len": engine.max_model_len,
-        "vocab_size": engine.args.vocab_size,
+        "vocab_size": engine.limits.vocab_size,  # the ids a prompt may hold (Qwen: fewer than embedding rows)
         "num_kv_blocks": engine.num_kv_blocks,
         "block_size": config.block_size,
         "max_num_seqs": config.max_num_seqs,

@@ -73,9 +73,14 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(w.hf_config, w.model_dir, self.tokenizer)
         w.load_model()
         w.init_kv_cache()
+        # Families may stop at more than eos by default (Qwen's ChatML ends) and have embedding rows past
+        # the tokenizer (Qwen's padded vocabulary): a prompt may not use those ids.
+        self.eos_token_ids |= set(getattr(w.model_cls, "default_stop_ids", ()))
+        self.prompt_vocab = getattr(w.model, "sampled_vocab", w.args.vocab_size)
+        self._cache_salt = getattr(w.model_cls, "prefix_cache_salt", None)
         self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens)
-        self.limits = EngineLimits(w.args.vocab_size, w.max_model_len, config.max_num_seqs,
+        self.limits = EngineLimits(self.prompt_vocab, w.max_model_len, config.max_num_seqs,
                                    w.max_num_batched_tokens, config.block_size, w.num_kv_blocks)
         self.requests: dict[str, Request] = {}
         self.failed: list[tuple[str, str]] = []  # requests aborted by an error in their own processing
@@ -115,6 +120,8 @@ class LLMEngine:
         text, ids = intake.prompt_ids(prompt, prompt_token_ids, self.tokenizer)
         max_tokens = check_request(ids, params, self.limits)
         seq = intake.new_sequence(next(self._seq_ids), 0, ids, params, self.tokenizer, self.device)
+        if self._cache_salt is not None:
+            seq.cache_salt = self._cache_salt(self.args, len(ids))
         req = intake.new_request(request_id, text, ids, params, max_tokens, seq, arrival_time, final_only)
         self.requests[request_id] = req
         if params.structured_outputs is None or self._submit_grammar(req):

@@ -40,6 +40,9 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash chain over this sequence's full, computed blocks
+        # Seeds that chain: blocks whose K/V depend on more than their tokens (Qwen's per-request RoPE base)
+        # are cached apart. None for most models.
+        self.cache_salt: int | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.output_text = ""

@@ -33,7 +33,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list, max_num_seqs: int, max_model_len: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, prompt_lens: bool = False):
         self.sizes = capture_sizes(max_num_seqs)
         max_bs = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
@@ -42,6 +42,8 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        # each row's prompt length, for models that read AttentionMetadata.prompt_lens
+        self.prompt_lens = torch.zeros(max_bs, dtype=torch.int64, device=device) if prompt_lens else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.max_model_len = max_model_len
@@ -54,7 +56,8 @@ class DecodeGraphs:
                     slot_mapping=self.slot_mapping[:bs], num_decode=bs,
                     decode_block_tables=self.block_tables[:bs], decode_seq_lens=self.seq_lens[:bs],
                     prefill_query_start=empty, prefill_seq_lens=empty, prefill_block_tables=empty[None],
-                    decode_max_seq_len=max_model_len, prefill_query_start_list=(0,), prefill_seq_lens_list=())
+                    decode_max_seq_len=max_model_len, prefill_query_start_list=(0,), prefill_seq_lens_list=(),
+                    prompt_lens=None if self.prompt_lens is None else self.prompt_lens[:bs])
                 args = (self.input_ids[:bs], self.positions[:bs], kv_caches, meta)
                 model(*args)  # warm-up: Triton autotuning/compilation happens outside the capture
                 torch.cuda.synchronize(device)
@@ -82,5 +85,7 @@ class DecodeGraphs:
         self.block_tables[:n, :bt.shape[1]].copy_(bt)
         self.seq_lens[:n].copy_(meta.decode_seq_lens)
         self.seq_lens[n:bs].zero_()
+        if self.prompt_lens is not None:
+            self.prompt_lens[:n].copy_(meta.prompt_lens)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

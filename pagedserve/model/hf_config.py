@@ -19,6 +19,8 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
     """Everything pagedserve reads from a config.json dict (or a transformers config object, read by
     attribute), under pagedserve's field names."""
     g = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    if g("model_type") == "qwen":
+        return _qwen_fields(g)
     missing = [k for k in _REQUIRED if g(k) is None]
     if missing:
         raise ConfigError(f"the model config has no {', '.join(missing)}",
@@ -147,6 +149,51 @@ def moe_shape(cfg: Any) -> MoeShape | None:
     shared = g("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
     return MoeShape(experts, g("num_experts_per_tok"), g("moe_intermediate_size"), bool(g("norm_topk_prob", False)),
                     sparse, shared or 0)
+# Qwen v1.0 config.json names, renamed in v1.1 (the revision pagedserve reads)
+_QWEN_V10 = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+             "ffn_hidden_size": "intermediate_size"}
+_QWEN_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "seq_length")
+
+
+def _qwen_fields(g) -> dict[str, Any]:
+    """A QWenLMHeadModel config (v1.1 keys). Its intermediate_size is twice the MLP width; c_attn always
+    has a bias, the other projections one unless no_bias; RoPE covers rotary_pct of the head."""
+    old = [k for k in _QWEN_V10 if g(k) is not None]
+    if old:
+        raise ConfigError(f"this QWen config.json uses the v1.0 keys {', '.join(old)}",
+                          hint="update config.json to the v1.1 revision, whose keys are "
+                               f"{', '.join(_QWEN_V10[k] for k in old)}")
+    missing = [k for k in _QWEN_REQUIRED if g(k) is None]
+    if missing:
+        raise ConfigError(f"the QWen config has no {', '.join(missing)}", hint="is this a Qwen (v1) config.json?")
+    if float(g("rotary_pct", 1.0)) != 1.0:
+        raise ConfigError(f"QWen rotary_pct {g('rotary_pct')} is not supported (only 1.0: RoPE over the whole head)")
+    heads, bias = g("num_attention_heads"), not g("no_bias", True)
+    dtype = "bfloat16" if g("bf16") else "float16" if g("fp16") else "float32" if g("fp32") else None
+    return dict(
+        vocab_size=g("vocab_size"),
+        hidden_size=g("hidden_size"),
+        intermediate_size=g("intermediate_size") // 2,
+        num_layers=g("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=g("kv_channels") or g("hidden_size") // heads,
+        rms_norm_eps=g("layer_norm_epsilon", 1e-6),
+        rope_theta=float(g("rotary_emb_base", 10000.0)),
+        rope_scaling=None,
+        rope_freq_factors=None,
+        max_position_embeddings=g("max_position_embeddings") or g("seq_length"),
+        tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+        qkv_bias=True,
+        o_bias=bias,
+        mlp_bias=bias,
+        qk_norm=False,
+        seq_length=g("seq_length"),
+        use_dynamic_ntk=bool(g("use_dynamic_ntk", False)),
+        use_logn_attn=bool(g("use_logn_attn", False)),
+        checkpoint_dtype=g("torch_dtype") or dtype or "bfloat16",
+    )
 
 
 @dataclass(kw_only=True)

@@ -160,9 +160,14 @@ def _init_dummy_shard(model: torch.nn.Module, seed: int) -> None:
 
 
 def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
+    """The model's tokenizer (or `tokenizer`'s); a QWen checkpoint's is built from its qwen.tiktoken."""
     from transformers import AutoTokenizer
 
     src = tokenizer or str(model_dir)
+    if _model_type(Path(src)) == "qwen":
+        from pagedserve.model.qwen_tokenizer import load_qwen_tokenizer
+
+        return load_qwen_tokenizer(Path(src))
     try:
         return AutoTokenizer.from_pretrained(src)
     except Exception as e:
@@ -170,3 +175,10 @@ def load_tokenizer(model_dir: Path, tokenizer: str | None = None):
             f"cannot load a tokenizer from {src}: {str(e).splitlines()[0][:200]}",
             hint="the model directory needs tokenizer.json or tokenizer.model + tokenizer_config.json",
         ) from e
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -30,6 +30,10 @@ class ModelArgs(DecoderShape):
     final_softcap: float = 0.0  # Gemma 2: tanh soft-cap on the logits (0: none)
     query_pre_attn_scalar: float | None = None  # Gemma: the softmax scale is its -1/2 power, not head_dim's
     hidden_act: str = "silu"  # the MLP's gate activation (Gemma: gelu_pytorch_tanh)
+    # Qwen (v1): the training length, and the two mechanisms that act past it (models/qwen.py)
+    seq_length: int = 0
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
     # Builds the block projections: make_linear(in, out, bias). None: nn.Linear; AWQ checkpoints pass
     # quantization.methods.awq_linear_factory (int8 instead swaps nn.Linear after loading).
     make_linear: Callable[..., nn.Module] | None = field(default=None, repr=False, compare=False)

@@ -1,4 +1,4 @@
-"""HF architecture name -> model class; a new family adds a line."""
+"""HF architecture name -> model class, one file per family in `models/`; a new family adds a line."""
 from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
@@ -8,6 +8,7 @@ from pagedserve.model.models.llama import LlamaForCausalLM
 from pagedserve.model.models.mixtral import MixtralForCausalLM
 from pagedserve.model.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedserve.model.models.qwen3_moe import Qwen3MoeForCausalLM
+from pagedserve.model.models.qwen import QWenLMHeadModel
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -18,6 +19,7 @@ MODEL_REGISTRY = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "QWenLMHeadModel": QWenLMHeadModel,
 }
 
 

@@ -97,12 +97,13 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
         self.graphs = None  # DecodeGraphs once captured (CUDA only)
+        self.needs_prompt_lens = getattr(model, "needs_prompt_lens", False)  # AttentionMetadata.prompt_lens
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pagedserve.model.cuda_graph import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
-                                   self.device)
+                                   self.device, self.needs_prompt_lens)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks src -> dst in every layer."""
@@ -184,12 +185,20 @@ class ModelRunner:
             prefill_query_start_list=tuple(q_start),
             prefill_seq_lens_list=tuple(p_lens),
             decode_seq_lens_list=tuple(d_lens),
+            prompt_lens=self._prompt_lens(decodes, prefills) if self.needs_prompt_lens else None,
         )
         ids_t = self._tensor(input_ids, torch.int64)
         if fix_dst:
             assert prev_tokens is not None, "a sequence waits for a device token but no step is in flight"
             ids_t[self._tensor(fix_dst, torch.int64)] = prev_tokens[self._tensor(fix_src, torch.int64)]
         return (ids_t, self._tensor(positions, torch.int64), meta, self._tensor(logit_rows, torch.int64), sampled)
+
+    def _prompt_lens(self, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]) -> torch.Tensor:
+        """Each flat-batch token's request prompt length (decodes first, then the prefill chunks)."""
+        lens = [e.seq.num_prompt_tokens for e in decodes]
+        for e in prefills:
+            lens.extend([e.seq.num_prompt_tokens] * e.num_tokens)
+        return self._tensor(lens, torch.int64)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None

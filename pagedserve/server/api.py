@@ -71,6 +71,7 @@ class ServerOptions:
     port: int = 8000
     answer_cache: AnswerCacheConfig | None = None  # exact-match replay of deterministic requests
     trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
+    chat_template: str | None = None  # --chat-template: replaces the tokenizer's (or the built-in) template
     tools: ToolOptions = field(default_factory=ToolOptions)  # --enable-auto-tool-choice, --tool-call-parser
 
 
@@ -128,7 +129,10 @@ async def _load(engine: AsyncEngine, serving: OpenAIServing, metrics: ServerMetr
     try:
         tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model, config.tokenizer))
         info = await engine.wait_ready()
-        serving.set_tokenizer(await tok_task)
+        tok = await tok_task
+        if opts.chat_template is not None:
+            tok.chat_template = opts.chat_template
+        serving.set_tokenizer(tok)
     except Exception as e:  # noqa: BLE001 - a server that cannot load its model exits non-zero
         log.error("start-up failed: %s", e)
         if on_fatal is not None:

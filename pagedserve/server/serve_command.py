@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
                         "(default: $PAGEDSERVE_API_KEY, else none)")
+    g.add_argument("--chat-template", default=None,
+                   help="the chat template to use instead of the tokenizer's (a file, or the Jinja text itself)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat template sent in a request (`chat_template`, also inside "
                         "`chat_template_kwargs`); refused with 400 by default. Rendering is sandboxed and bounded "
@@ -52,6 +54,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def read_chat_template(arg: str | None) -> str | None:
+    """--chat-template: a file's contents, or the argument itself when it names no file."""
+    from pathlib import Path
+
+    from pagedserve.errors import ConfigError
+
+    if arg is None:
+        return None
+    if Path(arg).is_file():
+        return Path(arg).read_text()
+    if "{" not in arg:
+        raise ConfigError(f"--chat-template {arg!r}: no such file, and not a Jinja template",
+                          param="chat_template")
+    return arg
+
+
 def run(args: argparse.Namespace) -> int:
     from pagedserve.entrypoints.engine_args import engine_kwargs
     from pagedserve.errors import ConfigError
@@ -80,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                          api_key=api_key, max_queue_len=args.max_queue_len,
                          log_requests=not args.disable_log_requests, host=args.host, port=args.port,
                          answer_cache=config_from_args(args, salt=api_key or ""), tools=tools,
-                         trust_request_chat_template=args.trust_request_chat_template)
+                         trust_request_chat_template=args.trust_request_chat_template,
+                         chat_template=read_chat_template(args.chat_template))
     return serve(engine_kwargs(args, model), opts, shutdown_timeout=args.shutdown_timeout,
                  access_log=args.enable_access_log)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.model.layers.attention import TorchAttentionBackend, paged_decode_attention_ref, paged_prefill_attention_ref
+from pagedserve.model.layers.attention import (TorchAttentionBackend, paged_decode_attention_ref,
+                                               paged_prefill_attention_ref)
 from pagedserve.quantization.fp8 import FP8, quantize_kv
 
 from tests.triton_interp import DEVICE, fp8_close, import_kernels, interpreter_fixture, subprocess_test

@@ -1,4 +1,5 @@
-"""Triton AWQ int4 GEMM (K-strided layout) against the dequantized reference (int8/fp8: tests/quantization/test_triton_w8a8.py).
+"""Triton AWQ int4 GEMM (K-strided layout) against the dequantized reference
+(int8/fp8: tests/quantization/test_triton_w8a8.py).
 
 On CUDA they run compiled; elsewhere through Triton's CPU interpreter (set up by
 tests/triton_interp.py: TRITON_INTERPRET=1 while the kernels are imported and run, or a fresh

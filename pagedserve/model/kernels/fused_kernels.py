@@ -1,7 +1,8 @@
 """Triton kernels for the decoder layer's elementwise work: RMSNorm, residual add + RMSNorm,
 SiLU-and-mul, in-place RoPE. The norms can also emit their output quantized per token (fp8/int8) for
-the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through `pagedserve.model.kernels.fused_ops`, which
-holds the torch references and picks an implementation per tensor.
+the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through
+`pagedserve.model.kernels.fused_ops`, which holds the torch references and picks an implementation per
+tensor.
 
 Each kernel reads its inputs once and writes its outputs once, computes in
 fp32, and rounds to the model dtype exactly where Hugging Face's eager code

@@ -62,12 +62,14 @@ class RotaryEmbedding(nn.Module):
 class BoundRope:
     """RoPE at fixed positions: call it as the module is called (positions are ignored)."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
-        self.cos, self.sin = cos, sin  # [T, 1, D]
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor | None = None):
+        self.cos, self.sin = cos, sin  # [T, 1, D], in the model dtype or fp32 (then rotated in fp32)
+        self.q_scale = q_scale  # [T, 1, 1] in the model dtype: multiplies the rotated queries (Qwen's logn)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, D] -> rotated, any number of heads (q and k together in one pass)."""
-        return x * self.cos + _rotate_half(x) * self.sin
+        out = x * self.cos + _rotate_half(x) * self.sin
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def __call__(self, positions, q: torch.Tensor, k: torch.Tensor):
         return self.rotate(q), self.rotate(k)
@@ -77,3 +79,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
+
+def ntk_alpha(prompt_len: int, seq_length: int) -> int:
+    """Qwen's dynamic-NTK alpha for a prompt of `prompt_len` tokens: 2^ceil(log2(L / seq_length) + 1) - 1,
+    at least 1, computed as the reference does (host floats)."""
+    return max(2 ** math.ceil(math.log(prompt_len / seq_length, 2) + 1) - 1, 1)
+
+
+class DynamicNTKRotary(nn.Module):
+    """Qwen's dynamic NTK RoPE: each request rotates with base * alpha^(d / (d - 2)), alpha fixed by its
+    prompt length (`ntk_alpha`), so one batch mixes bases. The few alphas up to `max_len` each get a row of
+    inverse frequencies; `alpha_row[L]` says which row a prompt of L tokens uses. cos/sin are made per
+    token in fp32 (position * inv_freq, as the reference's table holds them), so every layer rotates in
+    fp32 and rounds once."""
+
+    def __init__(self, args: ModelArgs, max_len: int, seq_length: int, dynamic: bool):
+        super().__init__()
+        d = args.head_dim
+        lens = range(max_len + 1)
+        alphas = [ntk_alpha(max(n, 1), seq_length) if dynamic else 1 for n in lens]
+        distinct = sorted(set(alphas))
+        exps = torch.arange(0, d, 2).float() / d
+        inv = [1.0 / ((args.rope_theta * a ** (d / (d - 2))) ** exps) for a in distinct]
+        self.register_buffer("inv_freq", torch.stack(inv), persistent=False)  # [n_alpha, D/2] fp32
+        row = {a: i for i, a in enumerate(distinct)}
+        self.register_buffer("alpha_row", torch.tensor([row[a] for a in alphas]), persistent=False)
+        self.alphas = distinct
+
+    def at(self, positions: torch.Tensor, prompt_lens: torch.Tensor, q_scale: torch.Tensor | None) -> BoundRope:
+        """positions and each token's request prompt length ([T] int) -> fp32 cos/sin for every layer."""
+        inv = self.inv_freq[self.alpha_row[prompt_lens]]  # [T, D/2]
+        freqs = positions.float()[:, None] * inv
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return BoundRope(emb.cos(), emb.sin(), q_scale)

@@ -52,6 +52,9 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rope(positions, q, k)
+        q_scale = getattr(rope, "q_scale", None)
+        if q_scale is not None:
+            q = q * q_scale
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
                                    sliding_window=self.sliding_window, softcap=self.softcap)
         out = self.o_proj(out.reshape(t, self.q_size))

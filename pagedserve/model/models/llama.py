@@ -30,8 +30,11 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, backend, tp, sliding_window=args.window(i))
                                     for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.rope = RotaryEmbedding(args, max_len)
+        self.rope = self.make_rope(args, max_len)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def make_rope(self, args: ModelArgs, max_len: int) -> RotaryEmbedding:
+        return RotaryEmbedding(args, max_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
         """input_ids/positions [T] -> final hidden states [T, hidden]."""
