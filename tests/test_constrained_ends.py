@@ -210,3 +210,13 @@ def test_repeat_rule_masks_a_token_that_would_run_past_the_repeat(manager, token
         assert fused in set(allowed(manager, req, other, len(tokenizer)).tolist())
     finally:
         manager.release(req)
+
+
+def test_choices_past_ascii_match_their_own_text():
+    """A choice with an emoji or accented letters accepts exactly its own text (escaped as surrogate pairs
+    in the EBNF literal, the emoji matched nothing the model could write)."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    g = build_grammar(SO(choice=["héllo 😀", "日本", 'say "hi"\n']))
+    assert all(_is_grammar_accept_string(g, c) for c in ["héllo 😀", "日本", 'say "hi"\n'])
+    assert not _is_grammar_accept_string(g, "hello")

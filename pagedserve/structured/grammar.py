@@ -141,8 +141,10 @@ def build_grammar(so: StructuredOutputsParams, param: str = "structured_outputs"
             if (not isinstance(so.choice, (list, tuple)) or not so.choice
                     or not all(isinstance(c, str) and c for c in so.choice)):
                 _fail(field, "must be a non-empty list of non-empty strings")
-            # json.dumps quotes and escapes each alternative as an EBNF string literal.
-            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in so.choice))
+            # json.dumps quotes and escapes each alternative as an EBNF string literal; characters past
+            # ASCII stay literal (as surrogate-pair escapes, an emoji would not match its own bytes).
+            alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in so.choice)
+            return xgr.Grammar.from_ebnf("root ::= " + alts)
         if kind == "grammar":
             if not isinstance(so.grammar, str) or not so.grammar.strip():
                 _fail(field, "must be a non-empty EBNF grammar")
