@@ -35,6 +35,9 @@ class EngineConfig:
     # stay on the device). None = on for a single CUDA device, off on CPU (nothing to overlap there).
     async_scheduling: bool | None = None
     max_logprobs: int = 20
+    # Speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4, ...} or its JSON text;
+    # checked by engine/spec_decode/config.py when the engine starts.
+    speculative_config: dict | str | None = None
     serving: bool = False  # set by the OpenAI server: a smaller default token budget (shorter steps under load)
 
     def __post_init__(self) -> None:

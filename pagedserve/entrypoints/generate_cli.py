@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -32,10 +33,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "twice the tokens; compute capability >= 8.9)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N ranks (GPUs; on CPU, N processes sharing the cores)")
+    p.add_argument("--speculative-config", default=None,
+                   help='speculative decoding as JSON, vLLM\'s keys: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+                        '(see docs/speculative-decoding.md)')
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
-    return dict(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+    from pagedserve.engine.spec_decode.config import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(args.speculative_config)  # a bad value fails here, before any loading
+    return dict(speculative_config=None if spec is None else json.loads(args.speculative_config),
+                model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
