@@ -67,15 +67,16 @@ CHAT = ["What are three good habits for staying focused while studying?", "Expla
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
-def rows(full: bool) -> list[tuple[str, list[str], int, dict]]:
-    """(name, prompts, max_tokens, extra speculative keys) per table row."""
+def rows(full: bool, only: str | None = None, max_tokens: int | None = None) -> list[tuple[str, list[str], int, dict]]:
+    """(name, prompts, max_tokens, extra speculative keys) per table row; `only`: rows whose name contains it."""
     g8 = GROUNDED * (2 if full else 1)
     chat32 = [CHAT[i % len(CHAT)] + " " * (i // len(CHAT)) for i in range(32)]  # distinct prompts
     t = 128 if full else 64
-    return [("grounded b=1", GROUNDED[:4 if full else 2], t, {}),
-            ("grounded b=8", g8[:8], t, {}),
-            ("chat b=1", CHAT[:4 if full else 2], t, {}),
-            ("chat b=32 disable_by_batch_size=16", chat32, 32 if not full else 64, {"disable_by_batch_size": 16})]
+    out = [("grounded b=1", GROUNDED[:4 if full else 2], t, {}),
+           ("grounded b=8", g8[:8], t, {}),
+           ("chat b=1", CHAT[:4 if full else 2], t, {}),
+           ("chat b=32 disable_by_batch_size=16", chat32, 32 if not full else 64, {"disable_by_batch_size": 16})]
+    return [(n, p, max_tokens or m, e) for n, p, m, e in out if only is None or only in n]
 
 
 def worker(engine: str, spec: bool, args) -> dict:
@@ -86,7 +87,7 @@ def worker(engine: str, spec: bool, args) -> dict:
     tok = AutoTokenizer.from_pretrained(mdir)
     out = []
     llm = None
-    for name, prompts, max_tokens, extra in rows(args.full):
+    for name, prompts, max_tokens, extra in rows(args.full, args.rows, args.max_tokens):
         cfg = {**NGRAM, **extra} if spec else None
         key = json.dumps(cfg, sort_keys=True)
         if llm is None or key != getattr(llm, "_bench_key", None):
@@ -95,7 +96,6 @@ def worker(engine: str, spec: bool, args) -> dict:
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
         batch = 1 if "b=1" in name else len(prompts)
         tokens, secs = 0, 0.0
-        before = _counters(engine, llm)
         _gen(engine, llm, [ids[0]], 8)  # warm-up
         before = _counters(engine, llm)
         for i in range(0, len(ids), batch):
@@ -156,6 +156,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--vllm", action="store_true", help="also run vLLM 0.26's ngram (GPU)")
     ap.add_argument("--full", action="store_true", help="more prompts and tokens per row")
+    ap.add_argument("--rows", default=None, help="only the rows whose name contains this (e.g. 'b=1')")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 64; --full 128)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--worker", choices=["pagedserve", "vllm"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +167,8 @@ def main() -> int:
         return 0
     from peer_vllm import run_bounded
 
-    argv = ["--device", args.device] + (["--full"] if args.full else [])
+    argv = ["--device", args.device] + (["--full"] if args.full else []) + (
+        ["--rows", args.rows] if args.rows else []) + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else [])
     results = []
     for engine in ["pagedserve"] + (["vllm"] if args.vllm else []):
         for spec in (False, True):
