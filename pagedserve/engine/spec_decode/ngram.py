@@ -28,7 +28,7 @@ class NgramProposer:
         ids = seq.token_ids
         buf, n = self._hist.get(seq.seq_id, (None, 0))
         if buf is None or n > len(ids) or len(ids) > len(buf):
-            new = np.empty(max(64, 2 * len(ids)), dtype=np.int64)
+            new = np.empty(max(64, 2 * len(ids)), dtype=np.int32)
             if buf is not None and n <= len(ids):
                 new[:n] = buf[:n]
             else:
@@ -59,7 +59,7 @@ def lookup(hists: list[np.ndarray], ks: list[int], nmin: int, nmax: int) -> list
     out: list[list[int]] = [[] for _ in range(b)]
     if width < 2 or kmax < 1:
         return out
-    mat = np.full((b, width), _PAD, dtype=np.int64)
+    mat = np.full((b, width), _PAD, dtype=np.int32)
     for i, h in enumerate(hists):
         mat[i, width - len(h):] = h
     last = mat[:, -1]
