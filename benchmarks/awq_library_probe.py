@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pagedserve.model.awq_format import dequantize, rtn_quantize, to_kstrided, unpack_int4  # noqa: E402
-from pagedserve.model.quant_dispatch import dense_from_m  # noqa: E402
-from pagedserve.model.triton_quant import awq_linear, awq_linear_dense  # noqa: E402
+from pagedserve.quantization.awq_format import dequantize, rtn_quantize, to_kstrided, unpack_int4  # noqa: E402
+from pagedserve.quantization.dispatch import dense_from_m  # noqa: E402
+from pagedserve.quantization.triton_quant import awq_linear, awq_linear_dense  # noqa: E402
 
 MS = (1, 16, 32, 64, 128, 256, 512)
 GROUP = 128

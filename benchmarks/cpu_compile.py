@@ -33,7 +33,9 @@ def run_mode(mode: str) -> dict:
     import torch
 
     from pagedserve import LLM, SamplingParams
-    from pagedserve.model import llama
+    from pagedserve.model.layers.mlp import MLP
+    from pagedserve.model.layers.norm import RMSNorm
+    from pagedserve.model.layers.self_attention import Attention
 
     t0 = time.perf_counter()
     if mode == "mlp_frozen":
@@ -45,14 +47,14 @@ def run_mode(mode: str) -> dict:
         from pagedserve.model.runner import OneDNNLinear, use_onednn_linears
 
         for mod in list(llm.engine.model.modules()):
-            if isinstance(mod, llama.Attention):
+            if isinstance(mod, Attention):
                 use_onednn_linears(mod)
             if getattr(mod, "lm_head", False) is None and hasattr(mod, "embed_tokens"):
                 mod.lm_head = OneDNNLinear(mod.embed_tokens.weight)
     for mod in llm.engine.model.modules():
-        if mode in ("mlp", "mlp_frozen") and isinstance(mod, llama.MLP):
+        if mode in ("mlp", "mlp_frozen") and isinstance(mod, MLP):
             mod.forward = torch.compile(mod.forward, dynamic=True)
-        if mode == "norm" and isinstance(mod, llama.RMSNorm):
+        if mode == "norm" and isinstance(mod, RMSNorm):
             mod.forward = torch.compile(mod.forward, dynamic=True)
             mod.add_forward = torch.compile(mod.add_forward, dynamic=True)
     load_s = time.perf_counter() - t0

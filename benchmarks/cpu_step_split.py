@@ -13,7 +13,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.default_model import default_model_dir
-import pagedserve.model.attention as A, pagedserve.model.runner as R, pagedserve.engine.llm_engine as E
+import pagedserve.model.layers.attention as A, pagedserve.model.runner as R, pagedserve.engine.llm_engine as E
 T = collections.Counter()
 def timed(owner, name, key):
     """Wrap owner.name (a class's method or a module's function) with a timer adding to T[key]."""

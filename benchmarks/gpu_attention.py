@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from pagedserve.model import triton_attention as TA  # noqa: E402
+from pagedserve.model.kernels import triton_attention as TA  # noqa: E402
 from pagedserve.model.attention_metadata import AttentionMetadata  # noqa: E402
-from pagedserve.model.attention import (  # noqa: E402
+from pagedserve.model.layers.attention import (  # noqa: E402
     TorchAttentionBackend,
     paged_decode_attention_ref,
     paged_prefill_attention_ref,

@@ -1,4 +1,4 @@
-"""Fused decoder-layer ops (pagedserve.model.fused_ops) vs the eager torch reference.
+"""Fused decoder-layer ops (pagedserve.model.kernels.fused_ops) vs the eager torch reference.
 
     python benchmarks/gpu_fused_ops.py             # on CUDA: 7B and 0.5B shapes, bf16
     python benchmarks/gpu_fused_ops.py --dry-run   # CPU, Triton interpreter, tiny shapes
@@ -8,7 +8,7 @@ Shapes (Qwen2.5): 7B  H=3584, I=18944, 28 q + 4 kv heads, head_dim 128;
 tokens per call T in --tokens (default 1, 32, 256, 2048).
 
 Per (model, op, T): both versions are checked (max error in ulps of the
-dtype; RoPE's counted at each rotated pair's length, see tests/test_fused_ops.py),
+dtype; RoPE's counted at each rotated pair's length, see tests/model/test_fused_ops.py),
 then timed on CUDA by replaying a CUDA graph of --inner calls (launch overhead
 gone, as in the engine's decode graphs), median over --reps replays, in µs
 per call. GB/s = bytes the op must move (inputs read once, outputs written
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from pagedserve.model import fused_ops as FO  # noqa: E402
+from pagedserve.model.kernels import fused_ops as FO  # noqa: E402
 
 MODELS = {
     "7B": dict(h=3584, i=18944, nh=28, nkv=4, d=128),

@@ -255,14 +255,14 @@ def main() -> int:
                 traceback.print_exc()
                 rows.append({"engine": f"pagedserve_{q}", "error": traceback.format_exc()[-500:]})
         if args.ab_fused:
-            from pagedserve.model import llama
-            llama.FUSED_OPS = False  # read at CUDA-graph capture: a new engine is needed, and made here
+            from pagedserve.model.kernels import fused_ops
+            fused_ops.ENABLED = False  # read at CUDA-graph capture: a new engine is needed, and made here
             try:
                 rows += run_pagedserve(make_model_dir(name), loads, args, "pagedserve_unfused")[0]
             except Exception:
                 traceback.print_exc()
             finally:
-                llama.FUSED_OPS = True
+                fused_ops.ENABLED = True
         if not args.no_hf:
             try:
                 rows += run_hf(name, loads, args)

@@ -81,10 +81,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from quant_tile_sweep import shapes  # the same projections as the single-weight sweep
 
-    from pagedserve.model.fp8 import quantize_fp8_rows
-    from pagedserve.model.quantization import quantize_int8
-    from pagedserve.model.triton_quant import TileConfig, _sms
-    from pagedserve.model.triton_w8a8 import _gemm_config, _smem, k_split, per_token_quant, w8a8_gemm, whole_splits
+    from pagedserve.quantization.fp8 import quantize_fp8_rows
+    from pagedserve.quantization.methods import quantize_int8
+    from pagedserve.quantization.triton_quant import TileConfig, _sms
+    from pagedserve.quantization.triton_w8a8 import _gemm_config, _smem, k_split, per_token_quant, w8a8_gemm, whole_splits
 
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
 from pagedserve.bench.quality import free_running_agreement, perplexity, teacher_forced_agreement  # noqa: E402
-from pagedserve.model.quantization import weight_bytes  # noqa: E402
+from pagedserve.quantization.methods import weight_bytes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "quant_eval_text.txt"
@@ -59,7 +59,7 @@ PROMPTS = [
 
 def awq_dir_for(model: str | None, group: int) -> Path:
     """The RTN AWQ-format copy of the model, written once into the pagedserve cache."""
-    from pagedserve.model.awq_format import write_awq_checkpoint
+    from pagedserve.quantization.awq_format import write_awq_checkpoint
     from pagedserve.model.loader import resolve_model_dir
 
     src = resolve_model_dir(model)
@@ -99,8 +99,8 @@ def measure(name: str, llm: LLM, text_ids: list[int], prompts: list[list[int]], 
 
 def emulate_int8_w8a8(model: torch.nn.Module) -> int:
     """Make every Int8Linear compute the GPU's W8A8 arithmetic (int8_w8a8_reference) on this device."""
-    from pagedserve.model.int8_w8a8 import int8_w8a8_reference
-    from pagedserve.model.quantization import Int8Linear
+    from pagedserve.quantization.int8_w8a8 import int8_w8a8_reference
+    from pagedserve.quantization.methods import Int8Linear
 
     mods = [m for m in model.modules() if isinstance(m, Int8Linear)]
     for m in mods:

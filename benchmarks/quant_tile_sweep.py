@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """GPU: the quantized GEMMs on the 7B shape against bf16 cuBLAS, and the tile sweep behind the W8A8 kernel's
-static table (triton_w8a8._TILES) and the dispatch (quant_dispatch.py).
+static table (triton_w8a8._TILES) and the dispatch (quantization/dispatch.py).
 
 For each projection (qkv, o, gate_up, down of Qwen2.5-7B) and each M, timed as CUDA-graph replays (median
 us; the engine's decode runs in graphs, so host launch overhead is left out):
@@ -95,12 +95,12 @@ def rel(y, ref) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pagedserve.model.awq_format import dequantize, rtn_quantize
-    from pagedserve.model.fp8 import fp8_linear_cuda, quantize_fp8_rows
-    from pagedserve.model.quantization import quantize_int8
-    from pagedserve.model.awq_format import to_kstrided
-    from pagedserve.model.triton_quant import TileConfig, _sms, awq_linear, awq_linear_dense
-    from pagedserve.model.triton_w8a8 import _gemm_config, k_split, per_token_quant, w8a8_gemm, whole_splits
+    from pagedserve.quantization.awq_format import dequantize, rtn_quantize
+    from pagedserve.quantization.fp8 import fp8_linear_cuda, quantize_fp8_rows
+    from pagedserve.quantization.methods import quantize_int8
+    from pagedserve.quantization.awq_format import to_kstrided
+    from pagedserve.quantization.triton_quant import TileConfig, _sms, awq_linear, awq_linear_dense
+    from pagedserve.quantization.triton_w8a8 import _gemm_config, k_split, per_token_quant, w8a8_gemm, whole_splits
 
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")
@@ -196,7 +196,7 @@ def timed_if_correct(label: str, ref, cuda: bool, fn) -> float | None:
 
 def sweep_awq(r: dict, x, awq, want, m: int, n: int, k: int, sms: int, dt, cuda: bool) -> None:
     """The AWQ kernel's candidates into r["cand"]: BLOCK_N x warps/stages x K split around awq_config's."""
-    from pagedserve.model.triton_quant import TileConfig, awq_config, awq_linear
+    from pagedserve.quantization.triton_quant import TileConfig, awq_config, awq_linear
 
     auto = awq_config(m, n, k, sms)
     k_steps = k // 128

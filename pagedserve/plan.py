@@ -26,7 +26,7 @@ from pagedserve.model.hf_config import DecoderShape
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# Quantized linear layers as pagedserve stores them (pagedserve/model/quantization.py):
+# Quantized linear layers as pagedserve stores them (pagedserve/quantization/methods.py):
 # int8: 1 byte a weight + one scale a row in the compute dtype;
 # int4 AWQ: 0.5 byte a weight + per group of AWQ_GROUP inputs one scale (compute dtype) and a 4-bit zero;
 # fp8: 1 byte a weight (e4m3) + one fp32 scale a row.

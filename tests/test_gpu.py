@@ -132,8 +132,8 @@ def test_kv_pool_from_gpu_memory_utilization(dirs):
 def test_awq_kernel_7b_shapes(m, n, k):
     """The Triton AWQ int4 GEMM (K-strided layout) on 7B-sized matrices against dequantize + F.linear; the
     split ones (few output tiles) reduce in the kernel, so also twice in a row (the counters re-armed)."""
-    from pagedserve.model.awq_format import dequantize, rtn_quantize, to_kstrided
-    from pagedserve.model.triton_quant import awq_linear
+    from pagedserve.quantization.awq_format import dequantize, rtn_quantize, to_kstrided
+    from pagedserve.quantization.triton_quant import awq_linear
 
     g = torch.Generator().manual_seed(m)
     w = torch.randn(n, k, generator=g) * 0.02
@@ -150,8 +150,8 @@ def test_awq_on_gpu_matches_dequantized_model(dirs, tmp_path):
     """An AWQ checkpoint on the GPU (Triton int4 GEMM, CUDA graphs) vs the same weights dequantized to a
     dense checkpoint: fp32 logits within fp32 noise, greedy tokens equal, graphs equal eager."""
     from pagedserve.bench.quality import prefill_logits
-    from pagedserve.model.awq_format import write_awq_checkpoint
-    from tests.test_quantization import _dequantized_hf
+    from pagedserve.quantization.awq_format import write_awq_checkpoint
+    from tests.quantization.test_quantization import _dequantized_hf
 
     model, path = dirs["llama"]
     awq_dir = write_awq_checkpoint(path, tmp_path / "awq", group_size=32)
@@ -186,11 +186,11 @@ def test_w8a8_gemm_7b_shapes(kind, m):
     the same arithmetic in fp32, and within quantization error of the dense product; the dispatch."""
     if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability >= 8.9")
-    from pagedserve.model.fp8 import FP8, fp8_linear, fp8_linear_cuda, fp8_linear_reference, quantize_fp8_rows
-    from pagedserve.model.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
-    from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
-    from pagedserve.model.quantization import quantize_int8
-    from pagedserve.model.triton_w8a8 import per_token_quant, w8a8_linear
+    from pagedserve.quantization.fp8 import FP8, fp8_linear, fp8_linear_cuda, fp8_linear_reference, quantize_fp8_rows
+    from pagedserve.quantization.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
+    from pagedserve.quantization.dispatch import fp8_use_scaled_mm
+    from pagedserve.quantization.methods import quantize_int8
+    from pagedserve.quantization.triton_w8a8 import per_token_quant, w8a8_linear
 
     g = torch.Generator().manual_seed(m)
     for n, k in ((11008, 4096), (4096, 11008)):
@@ -226,8 +226,8 @@ def test_w8a8_gemm_7b_shapes(kind, m):
 @pytest.mark.parametrize("m", [17, 256, 600])
 def test_awq_large_m_path_7b_shape(m):
     """AWQ's large-M path: dequantize (one Triton pass) + cuBLAS."""
-    from pagedserve.model.awq_format import dequantize, rtn_quantize, to_kstrided
-    from pagedserve.model.triton_quant import awq_linear_dense
+    from pagedserve.quantization.awq_format import dequantize, rtn_quantize, to_kstrided
+    from pagedserve.quantization.triton_quant import awq_linear_dense
 
     g = torch.Generator().manual_seed(m)
     n, k = 11008, 4096
@@ -244,7 +244,7 @@ def test_int8_w8a8_engine(dirs):
     """The int8 engine on the GPU (W8A8 at every batch size) vs the CPU's weight-only int8 engine on the
     same host-quantized weights: logits apart by the activation rounding only; CUDA graphs equal eager."""
     from pagedserve.bench.quality import prefill_logits
-    from pagedserve.model.quantization import Int8Linear
+    from pagedserve.quantization.methods import Int8Linear
 
     _, path = dirs["qwen2"]
     # fp32 model: the activation rounding is the only difference from the CPU engine, and graph replays
@@ -272,7 +272,7 @@ def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkey
     checkpoint of the same model gives the very same weights (checked parameter by parameter); the
     per-tensor one stays close; CUDA graphs equal eager."""
     from pagedserve.bench.quality import prefill_logits
-    from pagedserve.model.fp8_format import write_fp8_checkpoint
+    from pagedserve.quantization.fp8_format import write_fp8_checkpoint
 
     monkeypatch.setenv("PAGEDSERVE_FP8_EMULATE", "1")
     _, path = dirs["qwen2"]  # q/k/v biases
@@ -315,23 +315,23 @@ def test_fp8_engine_matches_cpu_emulation_and_checkpoints(dirs, tmp_path, monkey
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_fused_activation_quant_is_exact(dirs, monkeypatch, kind):
-    """The norms writing the per-token quantized activation themselves (llama._input_quant)
+    """The norms writing the per-token quantized activation themselves (layers.linear.input_quant)
     give bit-identical logits to the linears quantizing it with their own kernel: the same values go
     through the same quantize helper. bf16, where any extra or missing rounding would show."""
     if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability >= 8.9")
     from pagedserve.bench.quality import prefill_logits
-    from pagedserve.model import llama
+    from pagedserve.model.layers import linear
 
     _, path = dirs["qwen2"]
     eng = LLM(model=str(path), dtype="bfloat16", max_model_len=256, kv_cache_memory=0.5,
               quantization=kind).engine
-    asked, real = [], llama._input_quant
-    monkeypatch.setattr(llama, "_input_quant", lambda lin, x: asked.append(real(lin, x)) or asked[-1])
+    asked, real = [], linear.input_quant
+    monkeypatch.setattr(linear, "input_quant", lambda lin, x: asked.append(real(lin, x)) or asked[-1])
     fused = [prefill_logits(eng, p) for p in _prompts(3)]
     want = torch.float8_e4m3fn if kind == "fp8" else torch.int8
     assert asked and all(a == want for a in asked)  # every norm before a projection was asked
-    monkeypatch.setattr(llama, "_input_quant", lambda lin, x: None)
+    monkeypatch.setattr(linear, "input_quant", lambda lin, x: None)
     for p, f in zip(_prompts(3), fused):
         assert torch.equal(prefill_logits(eng, p), f)
 

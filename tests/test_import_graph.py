@@ -61,7 +61,7 @@ def test_no_engine_module_is_in_an_import_cycle():
 
 
 def test_no_module_of_the_package_is_in_an_import_cycle():
-    """Cycles broken this round: distributed/executor <-> engine, model/attention <-> model/triton_attention,
-    model/fp8 <-> its Triton kernel module. Keep it that way everywhere, not only in the engine."""
+    """Cycles broken this round: distributed/executor <-> engine, model attention <-> its Triton kernels,
+    fp8 <-> its Triton kernel module. Keep it that way everywhere, not only in the engine."""
     graph = _graph()
     assert not sorted(m for m in graph if m in _reaches(graph, m))

@@ -130,7 +130,7 @@ def test_startup_memory_check_refuses_before_allocating():
 
 def test_planner_and_model_read_config_json_the_same_way():
     """One reader (model/hf_config.py) serves both; a config missing a size is a ConfigError, not a KeyError."""
-    from pagedserve.model.llama import ModelArgs
+    from pagedserve.model.model_args import ModelArgs
 
     cfg = dict(KNOWN_MODELS["Qwen/Qwen2.5-0.5B-Instruct"], head_dim=96, model_type="qwen2")
     shape, args = ModelShape.from_config(cfg), ModelArgs.from_hf(cfg)

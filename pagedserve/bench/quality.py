@@ -1,6 +1,6 @@
 """Model-quality measurements on a loaded engine: perplexity and greedy agreement with a reference.
 
-Used by benchmarks/quant_quality.py and tests/test_quantization.py to measure what quantization
+Used by benchmarks/quant_quality.py and tests/quantization/test_quantization.py to measure what quantization
 costs, instead of assuming it. Full-sequence logits come from one prefill forward over a private,
 throw-away KV cache, so the engine's own cache (and its prefix-cache entries) is never touched.
 """

@@ -19,15 +19,15 @@ from pagedserve.config import GiB, EngineConfig, default_token_budget
 from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.errors import ConfigError, OutOfMemoryError
-from pagedserve.model.attention import get_attention_backend
-from pagedserve.model.fp8 import check_fp8_device, fp8_linear_factory, kv_cache_torch_dtype
-from pagedserve.model.fp8_format import normalize_fp8_tensor
-from pagedserve.model.llama import ModelArgs
+from pagedserve.model.layers.attention import get_attention_backend
 from pagedserve.model.loader import init_dummy_weights, iter_weights, read_hf_config, resolve_model_dir
-from pagedserve.model.quantization import (awq_linear_factory, is_prequantized_fp8, prepare_awq_for_gpu,
-                                           quantize_model, resolve_quantization)
+from pagedserve.model.model_args import ModelArgs
 from pagedserve.model.registry import resolve_architecture
 from pagedserve.model.runner import ModelRunner
+from pagedserve.quantization.fp8 import check_fp8_device, fp8_linear_factory, kv_cache_torch_dtype
+from pagedserve.quantization.fp8_format import normalize_fp8_tensor
+from pagedserve.quantization.methods import (awq_linear_factory, is_prequantized_fp8, prepare_awq_for_gpu,
+                                             quantize_model, resolve_quantization)
 from pagedserve.runtime import configure_engine_threads
 from pagedserve.sampling_params import SamplingParams
 
@@ -191,8 +191,8 @@ class Worker:
         a, model = self.args, self.model
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, a.num_layers,
                                   model.args.num_kv_heads, a.head_dim, self.dtype, self.device, kv_dtype=self.kv_dtype)
-        if self.device.type == "cuda" and self.quantization:  # before capture: see quant_warmup
-            from pagedserve.model.quant_warmup import warm_up
+        if self.device.type == "cuda" and self.quantization:  # before capture: see quantization/warmup.py
+            from pagedserve.quantization.warmup import warm_up
 
             t0 = time.perf_counter()
             n = warm_up(self.model, self.dtype, self.max_num_batched_tokens)

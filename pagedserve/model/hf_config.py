@@ -1,6 +1,6 @@
 """Read a Hugging Face config.json into the decoder shape pagedserve uses.
 
-The model (llama.ModelArgs) and the memory planner (plan.ModelShape) both derive from
+The model (model_args.ModelArgs) and the memory planner (plan.ModelShape) both derive from
 DecoderShape and read config.json through `from_hf` here, so the plan and the engine
 cannot disagree on heads, head_dim or biases. No torch import: `pagedserve plan` uses
 this without loading torch.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
-from pagedserve.model.llama import LlamaForCausalLM
+from pagedserve.model.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -5,7 +5,7 @@ W8A8 in fp8, vLLM's `--quantization fp8` scheme:
 * activations: each token row is quantized on the fly the same way, s_x[m] = max|x[m, :]| / 448;
 * y = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :], accumulated in fp32 with both scales applied in the
   GEMM's epilogue: our Triton W8A8 kernel (triton_w8a8.py) at most batch sizes, torch's rowwise
-  `_scaled_mm` where quant_dispatch measured it faster (M in FP8_SCALED_MM_M).
+  `_scaled_mm` where quantization/dispatch.py measured it faster (M in FP8_SCALED_MM_M).
 * Decode (M = 1..16) is bound by weight bytes, which fp8 halves: 1.42x bf16 summed over a 7B layer's
   GEMMs at M=1 on an H200 (the weight-only kernel that used to serve small M reached 0.96x).
 
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from pagedserve.errors import ConfigError
-from pagedserve.model.fp8_dtype import FP8, FP8_MAX
-from pagedserve.model.fused_ops import QuantizedActivation
+from pagedserve.quantization.fp8_dtype import FP8, FP8_MAX
+from pagedserve.model.kernels.fused_ops import QuantizedActivation
 
 MIN_CAPABILITY = (8, 9)
 _MIN_SCALE = 1e-12
@@ -91,11 +91,11 @@ def fp8_linear_reference(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
 def fp8_linear(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """The fp8 linear as served (W8A8 at every batch size): on CUDA the Triton kernel or `_scaled_mm`
-    (quant_dispatch.fp8_use_scaled_mm); elsewhere the same arithmetic in torch (emulation)."""
+    (dispatch.fp8_use_scaled_mm); elsewhere the same arithmetic in torch (emulation)."""
     if x.device.type != "cuda":
         return fp8_linear_reference(x, q_w, s_w, bias)
-    from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
-    from pagedserve.model.triton_w8a8 import w8a8_linear, w8a8_supported
+    from pagedserve.quantization.dispatch import fp8_use_scaled_mm
+    from pagedserve.quantization.triton_w8a8 import w8a8_linear, w8a8_supported
 
     n, k = q_w.shape
     if fp8_use_scaled_mm(x.numel() // k, n, k):
@@ -115,7 +115,7 @@ def fp8_linear_cuda(x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor,
         return x.new_empty(*lead, n)
     if k % 16 or n % 16:  # _scaled_mm's alignment rule; odd shapes take the exact but slow way
         return fp8_linear_reference(x, q_w, s_w, bias)
-    from pagedserve.model.triton_w8a8 import per_token_quant
+    from pagedserve.quantization.triton_w8a8 import per_token_quant
 
     q_x, s_x = per_token_quant(x2, FP8)
     return _scaled_mm_rowwise(q_x, s_x, q_w, s_w, bias, x.dtype).view(*lead, n)
@@ -134,8 +134,8 @@ def fp8_linear_quantized(x: QuantizedActivation, q_w: torch.Tensor, s_w: torch.T
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_linear for an input already quantized per token (a fused norm kernel wrote it), CUDA only:
     the same GEMM choice as fp8_linear, minus the quant kernel."""
-    from pagedserve.model.quant_dispatch import fp8_use_scaled_mm
-    from pagedserve.model.triton_w8a8 import w8a8_gemm
+    from pagedserve.quantization.dispatch import fp8_use_scaled_mm
+    from pagedserve.quantization.triton_w8a8 import w8a8_gemm
 
     n, k = q_w.shape
     if fp8_use_scaled_mm(x.q.shape[0], n, k):

@@ -14,7 +14,7 @@ Forward: on CUDA, int8 is W8A8 at every batch size (per-token int8 activations o
 cores, triton_w8a8.py; int8_w8a8.py is its arithmetic); AWQ dequantizes int4 tiles in registers
 (triton_quant.py, after repacking to its K-strided layout on the GPU) up to a measured batch size and
 then switches to dequantize-to-bf16 + cuBLAS
-(quant_dispatch.py says where). On CPU, int8 and AWQ stay weight-only,
+(dispatch.py says where). On CPU, int8 and AWQ stay weight-only,
 dequantize-per-call: the int weight is converted to the activation dtype and handed to F.linear
 (AWQ in bounded K chunks), so no dense copy is kept between calls. Trade-off: CPU memory shrinks,
 CPU speed does not improve (the dense fp32 path also gets oneDNN's packed GEMM, these do not).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.errors import ConfigError, UnsupportedModelError
-from pagedserve.model.fused_ops import QuantizedActivation
+from pagedserve.model.kernels.fused_ops import QuantizedActivation
 
 METHODS = ("int8", "awq", "fp8")
 _DENSE_CHUNK = 1 << 24  # elements of dequantized weight held at once by the CPU AWQ path
@@ -72,18 +72,18 @@ class Int8Linear(nn.Module):
         """int8 when forward would quantize x per token (the W8A8 path): see Fp8Linear.input_quant."""
         if not _on_gpu(x):
             return None
-        from pagedserve.model.triton_w8a8 import int8_mma_available, w8a8_supported
+        from pagedserve.quantization.triton_w8a8 import int8_mma_available, w8a8_supported
 
         ok = w8a8_supported(self.out_features, self.in_features) and int8_mma_available(x.device.index)
         return torch.int8 if ok else None
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):  # only handed over when input_quant said int8
-            from pagedserve.model.triton_w8a8 import w8a8_gemm
+            from pagedserve.quantization.triton_w8a8 import w8a8_gemm
 
             return w8a8_gemm(x.q, x.scale, self.weight, self.scale, self.bias, x.dtype)
         if self.input_quant(x) is not None:
-            from pagedserve.model.triton_w8a8 import w8a8_linear
+            from pagedserve.quantization.triton_w8a8 import w8a8_linear
 
             return w8a8_linear(x, self.weight, self.scale, self.bias)
         # The scale is constant along K: apply it to the output, not to a dense weight copy.
@@ -132,7 +132,7 @@ class AWQLinear(nn.Module):
     def to_kstrided(self) -> bool:
         """Repack qweight/qzeros into the K-strided layout the GPU kernels read (triton_quant; the same int4
         bytes). Needs in_features % 128 == 0; returns whether the module now holds that layout."""
-        from pagedserve.model.awq_format import KBLOCK, to_kstrided
+        from pagedserve.quantization.awq_format import KBLOCK, to_kstrided
 
         if not self.kstrided and self.in_features % KBLOCK == 0 and self.group_size % 16 == 0:
             qw, z = to_kstrided(self.qweight.data, self.qzeros.data)
@@ -142,7 +142,7 @@ class AWQLinear(nn.Module):
         return self.kstrided
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from pagedserve.model.awq_format import dequantize, dequantize_kstrided
+        from pagedserve.quantization.awq_format import dequantize, dequantize_kstrided
 
         if self.kstrided:
             return dequantize_kstrided(self.qweight, self.qzeros, self.scales, dtype)
@@ -152,8 +152,8 @@ class AWQLinear(nn.Module):
         if self.kstrided:
             if not _on_gpu(x):  # moved off the GPU after repacking: correct, not fast
                 return F.linear(x, self.dequantized(x.dtype), self.bias)
-            from pagedserve.model.quant_dispatch import use_dense
-            from pagedserve.model.triton_quant import awq_linear, awq_linear_dense
+            from pagedserve.quantization.dispatch import use_dense
+            from pagedserve.quantization.triton_quant import awq_linear, awq_linear_dense
 
             if use_dense("awq", x.numel() // self.in_features, self.out_features, self.in_features):
                 return awq_linear_dense(x, self.qweight, self.qzeros, self.scales, self.bias)
@@ -162,7 +162,7 @@ class AWQLinear(nn.Module):
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Unpack -> (q - z) * s -> F.linear, over K chunks of whole groups so the dense temporary stays bounded."""
-        from pagedserve.model.awq_format import unpack_int4
+        from pagedserve.quantization.awq_format import unpack_int4
 
         g = self.group_size
         rows = max(g, _DENSE_CHUNK // self.out_features // g * g)
@@ -213,7 +213,7 @@ class AWQConfig:
 
 def resolve_quantization(requested: str | None, hf_config: dict) -> str | None:
     """The method to use given --quantization and the checkpoint's own `quantization_config`."""
-    from pagedserve.model.fp8_format import Fp8CheckpointConfig, is_fp8_config
+    from pagedserve.quantization.fp8_format import Fp8CheckpointConfig, is_fp8_config
 
     requested = None if requested in (None, "none") else requested
     qc = hf_config.get("quantization_config")
@@ -243,7 +243,7 @@ def resolve_quantization(requested: str | None, hf_config: dict) -> str | None:
 
 
 def is_prequantized_fp8(hf_config: dict) -> bool:
-    from pagedserve.model.fp8_format import is_fp8_config
+    from pagedserve.quantization.fp8_format import is_fp8_config
 
     return is_fp8_config(hf_config.get("quantization_config"))
 
@@ -271,7 +271,7 @@ def quantize_model(model: nn.Module, method: str) -> int:
     The LM head (`model.lm_head`) stays dense. "int8" and "fp8" quantize after loading; AWQ models
     (and pre-quantized fp8 checkpoints) are built quantized."""
     if method == "fp8":
-        from pagedserve.model.fp8 import Fp8Linear
+        from pagedserve.quantization.fp8 import Fp8Linear
 
         make = Fp8Linear.from_linear
     elif method == "int8":

@@ -1,4 +1,4 @@
-"""FP8 Triton paths: the KV cache stored as e4m3 (the fp8 GEMM kernels: tests/test_triton_w8a8.py).
+"""FP8 Triton paths: the KV cache stored as e4m3 (the fp8 GEMM kernels: tests/quantization/test_triton_w8a8.py).
 
 Compiled on CUDA; through Triton's CPU interpreter elsewhere (tests/triton_interp.py). The interpreter
 handles tl.float8e4nv loads, stores and conversions (checked here against torch's casts), so the KV
@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.model.attention import TorchAttentionBackend, paged_decode_attention_ref, paged_prefill_attention_ref
-from pagedserve.model.fp8 import FP8, quantize_kv
+from pagedserve.model.layers.attention import TorchAttentionBackend, paged_decode_attention_ref, paged_prefill_attention_ref
+from pagedserve.quantization.fp8 import FP8, quantize_kv
 
 from tests.triton_interp import DEVICE, fp8_close, import_kernels, interpreter_fixture, subprocess_test
 
-TA, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_attention", lambda m: m._INTERPRETED)
+TA, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.kernels.triton_attention", lambda m: m._INTERPRETED)
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
-from tests.test_triton_attention import _block_tables, _mixed_meta, _rand_cache  # noqa: E402
+from tests.model.test_triton_attention import _block_tables, _mixed_meta, _rand_cache  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

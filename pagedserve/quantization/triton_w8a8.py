@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.model.fp8_dtype import FP8, FP8_MAX
-from pagedserve.model.triton_quant import TileConfig, _interpreted, _sms, bucket_ends, split_k_buffers, store_tile
+from pagedserve.quantization.fp8_dtype import FP8, FP8_MAX
+from pagedserve.quantization.triton_quant import TileConfig, _interpreted, _sms, bucket_ends, split_k_buffers, store_tile
 
 INT8_MAX = 127.0
 

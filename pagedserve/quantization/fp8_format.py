@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pagedserve.errors import UnsupportedModelError
-from pagedserve.model.fp8 import quantize_fp8_rows
+from pagedserve.quantization.fp8 import quantize_fp8_rows
 
 FP8_METHODS = ("fp8", "compressed-tensors")
 
@@ -120,7 +120,7 @@ def quantization_config(scheme: str = "tensor") -> dict:
 
 def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale for the whole weight: (q e4m3 [N, K], scale fp32 [] )."""
-    from pagedserve.model.fp8 import FP8, FP8_MAX
+    from pagedserve.quantization.fp8 import FP8, FP8_MAX
 
     wf = w.float()
     s = (wf.abs().max() / FP8_MAX).clamp(min=1e-12)
@@ -133,7 +133,7 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, scheme: str = "tensor
     scheme "tensor": quant_method "fp8" (vLLM/AutoFP8), one fp32 `weight_scale` per projection;
     scheme "channel": quant_method "compressed-tensors" (llm-compressor FP8_DYNAMIC), `weight_scale` [N, 1].
     Embeddings, LM head, norms, biases and tokenizer files are copied as they are."""
-    from pagedserve.model.checkpoint_writer import write_quantized_checkpoint
+    from pagedserve.quantization.checkpoint_writer import write_quantized_checkpoint
 
     qcfg = quantization_config(scheme)
 

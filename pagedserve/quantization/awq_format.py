@@ -123,7 +123,7 @@ def write_awq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 128
 
     Everything else (embeddings, LM head, norms, biases, tokenizer files) is copied as is; the config
     gains `quantization_config`."""
-    from pagedserve.model.checkpoint_writer import write_quantized_checkpoint
+    from pagedserve.quantization.checkpoint_writer import write_quantized_checkpoint
 
     def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         stem = name.rsplit(".", 1)[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pagedserve.model.attention_metadata import AttentionMetadata
-from pagedserve.model.attention import (
+from pagedserve.model.layers.attention import (
     TorchAttentionBackend,
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -21,7 +21,7 @@ from pagedserve.model.attention import (
 
 from tests.triton_interp import DEVICE, ON_CUDA, import_kernels, interpreter_fixture, subprocess_test
 
-TA, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_attention", lambda m: m._INTERPRETED)
+TA, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.kernels.triton_attention", lambda m: m._INTERPRETED)
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
@@ -252,6 +252,6 @@ def test_backend_forward(case, num_splits):
 def test_get_attention_backend_on_cuda():
     if not ON_CUDA:
         pytest.skip("the triton backend is chosen automatically only on CUDA")
-    from pagedserve.model.attention import get_attention_backend
+    from pagedserve.model.layers.attention import get_attention_backend
 
     assert get_attention_backend("auto", torch.device("cuda")).name == "triton"

@@ -2,8 +2,8 @@
 
 The FP8 GEMMs (our Triton W8A8 kernel, `torch._scaled_mm`) run fast on an Ada/Hopper GPU only:
 tests/test_gpu.py checks them there against the reference arithmetic tested here. The Triton kernels run
-through the interpreter too: the per-token quant and the W8A8 GEMM in tests/test_triton_w8a8.py, the fp8
-KV write/read in tests/test_triton_fp8.py.
+through the interpreter too: the per-token quant and the W8A8 GEMM in tests/quantization/test_triton_w8a8.py, the fp8
+KV write/read in tests/quantization/test_triton_fp8.py.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from torch import nn
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig
 from pagedserve.errors import ConfigError, UnsupportedModelError
-from pagedserve.model.attention import TorchAttentionBackend, paged_decode_attention_ref, write_kv
+from pagedserve.model.layers.attention import TorchAttentionBackend, paged_decode_attention_ref, write_kv
 from pagedserve.model.attention_metadata import AttentionMetadata
-from pagedserve.model.fp8 import (FP8, FP8_MAX, Fp8Linear, check_fp8_device, fp8_linear, fp8_linear_reference,
+from pagedserve.quantization.fp8 import (FP8, FP8_MAX, Fp8Linear, check_fp8_device, fp8_linear, fp8_linear_reference,
                                   quantize_fp8_rows, quantize_kv)
-from pagedserve.model.fp8_format import Fp8CheckpointConfig, quantization_config, write_fp8_checkpoint
-from pagedserve.model.quantization import quantize_model
+from pagedserve.quantization.fp8_format import Fp8CheckpointConfig, quantization_config, write_fp8_checkpoint
+from pagedserve.quantization.methods import quantize_model
 from tests.tiny_models import build_hf, save
 
 # e4m3 has 3 mantissa bits: round to nearest is off by at most 2^-4 relative (normal range).

@@ -3,7 +3,7 @@
 Eager PyTorch runs a bf16 RMSNorm as ~7 kernels, RoPE as ~6, SiLU-and-mul as
 2; at batch-1 decode these launches, not the matmuls, keep a CUDA-graph step
 well below the memory-bandwidth bound. The Triton versions
-(`pagedserve.model.fused_kernels`) do each op in one kernel with one read and
+(`pagedserve.model.kernels.fused_kernels`) do each op in one kernel with one read and
 one write per tensor, rounding to the model dtype where Hugging Face's eager
 code rounds, so outputs match the reference:
 
@@ -29,12 +29,21 @@ import torch.nn.functional as F
 
 _kernels: ModuleType | None | bool = None  # None: not tried yet; False: triton unavailable
 
+# The model layers call these ops on CUDA (one kernel each instead of ~20 small eager kernels per
+# layer) and their own eager code elsewhere. PAGEDSERVE_FUSED_OPS=0 turns that off (A/B runs).
+ENABLED = os.environ.get("PAGEDSERVE_FUSED_OPS", "1") != "0"
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether a layer should route x through these ops (read per call: benchmarks flip ENABLED)."""
+    return ENABLED and x.is_cuda
+
 
 def _load_kernels() -> ModuleType | None:
     global _kernels
     if _kernels is None:
         try:
-            from pagedserve.model import fused_kernels
+            from pagedserve.model.kernels import fused_kernels
         except ImportError:  # triton missing or unsupported on this platform
             _kernels = False
         else:

@@ -1,6 +1,6 @@
 """Triton kernels for the decoder layer's elementwise work: RMSNorm, residual add + RMSNorm,
 SiLU-and-mul, in-place RoPE. The norms can also emit their output quantized per token (fp8/int8) for
-the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through `pagedserve.model.fused_ops`, which
+the W8A8 linear that reads it, saving that linear's own quant kernel. Use them through `pagedserve.model.kernels.fused_ops`, which
 holds the torch references and picks an implementation per tensor.
 
 Each kernel reads its inputs once and writes its outputs once, computes in
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.model.triton_w8a8 import qmax, quant_scale, quantize
+from pagedserve.quantization.triton_w8a8 import qmax, quant_scale, quantize
 
 
 @triton.jit

@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.model.fp8 import FP8, fp8_linear_reference, quantize_fp8_rows
-from pagedserve.model.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
-from pagedserve.model.quantization import quantize_int8
+from pagedserve.quantization.fp8 import FP8, fp8_linear_reference, quantize_fp8_rows
+from pagedserve.quantization.int8_w8a8 import int8_w8a8_reference, quantize_int8_rows_rne_away
+from pagedserve.quantization.methods import quantize_int8
 
 from tests.triton_interp import DEVICE, fp8_close, import_kernels, interpreter_fixture, subprocess_test
 
-TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_quant", lambda m: m._interpreted())
-WA, _ = import_kernels("pagedserve.model.triton_w8a8",
+TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.quantization.triton_quant", lambda m: m._interpreted())
+WA, _ = import_kernels("pagedserve.quantization.triton_w8a8",
                        lambda m: type(m._w8a8_kernel).__name__ == "InterpretedFunction")
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
@@ -145,8 +145,8 @@ def test_warm_up_reaches_both_ends_of_every_bucket():
 
 
 def test_warm_up_skips_models_off_the_gpu():
-    from pagedserve.model.fp8 import Fp8Linear
-    from pagedserve.model.quant_warmup import warm_up
+    from pagedserve.quantization.fp8 import Fp8Linear
+    from pagedserve.quantization.warmup import warm_up
 
     model = torch.nn.Sequential(Fp8Linear.from_linear(torch.nn.Linear(32, 16)), torch.nn.Linear(16, 8))
     assert warm_up(model, torch.float32, 64) == 0

@@ -1,13 +1,13 @@
-"""Decode attention over a shared cached prefix (model/shared_prefix.py) equals the general paged path."""
+"""Decode attention over a shared cached prefix (model/layers/shared_prefix.py) equals the general paged path."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedserve.model.attention import TorchAttentionBackend, decode_plan, paged_decode_attention_ref
+from pagedserve.model.layers.attention import TorchAttentionBackend, decode_plan, paged_decode_attention_ref
 from pagedserve.model.attention_metadata import AttentionMetadata
-from pagedserve.model import shared_prefix
-from pagedserve.model.shared_prefix import MIN_SHARED_BLOCKS, plan_shared, shared_blocks, shared_prefix_decode
+from pagedserve.model.layers import shared_prefix
+from pagedserve.model.layers.shared_prefix import MIN_SHARED_BLOCKS, plan_shared, shared_blocks, shared_prefix_decode
 
 BS, KVH, D, H = 8, 2, 16, 6
 

@@ -12,20 +12,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedserve.model.fp8_dtype import FP8
+from pagedserve.quantization.fp8_dtype import FP8
 
 
 def _sizes(mod: nn.Module, max_m: int) -> tuple[int, list[int]] | None:
     """(K, the M sizes to run) for a quantized linear on CUDA, or None for anything else."""
     w = getattr(mod, "weight", None)
     if isinstance(w, torch.Tensor) and w.dtype in (FP8, torch.int8) and w.is_cuda:
-        from pagedserve.model.triton_w8a8 import warm_up_sizes
+        from pagedserve.quantization.triton_w8a8 import warm_up_sizes
 
         return w.shape[1], warm_up_sizes("int8" if w.dtype == torch.int8 else "fp8", max_m)
     qw = getattr(mod, "qweight", None)
     if getattr(mod, "kstrided", False) and qw.is_cuda:  # AWQ: Triton below the dense switch, one dense call
-        from pagedserve.model.quant_dispatch import dense_from_m
-        from pagedserve.model.triton_quant import awq_warm_up_sizes
+        from pagedserve.quantization.dispatch import dense_from_m
+        from pagedserve.quantization.triton_quant import awq_warm_up_sizes
 
         k, n = mod.in_features, mod.out_features
         dense = dense_from_m("awq", n, k)

@@ -1,5 +1,5 @@
 """Fused decoder-layer kernels (RMSNorm, add + RMSNorm, SiLU-and-mul, RoPE) against the
-Hugging Face-style torch references in `pagedserve.model.fused_ops`.
+Hugging Face-style torch references in `pagedserve.model.kernels.fused_ops`.
 
 On a CUDA machine the kernels run compiled; elsewhere through Triton's CPU
 interpreter, set up by tests/triton_interp.py
@@ -21,13 +21,13 @@ import sys
 import pytest
 import torch
 
-from pagedserve.model import fused_ops as FO
+from pagedserve.model.kernels import fused_ops as FO
 
 from tests.triton_interp import DEVICE, ON_CUDA, import_kernels, interpreter_fixture, subprocess_test
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FK, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.fused_kernels", lambda m: m.INTERPRETED)
+FK, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.kernels.fused_kernels", lambda m: m.INTERPRETED)
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS, run_anyway=("test_bench_dry_run",))
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
@@ -176,7 +176,7 @@ def test_silu_mul_rejects_odd_width():
 
 # ------------------------------------------------------------------ per-token quantized outputs
 def _per_token_quant(y: torch.Tensor, quant: torch.dtype):
-    import pagedserve.model.triton_w8a8 as WA  # the kernel module fused_kernels itself imported
+    import pagedserve.quantization.triton_w8a8 as WA  # the kernel module fused_kernels itself imported
 
     return WA.per_token_quant(y.reshape(-1, y.shape[-1]), quant)
 
@@ -213,8 +213,8 @@ def test_norms_quantized_output_equals_norm_then_quant(kind, dtype, h):
 def test_quantized_output_reaches_the_w8a8_gemm():
     """A QuantizedActivation from the norm is what Fp8Linear/Int8Linear's GEMM consumes: their forward on it
     equals the W8A8 GEMM on the separately quantized norm output."""
-    import pagedserve.model.triton_w8a8 as WA
-    from pagedserve.model.quantization import Int8Linear
+    import pagedserve.quantization.triton_w8a8 as WA
+    from pagedserve.quantization.methods import Int8Linear
 
     lin = Int8Linear.from_linear(torch.nn.Linear(96, 40).to(torch.bfloat16)).to(DEVICE)
     x = _rand(5, 96, dtype=torch.bfloat16, seed=3)

@@ -1,4 +1,4 @@
-"""Triton AWQ int4 GEMM (K-strided layout) against the dequantized reference (int8/fp8: tests/test_triton_w8a8.py).
+"""Triton AWQ int4 GEMM (K-strided layout) against the dequantized reference (int8/fp8: tests/quantization/test_triton_w8a8.py).
 
 On CUDA they run compiled; elsewhere through Triton's CPU interpreter (set up by
 tests/triton_interp.py: TRITON_INTERPRET=1 while the kernels are imported and run, or a fresh
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.model.awq_format import dequantize, rtn_quantize
+from pagedserve.quantization.awq_format import dequantize, rtn_quantize
 
 from tests.triton_interp import DEVICE, import_kernels, interpreter_fixture, subprocess_test
 
-TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.model.triton_quant", lambda m: m._interpreted())
+TQ, _NEEDS_SUBPROCESS = import_kernels("pagedserve.quantization.triton_quant", lambda m: m._interpreted())
 _interpret = interpreter_fixture(_NEEDS_SUBPROCESS)
 test_in_subprocess = subprocess_test(__file__, _NEEDS_SUBPROCESS)
 
@@ -54,14 +54,14 @@ def _awq_case(m, n, k, group, dtype, seed):
 
 
 def _kstrided(qw, qz):
-    from pagedserve.model.awq_format import to_kstrided
+    from pagedserve.quantization.awq_format import to_kstrided
 
     a, z = to_kstrided(qw, qz)
     return a.to(DEVICE), z.to(DEVICE)
 
 
 def test_kstrided_layout_round_trip():
-    from pagedserve.model.awq_format import dequantize_kstrided, to_kstrided
+    from pagedserve.quantization.awq_format import dequantize_kstrided, to_kstrided
 
     _, qw, qz, sc, _, _ = _awq_case(1, 40, 384, 64, torch.float32, 3)
     a, z = to_kstrided(qw, qz)
@@ -133,7 +133,7 @@ def test_awq_dequantize_kernel(group, dtype):
 
 
 def test_dispatch_thresholds(monkeypatch):
-    from pagedserve.model import quant_dispatch as qd
+    from pagedserve.quantization import dispatch as qd
 
     lo, hi = qd.FP8_SCALED_MM_M
     assert qd.fp8_use_scaled_mm(lo, 4096, 4096) and not qd.fp8_use_scaled_mm(lo - 1, 4096, 4096)

@@ -17,8 +17,8 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.bench.quality import free_running_agreement, prefill_logits, teacher_forced_agreement
 from pagedserve.config import EngineConfig
 from pagedserve.errors import ConfigError, UnsupportedModelError
-from pagedserve.model.awq_format import dequantize, pack_int4, rtn_quantize, unpack_int4, write_awq_checkpoint
-from pagedserve.model.quantization import AWQConfig, AWQLinear, Int8Linear, quantize_model
+from pagedserve.quantization.awq_format import dequantize, pack_int4, rtn_quantize, unpack_int4, write_awq_checkpoint
+from pagedserve.quantization.methods import AWQConfig, AWQLinear, Int8Linear, quantize_model
 from tests.conftest import PROMPTS
 from tests.tiny_models import VOCAB, build_hf, save
 
@@ -94,13 +94,13 @@ def test_awq_linear_reference_matches_dequantized(monkeypatch):
     ref = F.linear(x, dequantize(qw, qz, sc), b)
     assert torch.allclose(m(x), ref, atol=1e-4)
     # Chunked over K (small chunk budget): the same result.
-    monkeypatch.setattr("pagedserve.model.quantization._DENSE_CHUNK", 32 * 32)
+    monkeypatch.setattr("pagedserve.quantization.methods._DENSE_CHUNK", 32 * 32)
     assert torch.allclose(m(x), ref, atol=1e-4)
 
 
 def test_awq_linear_repacks_for_the_gpu_kernels():
     """to_kstrided keeps the weight (dequantized and forward unchanged) and only takes K % 128 == 0."""
-    from pagedserve.model.quantization import prepare_awq_for_gpu
+    from pagedserve.quantization.methods import prepare_awq_for_gpu
 
     m, _, _, g = _awq_linear(4, 256, 64)
     small = AWQLinear(64, 32, group_size=32)

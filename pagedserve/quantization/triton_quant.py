@@ -14,7 +14,7 @@ epilogue `store_tile` with its arrival counters) that triton_w8a8.py shares.
   238. The checkpoint-layout kernel it replaced (unpack the N-packed words, then a reshape of the register
   tile) took 191 / 192 / 217 / 238; loading each word once per column it holds (no reshape) took ~10x
   longer still.
-* ``awq_linear_dense`` (from quant_dispatch's DENSE_FROM_M on): dequantize the whole weight to the compute
+* ``awq_linear_dense`` (from dispatch.py's DENSE_FROM_M on): dequantize the whole weight to the compute
   dtype in one Triton pass, then cuBLAS.
 
 Accuracy: the dot sees only exact values (q - z in -15..15 is exact in bf16/fp16) and the scale multiplies
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.model.awq_format import KBLOCK
+from pagedserve.quantization.awq_format import KBLOCK
 
 
 @triton.jit
@@ -240,7 +240,7 @@ def _tile_locks_at(device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # Made inside a capture, the zero fill would run only when the graph replays.
         raise RuntimeError("split-K counters must be made before CUDA-graph capture "
-                           "(pagedserve.model.quant_warmup.warm_up does it at start-up)")
+                           "(pagedserve.quantization.warmup.warm_up does it at start-up)")
     return torch.zeros(_LOCKS, dtype=torch.int32, device=device)
 
 

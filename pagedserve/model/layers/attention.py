@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.model.attention_metadata import AttentionMetadata
-from pagedserve.model.fp8 import FP8, quantize_kv
-from pagedserve.model.shared_prefix import SharedPrefix, plan_shared, shared_prefix_decode
+from pagedserve.quantization.fp8 import FP8, quantize_kv
+from pagedserve.model.layers.shared_prefix import SharedPrefix, plan_shared, shared_prefix_decode
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -293,7 +293,7 @@ def get_attention_backend(name: str, device: torch.device):
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchAttentionBackend()
     try:
-        from pagedserve.model.triton_attention import TritonAttentionBackend
+        from pagedserve.model.kernels.triton_attention import TritonAttentionBackend
     except ImportError as e:  # triton missing or kernels not built for this platform
         if name == "triton":
             raise

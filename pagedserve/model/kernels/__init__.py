@@ -1,0 +1,1 @@
+"""Triton kernels of the model (attention, fused elementwise ops), each with a torch dispatch module."""

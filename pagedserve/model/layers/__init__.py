@@ -1,0 +1,1 @@
+"""Building blocks shared by the decoder families in `pagedserve.model.models`."""
