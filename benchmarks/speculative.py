@@ -93,7 +93,8 @@ def worker(engine: str, spec: bool, args) -> dict:
         if llm is None or key != getattr(llm, "_bench_key", None):
             llm = _engine(engine, mdir, args.device, cfg)
             llm._bench_key = key
-        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for p in prompts]
         batch = 1 if "b=1" in name else len(prompts)
         tokens, secs = 0, 0.0
         _gen(engine, llm, [ids[0]], 8)  # warm-up
