@@ -74,6 +74,11 @@ class EngineConfig:
         "schedule and launch step N+1 while the GPU runs step N (default: on for one GPU, off on CPU); "
         "--no-async-scheduling gives the synchronous step, for A/B runs", action=argparse.BooleanOptionalAction))
     max_logprobs: int = 20
+    # Speculative decoding, vLLM's keys: {"method": "ngram", "num_speculative_tokens": 4, ...} or its JSON text;
+    # checked by engine/spec_decode/config.py when the engine starts.
+    speculative_config: dict | str | None = field(default=None, metadata=flag(
+        'speculative decoding as JSON, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (see docs/speculative-decoding.md)'))
     serving: bool = False  # set by the OpenAI server: a smaller default token budget (shorter steps under load)
 
     def __post_init__(self) -> None:

@@ -182,6 +182,19 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed = 0
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the sequence's computed tokens: the slots of rejected speculative
+        drafts. They were allocated for this step alone (never shared, never named in the prefix cache),
+        so the pool returns to what a plain decode step would have left."""
+        keep = -(-seq.num_computed // self.block_size)
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            b = self.blocks[bid]
+            b.ref_count -= 1
+            if b.ref_count == 0:
+                self.free[bid] = None
+                self.free.move_to_end(bid, last=False)  # reused first: it holds nothing worth keeping
+
     def reset_prefix_cache(self) -> None:
         for b in self.blocks:
             if b.ref_count == 0:

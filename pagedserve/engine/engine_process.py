@@ -60,6 +60,11 @@ class EngineStats(NamedTuple):
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative, tokens
     prefix_cache_hits: int = 0  # cumulative, tokens
+    # Speculative decoding, cumulative: verify rows, drafted tokens, kept drafts, kept drafts by position.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 def expert_info(engine) -> dict | None:
@@ -114,7 +119,9 @@ class _EngineCore:
     def stats(self) -> tuple:
         s = self.engine.stats()
         return (s["num_running"], s["num_waiting"], round(s["kv_cache_usage"], 6), s["num_preemptions"],
-                s["prefix_cache_queries"], s["prefix_cache_hits"])
+                s["prefix_cache_queries"], s["prefix_cache_hits"], s.get("spec_num_drafts", 0),
+                s.get("spec_num_draft_tokens", 0), s.get("spec_num_accepted_tokens", 0),
+                s.get("spec_accepted_per_pos", ()))
 
     def handle(self, msg: tuple) -> bool:
         kind = msg[0]

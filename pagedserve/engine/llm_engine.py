@@ -33,6 +33,8 @@ from pagedserve.engine.request_checks import EngineLimits, check_request
 from pagedserve.engine.sampling import StepSampler
 from pagedserve.engine.scheduler import ScheduledSeq, Scheduler
 from pagedserve.engine.sequence import Request, Sequence, Status
+from pagedserve.engine.spec_decode.config import SpeculativeConfig
+from pagedserve.engine.spec_decode.speculator import Speculator, make_proposer
 from pagedserve.engine.tp_rank_main import worker_main
 from pagedserve.engine.worker import Worker
 from pagedserve.errors import ConfigError, InvalidRequestError, PagedServeError
@@ -68,6 +70,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        spec = SpeculativeConfig.parse(config.speculative_config)  # a bad config fails before any loading
         self.worker = w = Worker(config, tp_worker_main=worker_main)  # cheap checks first: fail before loading
         self.tokenizer = load_tokenizer(w.model_dir, config.tokenizer)
         self.eos_token_ids = _eos_ids(w.hf_config, w.model_dir, self.tokenizer)
@@ -100,7 +103,14 @@ class LLMEngine:
         if on and w.tp is not None:
             raise ConfigError("async scheduling is not supported with tensor_parallel_size > 1",
                               param="async_scheduling", hint="drop --async-scheduling")
-        self.async_scheduling = on if on is not None else (w.device.type == "cuda" and w.tp is None)
+        if on and spec is not None:
+            raise ConfigError("async scheduling is not supported with speculative decoding",
+                              param="async_scheduling", hint="drop --async-scheduling or --speculative-config")
+        self.async_scheduling = on if on is not None else (w.device.type == "cuda" and w.tp is None and spec is None)
+        # Speculative decoding (spec_decode/): drafts verified in the step's forward; steps are synchronous.
+        self.spec = None if spec is None else Speculator(
+            spec, make_proposer(spec, w.args.vocab_size), self.block_manager, self.eos_token_ids, w.max_model_len,
+            self.generator)
         self._inflight: InFlightStep | None = None
         self.num_overlapped_steps = 0  # steps whose sampled tokens stayed on the device
         _freeze_startup_objects()
@@ -174,6 +184,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_kv_blocks": self.num_kv_blocks,
+            **(self.spec.stats.as_dict() if self.spec is not None else {}),
         }
 
     # -- the step --------------------------------------------------------------
@@ -185,6 +196,8 @@ class LLMEngine:
         Overlapped: this step's tokens stay on the device and are processed by the next call, after
         it has launched its own forward; the previous step's are processed here, while the GPU runs."""
         prev, self._inflight = self._inflight, None
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, len(self.requests))
         scheduled = self._schedule(idle_wait=prev is None)
         touched: dict[str, Request] = {}
         now = time.time()
@@ -217,7 +230,7 @@ class LLMEngine:
         self.block_manager.pending_copies.clear()
         logits, sampled = self.runner.execute(scheduled, prev.tokens if prev is not None else None)
         for e in scheduled:
-            e.seq.num_computed += e.num_tokens
+            e.seq.num_computed += e.num_tokens - e.num_spec  # drafts count once kept (spec_decode/speculator)
         return logits, sampled
 
     def _commit(self, scheduled: list[ScheduledSeq]) -> None:
@@ -255,6 +268,10 @@ class LLMEngine:
     def _process(self, logits: torch.Tensor, sampled: list[ScheduledSeq], now: float,
                  touched: dict[str, Request]) -> None:
         """Sample and append each sampled sequence's next token, adding the requests that moved to `touched`."""
+        if self.spec is not None:  # verify rows first: what is left are the plain rows
+            logits, sampled = self.spec.verify(logits, sampled, now, touched, self._guarded, self.output.append_token)
+            if not sampled:
+                return
         if self.structured.grammars:
             self.structured.apply_masks(logits, sampled)  # before penalties and sampling
         rows = self.sampler.split(sampled, self._guarded)

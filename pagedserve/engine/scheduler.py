@@ -23,6 +23,7 @@ class ScheduledSeq:
     seq: Sequence
     request: Request
     num_tokens: int  # tokens computed this step, starting at seq.num_computed
+    num_spec: int = 0  # of which speculative drafts (seq.spec_tokens) verified in this forward
 
 
 @dataclass
@@ -95,6 +96,11 @@ class Scheduler:
         n = min(seq.num_tokens - computed, budget)
         if n <= 0:
             return 0, True
+        if seq.spec_tokens:  # a decode with drafts: verify them too when budget and blocks allow, else drop them
+            k = len(seq.spec_tokens)
+            if n == 1 and not prefix and budget > k and self.bm.allocate(seq, 1 + k):
+                return 1 + k, True
+            seq.spec_tokens = []
         return n, self.bm.allocate(seq, n, prefix)
 
     def schedule(self) -> SchedulerOutput:
@@ -114,7 +120,7 @@ class Scheduler:
                     # one token, and it fits the blocks it holds (no new block, no copy-on-write).
                     seq = req.seqs[0]
                     c = seq.num_computed
-                    if (seq.finish_reason is None and len(seq.token_ids) - c == 1
+                    if (seq.finish_reason is None and len(seq.token_ids) - c == 1 and not seq.spec_tokens
                             and c < len(seq.block_table) * bs and bm.blocks[seq.block_table[c // bs]].ref_count == 1):
                         out.scheduled.append(ScheduledSeq(seq, req, 1))
                         budget -= 1
@@ -138,7 +144,7 @@ class Scheduler:
                             break
                     if req.status != Status.RUNNING or n == 0:
                         break
-                    entries.append(ScheduledSeq(seq, req, n))
+                    entries.append(ScheduledSeq(seq, req, n, n - 1 if seq.spec_tokens else 0))
                     budget -= n
                 if req.status == Status.RUNNING:
                     out.scheduled.extend(entries)

@@ -56,6 +56,10 @@ class Sequence:
         # (None once read back), and "this in-flight token is its last" (length limit): schedule no further.
         self.pending_row: int | None = None
         self.stop_scheduling = False
+        # Speculative decoding: this step's guessed continuation (verified with the next token, never part
+        # of token_ids) and the draft distribution it was drawn from (None: deterministic guesses).
+        self.spec_tokens: list[int] = []
+        self.spec_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -25,4 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
     """EngineConfig keyword arguments from parsed flags; `model` is passed apart (serve also takes it as a
     positional argument)."""
+    from pagedserve.engine.spec_decode.config import SpeculativeConfig
+
+    SpeculativeConfig.parse(args.speculative_config)  # a bad value fails here, before any loading
     return {f.name: getattr(args, f.metadata["flag"].get("dest", f.name)) for f in engine_flags()} | {"model": model}

@@ -98,6 +98,7 @@ class ModelRunner:
         ]
         self.graphs = None  # DecodeGraphs once captured (CUDA only)
         self.needs_prompt_lens = getattr(model, "needs_prompt_lens", False)  # AttentionMetadata.prompt_lens
+        self._rows_out_of_order = False  # set by `prepare`: the logits rows are not the flat rows in order
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pagedserve.model.cuda_graph import DecodeGraphs
@@ -146,18 +147,26 @@ class ModelRunner:
                 if seq.pending_row is not None:
                     fix_dst.append(i)
                     fix_src.append(seq.pending_row)
+        spec_rows: list[int] = []  # speculative drafts' rows, after every sampled row's own
         for e in prefills:
             seq, s, n = e.seq, e.seq.num_computed, e.num_tokens
-            input_ids.extend(seq.token_ids[s:s + n])
+            input_ids.extend(seq.token_ids[s:s + n - e.num_spec])
+            if e.num_spec:  # a verify row: the last token, then the drafts (a causal chunk)
+                input_ids.extend(seq.spec_tokens[:e.num_spec])
             positions.extend(range(s, s + n))
             bt = seq.block_table
             slots.extend(bt[p // bs] * bs + p % bs for p in range(s, s + n))
-            if s + n == seq.num_tokens:
-                logit_rows.append(len(input_ids) - 1)
+            if s + n - e.num_spec == seq.num_tokens:
+                last = len(input_ids) - 1 - e.num_spec
+                logit_rows.append(last)
+                spec_rows.extend(range(last + 1, len(input_ids)))
                 sampled.append(e)
                 if seq.pending_row is not None:
-                    fix_dst.append(len(input_ids) - 1)
+                    fix_dst.append(last)
                     fix_src.append(seq.pending_row)
+        # With drafts the rows are out of flat order even when every token has one: always gather.
+        self._rows_out_of_order = len(spec_rows) > 0 and len(sampled) > 1
+        logit_rows += spec_rows
 
         def tables(entries):  # padded [n, width] block tables; numpy fills rows far faster than nested lists
             if not entries:
@@ -203,7 +212,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows."""
+        """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows. With
+        speculative drafts, the drafts' rows follow (each verify row's drafts in `sampled` order)."""
         input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled, prev_tokens)
         return self.run(input_ids, positions, meta, logit_rows), sampled
 
@@ -220,6 +230,6 @@ class ModelRunner:
         n = logit_rows.shape[0]
         if n == 0:
             return torch.empty(0)
-        if n < hidden.shape[0]:  # else every row samples, in order: no gather needed
+        if n < hidden.shape[0] or self._rows_out_of_order:  # else every row samples, in order: no gather
             hidden = hidden[logit_rows]
         return self.model.compute_logits(hidden)

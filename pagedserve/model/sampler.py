@@ -82,9 +82,8 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generat
     return SampleResult(token_list, logprobs, sampled)
 
 
-def sample_tokens(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generator | None) -> torch.Tensor:
-    """The next token of every row as a tensor on the logits' device: no host synchronisation, so the
-    overlapped step can feed it to the next forward pass before the host has seen it."""
+def adjusted_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Logits after penalties, logit bias and blocked ids (a copy when any applies)."""
     if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
            or r.block_ids or r.params.logit_bias for r in rows):
         logits = logits.clone()
@@ -96,6 +95,21 @@ def sample_tokens(logits: torch.Tensor, rows: list[SampleRow], generator: torch.
                 logits[i, ids] += _on(logits.device, list(bias.values()), logits.dtype)
             if r.block_ids:
                 logits[i, r.block_ids] = float("-inf")
+    return logits
+
+
+def target_probs(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """The distribution each (non-greedy) row samples from: temperature, then top-k / top-p / min-p.
+    Speculative verification needs it explicitly; `sample_tokens` draws from the same one."""
+    temps = _on(logits.device, [r.params.temperature for r in rows], logits.dtype)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    return _top_k_top_p_min_p(probs, rows)
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[SampleRow], generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row as a tensor on the logits' device: no host synchronisation, so the
+    overlapped step can feed it to the next forward pass before the host has seen it."""
+    logits = adjusted_logits(logits, rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not random_rows:
@@ -107,9 +121,7 @@ def sample_tokens(logits: torch.Tensor, rows: list[SampleRow], generator: torch.
     if random_rows:
         idx = _on(logits.device, random_rows)
         sub = [rows[i] for i in random_rows]
-        temps = _on(logits.device, [r.params.temperature for r in sub], logits.dtype)
-        probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
-        probs = _top_k_top_p_min_p(probs, sub)
+        probs = target_probs(logits[idx], sub)
         q = torch.empty_like(probs)
         seeded = [j for j, r in enumerate(sub) if r.generator is not None]
         if len(seeded) < len(sub):  # one draw for all rows; seeded rows are then redrawn from their own

@@ -63,6 +63,13 @@ class ServerMetrics(EngineObserver):
         self._model = m
         self._rejected = Counter("pagedserve:requests_rejected", "Requests refused before reaching the engine.",
                                  ["model_name", "reason"], registry=reg)
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Speculative verify rows (one per sequence "
+                                                                  "with drafts, per step).")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Drafted tokens.")
+        self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Drafted tokens kept.")
+        self._spec_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Drafted tokens kept, by position in the draft.", ["model_name", "position"],
+                                     registry=reg)
         self.kv_blocks = gauge("pagedserve:kv_cache_blocks", "Blocks in the KV cache.")
         self.engine_up = gauge("pagedserve:engine_up", "1 when the engine is ready, 0 while loading or dead.")
         self._experts = Gauge("pagedserve:expert_layout_info", "A mixture-of-experts model's expert layout "
@@ -90,6 +97,15 @@ class ServerMetrics(EngineObserver):
             self.prefix_queries.inc(s.prefix_cache_queries - last.prefix_cache_queries)
         if s.prefix_cache_hits > last.prefix_cache_hits:
             self.prefix_hits.inc(s.prefix_cache_hits - last.prefix_cache_hits)
+        for c, now, was in ((self.spec_drafts, s.spec_num_drafts, last.spec_num_drafts),
+                            (self.spec_draft_tokens, s.spec_num_draft_tokens, last.spec_num_draft_tokens),
+                            (self.spec_accepted, s.spec_num_accepted_tokens, last.spec_num_accepted_tokens)):
+            if now > was:
+                c.inc(now - was)
+        for pos, n in enumerate(s.spec_accepted_per_pos):
+            was = last.spec_accepted_per_pos[pos] if pos < len(last.spec_accepted_per_pos) else 0
+            if n > was:
+                self._spec_per_pos.labels(self._model, str(pos)).inc(n - was)
         if s != EngineStats():  # a dead engine reports zeros; keep the cumulative baseline
             self._last = s
 
