@@ -28,7 +28,8 @@ def test_every_flag_reaches_the_config():
                    "--max-num-batched-tokens", "99", "--block-size", "32", "--gpu-memory-utilization", "0.5",
                    "--kv-cache-memory", "0.25", "--no-enable-prefix-caching", "--seed", "3",
                    "--load-format", "dummy", "-q", "int8", "--kv-cache-dtype", "fp8", "-tp", "2",
-                   "--enforce-eager", "--no-async-scheduling", "--model", "m"])
+                   "--enforce-eager", "--no-async-scheduling", "--trust-remote-code",
+                   "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}', "--model", "m"])
     cfg = EngineConfig.from_kwargs(**engine_kwargs(args, args.model_opt))
     changed = {f.name for f in fields(EngineConfig) if getattr(cfg, f.name) != f.default}
     assert changed == {f.name for f in engine_flags()}

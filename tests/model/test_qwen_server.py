@@ -67,7 +67,7 @@ def test_prompt_id_past_the_tokenizer_is_a_400(client, model):
 
 def test_chat_template_flag_reads_a_file_or_text(tmp_path):
     from pagedserve.errors import ConfigError
-    from pagedserve.server.cli import read_chat_template
+    from pagedserve.server.serve_command import read_chat_template
 
     f = tmp_path / "t.jinja"
     f.write_text("{{ messages[0]['content'] }}")
