@@ -111,6 +111,11 @@ class SamplingParams:
         return (self.num_slots == 1 and not self.use_beam_search and self.structured_outputs is None
                 and self.logprobs is None and not self.has_penalties and self.min_tokens == 0)
 
+    def can_speculate(self) -> bool:
+        """Can drafts stand in for this request's next tokens (speculative decoding)? Beams and grammars
+        decode one token a step; n > 1 speculates per child once the siblings have forked."""
+        return not self.use_beam_search and self.structured_outputs is None
+
     def validate(self) -> None:
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

@@ -1,5 +1,5 @@
-"""The request rules with one home each: `SamplingParams.is_plain_greedy` / `can_overlap` (checked against
-what the sampler really does) and `request_checks.check_request` (the engine's and the server's refusals)."""
+"""The request rules with one home each: `SamplingParams.is_plain_greedy` / `can_overlap` / `can_speculate`
+(checked against what the sampler really does) and `request_checks.check_request` (the engine's and the server's refusals)."""
 from __future__ import annotations
 
 import pytest
@@ -35,6 +35,8 @@ def test_eligibility_table(name):
     p = SamplingParams(**kw)
     assert p.is_plain_greedy() is plain
     assert p.can_overlap() is overlap
+    # drafts are verified by the same sampler, so only what decodes strictly one token a step is excluded
+    assert p.can_speculate() is not (p.use_beam_search or p.structured_outputs is not None)
 
 
 def _tokens(p: SamplingParams, prompt: list[int], output: list[int], logits: torch.Tensor) -> list[int]:

@@ -27,9 +27,7 @@ from pagedserve.model.sampler import SampleResult, SampleRow
 
 def speculable(req: Request) -> bool:
     """Can this request's tokens come from drafts? (Beams and grammars decode one token a step.)"""
-    p = req.params
-    return (req.status == Status.RUNNING and not p.use_beam_search and p.structured_outputs is None
-            and (req.forked or req.num_slots == 1))
+    return req.status == Status.RUNNING and req.params.can_speculate() and (req.forked or req.num_slots == 1)
 
 
 class Speculator:
