@@ -93,10 +93,22 @@ def window_configs():
     }
 
 
+def family_configs():
+    """Families with their own model file (issue 35): Phi-3 with LongRoPE switching at 32 tokens."""
+    from transformers import Phi3Config
+
+    ramp = [1.0 + 0.5 * i for i in range(8)]  # head_dim 16: 8 factors per set
+    return {
+        "phi3_longrope": lambda: Phi3Config(**common(
+            num_hidden_layers=3, pad_token_id=0, original_max_position_embeddings=32,
+            rope_scaling={"type": "longrope", "short_factor": [1.0] * 4 + [1.5] * 4, "long_factor": ramp})),
+    }
+
+
 def build_hf(name: str):
     from transformers import AutoModelForCausalLM
 
-    cfg = {**configs(), **moe_configs(), **window_configs()}[name]()
+    cfg = {**configs(), **moe_configs(), **window_configs(), **family_configs()}[name]()
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # HF's 0.02 init gives near-uniform logits (argmax ties); larger weights separate them, and

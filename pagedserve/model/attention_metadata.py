@@ -24,6 +24,7 @@ class AttentionMetadata:
     prefill_query_start_list: tuple[int, ...] = (0,)
     prefill_seq_lens_list: tuple[int, ...] = ()
     decode_seq_lens_list: tuple[int, ...] = ()  # host copy of decode_seq_lens (optional: enables grouping)
+    prefill_total_lens_list: tuple[int, ...] = ()  # each prefill's sequence length once fully prefilled (LongRoPE)
     # Tensors derived from the fields above once per step (by the first layer that needs them) and
     # reused by every other layer: the block tables and lengths are the same for all of them.
     derived: dict = field(default_factory=dict, repr=False, compare=False)

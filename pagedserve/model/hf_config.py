@@ -33,6 +33,10 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         rope_theta = rope_theta or rope_params.get("rope_theta")
         if rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
+    if is_longrope(rope_scaling):
+        # Phi-3 keeps LongRoPE's switch length at the top level of config.json
+        rope_scaling = {"original_max_position_embeddings": g("original_max_position_embeddings")
+                        or g("max_position_embeddings", 4096), **rope_scaling}
     return dict(
         vocab_size=g("vocab_size"),
         hidden_size=g("hidden_size"),
@@ -60,6 +64,22 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         query_pre_attn_scalar=g("query_pre_attn_scalar"),
         hidden_act=g("hidden_activation") or g("hidden_act") or "silu",
     )
+
+
+ROPE_SCALINGS = ("default", "linear", "llama3", "longrope", "su")  # what layers.rotary implements
+
+
+def check_rope_supported(rope_scaling: dict | None) -> None:
+    """A start-up error naming a RoPE scaling type layers.rotary does not implement (yarn, dynamic...)."""
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise UnsupportedModelError(
+            f"rope_scaling type {kind!r} is not supported (supported: linear, llama3, longrope/su)")
+
+
+def is_longrope(rope_scaling: dict | None) -> bool:
+    """LongRoPE (Phi-3's `longrope`, formerly `su`): the rotation of a sequence depends on its length."""
+    return bool(rope_scaling) and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("longrope", "su")
 
 
 def layer_windows(cfg: Any) -> tuple[int, ...]:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pagedserve.errors import UnsupportedModelError
-from pagedserve.model.hf_config import check_moe_supported
+from pagedserve.model.hf_config import check_moe_supported, check_rope_supported, hf_shape_fields
 from pagedserve.model.models.gemma2 import Gemma2ForCausalLM
 from pagedserve.model.models.llama import LlamaForCausalLM
 from pagedserve.model.models.mixtral import MixtralForCausalLM
+from pagedserve.model.models.phi3 import Phi3ForCausalLM
 from pagedserve.model.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagedserve.model.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -18,14 +19,16 @@ MODEL_REGISTRY = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 
 def resolve_architecture(architectures: list[str] | None, hf_config: dict | None = None):
     """The model class for config.json's `architectures`; an unsupported MoE variant (DeepSeek's MLA and
-    grouped routing) is refused naming its keys."""
+    grouped routing) or RoPE scaling type is refused naming its keys."""
     if hf_config is not None:
         check_moe_supported(hf_config)
+        check_rope_supported(hf_shape_fields(hf_config)["rope_scaling"])
     for arch in architectures or []:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]

@@ -184,6 +184,7 @@ class ModelRunner:
             prefill_query_start_list=tuple(q_start),
             prefill_seq_lens_list=tuple(p_lens),
             decode_seq_lens_list=tuple(d_lens),
+            prefill_total_lens_list=tuple(e.seq.num_tokens for e in prefills),
         )
         ids_t = self._tensor(input_ids, torch.int64)
         if fix_dst:
