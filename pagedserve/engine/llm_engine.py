@@ -34,9 +34,9 @@ from pagedserve.engine.sampling import StepSampler
 from pagedserve.engine.scheduler import ScheduledSeq, Scheduler
 from pagedserve.engine.sequence import Request, Sequence, Status
 from pagedserve.engine.tp_rank_main import worker_main
-from pagedserve.model.hf_config import is_longrope
 from pagedserve.engine.worker import Worker
 from pagedserve.errors import ConfigError, InvalidRequestError, PagedServeError
+from pagedserve.model.hf_config import is_longrope
 from pagedserve.model.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -74,7 +74,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(w.hf_config, w.model_dir, self.tokenizer)
         w.load_model()
         w.init_kv_cache()
-        # LongRoPE rotates a sequence's keys by its length: a cached block may hold the other factor set's
+        # LongRoPE rotates a sequence's keys by its length: a cached block may hold the other factor set's keys
         caching = config.enable_prefix_caching and not is_longrope(w.args.rope_scaling)
         self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens)

@@ -29,6 +29,10 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
     rope_scaling = g("rope_scaling") or None
     rope_theta = g("rope_theta")
     rope_params = g("rope_parameters")  # transformers >= 5 folds theta/scaling in here
+    local_theta = g("rope_local_base_freq")  # Gemma 3: the sliding layers' own base
+    if isinstance(rope_params, dict) and "full_attention" in rope_params:  # per layer type (Gemma 3)
+        local_theta = local_theta or (rope_params.get("sliding_attention") or {}).get("rope_theta")
+        rope_params = rope_params["full_attention"]
     if isinstance(rope_params, dict):
         rope_theta = rope_theta or rope_params.get("rope_theta")
         if rope_params.get("rope_type", "default") != "default":
@@ -47,6 +51,7 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         head_dim=g("head_dim") or g("hidden_size") // heads,
         rms_norm_eps=g("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta or 10000.0),
+        rope_local_theta=float(local_theta) if local_theta else None,
         rope_scaling=rope_scaling,
         rope_freq_factors=g("rope_freq_factors"),
         max_position_embeddings=g("max_position_embeddings", 4096),
@@ -97,6 +102,8 @@ def layer_windows(cfg: Any) -> tuple[int, ...]:
         return tuple(window if t == "sliding_attention" else 0 for t in types)
     if model_type == "gemma2":
         return tuple(window if i % 2 == 0 else 0 for i in range(n))
+    if g("sliding_window_pattern"):  # Gemma 3: every pattern-th layer global
+        return tuple(window if (i + 1) % g("sliding_window_pattern") else 0 for i in range(n))
     if qwen:
         return tuple(window if i >= g("max_window_layers", 28) else 0 for i in range(n))
     return (window,) * n
