@@ -95,8 +95,9 @@ def window_configs():
 
 def family_configs():
     """Families with their own model file (issue 35): Phi-3 with LongRoPE switching at 32 tokens; Gemma 3
-    with 2 local layers (window 8) to each global one, distinct local/global RoPE bases, linear scaling."""
-    from transformers import Gemma3TextConfig, Phi3Config
+    with 2 local layers (window 8) to each global one, distinct local/global RoPE bases, linear scaling;
+    GLM-4 (0414) with partial rotary."""
+    from transformers import Gemma3TextConfig, Glm4Config, Phi3Config
 
     ramp = [1.0 + 0.5 * i for i in range(8)]  # head_dim 16: 8 factors per set
     return {
@@ -107,6 +108,9 @@ def family_configs():
             num_hidden_layers=5, sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=24,
             rope_theta=1e6, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
             tie_word_embeddings=True, attn_implementation="eager")),
+        # rotary on half of each head (interleaved pairs), q/k/v bias, post-sublayer norms
+        "glm4": lambda: Glm4Config(**common(num_hidden_layers=3, partial_rotary_factor=0.5, attention_bias=True,
+                                            pad_token_id=0)),
     }
 
 

@@ -33,7 +33,9 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
     if isinstance(rope_params, dict) and "full_attention" in rope_params:  # per layer type (Gemma 3)
         local_theta = local_theta or (rope_params.get("sliding_attention") or {}).get("rope_theta")
         rope_params = rope_params["full_attention"]
+    partial_rotary = g("partial_rotary_factor")
     if isinstance(rope_params, dict):
+        partial_rotary = partial_rotary or rope_params.get("partial_rotary_factor")
         rope_theta = rope_theta or rope_params.get("rope_theta")
         if rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
@@ -52,13 +54,14 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         rms_norm_eps=g("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta or 10000.0),
         rope_local_theta=float(local_theta) if local_theta else None,
+        partial_rotary_factor=float(partial_rotary or 1.0),
         rope_scaling=rope_scaling,
         rope_freq_factors=g("rope_freq_factors"),
         max_position_embeddings=g("max_position_embeddings", 4096),
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
         # Qwen2 and Qwen2-MoE always; others where attention_bias is set
         qkv_bias=model_type in ("qwen2", "qwen2_moe") or attention_bias,
-        o_bias=attention_bias and model_type != "qwen2",
+        o_bias=attention_bias and model_type not in ("qwen2", "glm4"),  # GLM-4: q/k/v bias only
         mlp_bias=bool(g("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),  # Qwen3's per-head RMSNorm on q and k
         checkpoint_dtype=g("torch_dtype") or g("dtype") or "bfloat16",

@@ -5,6 +5,7 @@ from pagedserve.errors import UnsupportedModelError
 from pagedserve.model.hf_config import check_moe_supported, check_rope_supported, hf_shape_fields
 from pagedserve.model.models.gemma2 import Gemma2ForCausalLM
 from pagedserve.model.models.gemma3 import Gemma3ForCausalLM
+from pagedserve.model.models.glm4 import Glm4ForCausalLM
 from pagedserve.model.models.llama import LlamaForCausalLM
 from pagedserve.model.models.mixtral import MixtralForCausalLM
 from pagedserve.model.models.phi3 import Phi3ForCausalLM
@@ -22,6 +23,7 @@ MODEL_REGISTRY = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Glm4ForCausalLM": Glm4ForCausalLM,
 }
 
 

@@ -2,6 +2,7 @@
 schemes checkpoints use, and cos/sin tables gathered once per step for every layer."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -113,6 +114,39 @@ class LongRotaryEmbedding(nn.Module):
             long = torch.cat([long[:meta.num_decode], torch.repeat_interleave(lens > self.switch, counts)])
         rows = positions + long.to(positions.dtype) * self.max_len
         return BoundRope(self.cos[rows].unsqueeze(1).to(dtype), self.sin[rows].unsqueeze(1).to(dtype))
+
+
+class InterleavedRotaryEmbedding(nn.Module):
+    """GLM's RoPE: only the first `partial_rotary_factor` of each head rotates, in adjacent pairs
+    (x0, x1), (x2, x3)... rather than NeoX's halves; the rest passes through."""
+
+    def __init__(self, args: ModelArgs, max_len: int):
+        super().__init__()
+        self.dim = int(args.head_dim * args.partial_rotary_factor)
+        inv = rope_inv_freq(dataclasses.replace(args, head_dim=self.dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv).repeat_interleave(2, dim=-1)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> "BoundInterleavedRope":
+        return BoundInterleavedRope(self.cos[positions].unsqueeze(1).to(dtype),
+                                    self.sin[positions].unsqueeze(1).to(dtype))
+
+
+class BoundInterleavedRope:
+    """InterleavedRotaryEmbedding at fixed positions, called as BoundRope is."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # [T, 1, rotary dim]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.cos.shape[-1]
+        r = x[..., :d]
+        pairs = torch.stack((-r[..., 1::2], r[..., 0::2]), dim=-1).flatten(-2)
+        return torch.cat((r * self.cos + pairs * self.sin, x[..., d:]), dim=-1)
+
+    def __call__(self, positions, q: torch.Tensor, k: torch.Tensor):
+        return self.rotate(q), self.rotate(k)
 
 
 class BoundRope:

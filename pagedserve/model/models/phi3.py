@@ -17,10 +17,9 @@ from pagedserve.model.models.llama import LlamaForCausalLM
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     def __init__(self, args: ModelArgs, backend, max_len: int, tp=None):
-        sc = args.rope_scaling or {}
-        if sc.get("partial_rotary_factor", 1.0) != 1.0:
+        if args.partial_rotary_factor != 1.0:
             raise UnsupportedModelError(
-                f"partial_rotary_factor {sc['partial_rotary_factor']} (Phi-4-mini) is not supported")
+                f"partial_rotary_factor {args.partial_rotary_factor} (Phi-4-mini) is not supported")
         super().__init__(args, backend, max_len, tp)
         if is_longrope(args.rope_scaling):
             self.rope = LongRotaryEmbedding(self.args, max_len)
