@@ -77,7 +77,8 @@ class LLMEngine:
         # LongRoPE rotates a sequence's keys by its length: a cached block may hold the other factor set's keys
         caching = config.enable_prefix_caching and not is_longrope(w.args.rope_scaling)
         self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens)
+        switch = w.args.rope_scaling["original_max_position_embeddings"] if is_longrope(w.args.rope_scaling) else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens, switch)
         self.limits = EngineLimits(w.args.vocab_size, w.max_model_len, config.max_num_seqs,
                                    w.max_num_batched_tokens, config.block_size, w.num_kv_blocks)
         self.requests: dict[str, Request] = {}

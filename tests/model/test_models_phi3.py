@@ -4,8 +4,8 @@ A tiny random Phi3 (LongRoPE switching at 32 tokens, distinct short and long fac
 transformers and loaded by `LLM(model=dir)`. The reference is HF's generate, which picks the factors per
 forward step by length: a prompt past the switch runs long factors throughout; a shorter prompt keeps its
 short factors; where decoding crosses the switch, HF's Phi-3 recomputes the whole cache with the long
-factors (the engine does not yet: that case is a strict xfail). Logits at every step and greedy tokens
-must match, with chunked prefill and under preemption.
+factors, and so does the engine (the scheduler recomputes that sequence). Logits at every step and greedy
+tokens must match, with chunked prefill and under preemption.
 """
 from __future__ import annotations
 
@@ -50,39 +50,37 @@ def test_rope_is_read(phi3):
     assert ours.rope.cos[0, 0].item() == pytest.approx(model.model.rotary_emb.attention_scaling, rel=1e-6)
 
 
-CROSS = pytest.mark.xfail(strict=True, reason="HF recomputes the cache with long factors where decoding crosses "
-                                               "the switch; the engine keeps the short-rotated keys")
-
-
-@pytest.mark.parametrize("n", [45, 20, pytest.param(26, marks=CROSS)],
-                         ids=["prompt-past-switch", "short", "decode-crosses-switch"])
+@pytest.mark.parametrize("n", [45, 20, 26], ids=["prompt-past-switch", "short", "decode-crosses-switch"])
 def test_logits_and_greedy_match_hf(phi3, n):
     model, _, llm = phi3
     prompt = _prompt(n, n)
     ref_tokens, ref_logits = _hf_generate(model, prompt)
     tap = LogitTap(llm.engine)  # a 12-token budget prefills the prompt in chunks on both sides of 32
+    before = llm.engine.scheduler.num_preemptions
     out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == ref_tokens
+    assert llm.engine.scheduler.num_preemptions - before == (n < 32 < n + NEW)  # the recompute at the switch
     torch.testing.assert_close(torch.stack([r[3] for r in tap.rows]), ref_logits, atol=2e-3, rtol=1e-3)
 
 
 def test_the_switch_matters(phi3):
-    """HF itself differs between the short-rotated cache of generate and one long-factor pass over the same
-    tokens: the test above would notice factors chosen by the wrong length."""
+    """Long factors throughout give other logits than short ones on the same tokens (HF itself): the tests
+    above would notice factors chosen by the wrong length."""
     model, _, _ = phi3
-    prompt = _prompt(26, 26)
-    tokens, gen_logits = _hf_generate(model, prompt)
+    ids = torch.tensor([_prompt(45, 45)])
     with torch.inference_mode():
-        full = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
-    assert (full - gen_logits).abs().max() > 1e-2
+        long = model(ids).logits[0, :32]  # 45 > 32: long factors
+        short = model(ids[:, :32]).logits[0]  # 32: short factors
+    assert (long - short).abs().max() > 1e-2
 
 
 def test_batch_with_preemption_matches_hf(phi3):
-    """Prompts on both sides of the switch decoded together in a KV pool too small for all of them (the
-    scheduler preempts and recomputes). Prefix caching is off: a cached block may hold the other factors."""
+    """Prompts on both sides of the switch, one crossing it while decoding, decoded together, then in a KV
+    pool too small for all of them (the scheduler preempts and recomputes). Prefix caching is off: a
+    cached block may hold the other factors."""
     model, path, llm = phi3
     assert not llm.engine.block_manager.enable_prefix_caching
-    prompts = [_prompt(s, n) for s, n in enumerate((12, 40, 20, 50))]
+    prompts = [_prompt(s, n) for s, n in enumerate((12, 40, 28, 50))]
     refs = [_hf_generate(model, p)[0] for p in prompts]
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == refs
     small = LLM(model=str(path), block_size=BLOCK, max_model_len=64, num_kv_blocks=12, max_num_batched_tokens=24)

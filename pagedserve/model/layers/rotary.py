@@ -90,8 +90,8 @@ class LongRotaryEmbedding(nn.Module):
     """LongRoPE's two tables, short factors in rows [0, max_len) and long in [max_len, 2 max_len), both
     scaled by longrope_scaling. As in transformers, a sequence longer than original_max_position_embeddings
     is rotated with the long factors, a shorter one with the short factors. Where decoding carries a
-    sequence across that length, transformers recomputes its whole cache with the long factors; here the
-    keys already cached keep the short rotation and only the new tokens use the long one."""
+    sequence across that length, the scheduler recomputes it (Scheduler.rope_switch), as transformers
+    recomputes its cache, so a sequence's keys never mix the two."""
 
     def __init__(self, args: ModelArgs, max_len: int):
         super().__init__()
