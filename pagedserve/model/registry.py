@@ -32,9 +32,10 @@ def resolve_architecture(architectures: list[str] | None, hf_config: dict | None
     grouped routing) or RoPE scaling type is refused naming its keys."""
     if hf_config is not None:
         check_moe_supported(hf_config)
-        check_rope_supported(hf_shape_fields(hf_config)["rope_scaling"])
     for arch in architectures or []:
         if arch in MODEL_REGISTRY:
+            if hf_config is not None:
+                check_rope_supported(hf_shape_fields(hf_config)["rope_scaling"])
             return MODEL_REGISTRY[arch]
     raise UnsupportedModelError(
         f"model architecture {architectures} is not supported; supported: {', '.join(sorted(MODEL_REGISTRY))}"
