@@ -93,10 +93,31 @@ def window_configs():
     }
 
 
+def family_configs():
+    """Families with their own model file (issue 35): Phi-3 with LongRoPE switching at 32 tokens; Gemma 3
+    with 2 local layers (window 8) to each global one, distinct local/global RoPE bases, linear scaling;
+    GLM-4 (0414) with partial rotary."""
+    from transformers import Gemma3TextConfig, Glm4Config, Phi3Config
+
+    ramp = [1.0 + 0.5 * i for i in range(8)]  # head_dim 16: 8 factors per set
+    return {
+        "phi3_longrope": lambda: Phi3Config(**common(
+            num_hidden_layers=3, pad_token_id=0, original_max_position_embeddings=32,
+            rope_scaling={"type": "longrope", "short_factor": [1.0] * 4 + [1.5] * 4, "long_factor": ramp})),
+        "gemma3": lambda: Gemma3TextConfig(**common(
+            num_hidden_layers=5, sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=24,
+            rope_theta=1e6, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+            tie_word_embeddings=True, attn_implementation="eager")),
+        # rotary on half of each head (interleaved pairs), q/k/v bias, post-sublayer norms
+        "glm4": lambda: Glm4Config(**common(num_hidden_layers=3, partial_rotary_factor=0.5, attention_bias=True,
+                                            pad_token_id=0)),
+    }
+
+
 def build_hf(name: str):
     from transformers import AutoModelForCausalLM
 
-    cfg = {**configs(), **moe_configs(), **window_configs()}[name]()
+    cfg = {**configs(), **moe_configs(), **window_configs(), **family_configs()}[name]()
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # HF's 0.02 init gives near-uniform logits (argmax ties); larger weights separate them, and

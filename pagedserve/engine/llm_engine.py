@@ -38,6 +38,7 @@ from pagedserve.engine.spec_decode.speculator import Speculator, make_proposer
 from pagedserve.engine.tp_rank_main import worker_main
 from pagedserve.engine.worker import Worker
 from pagedserve.errors import ConfigError, InvalidRequestError, PagedServeError
+from pagedserve.model.hf_config import is_longrope
 from pagedserve.model.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -81,8 +82,11 @@ class LLMEngine:
         self.eos_token_ids |= set(getattr(w.model_cls, "default_stop_ids", ()))
         self.prompt_vocab = getattr(w.model, "sampled_vocab", w.args.vocab_size)
         self._cache_salt = getattr(w.model_cls, "prefix_cache_salt", None)
-        self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens)
+        # LongRoPE rotates a sequence's keys by its length: a cached block may hold the other factor set's keys
+        caching = config.enable_prefix_caching and not is_longrope(w.args.rope_scaling)
+        self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, caching)
+        switch = w.args.rope_scaling["original_max_position_embeddings"] if is_longrope(w.args.rope_scaling) else None
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, w.max_num_batched_tokens, switch)
         self.limits = EngineLimits(self.prompt_vocab, w.max_model_len, config.max_num_seqs,
                                    w.max_num_batched_tokens, config.block_size, w.num_kv_blocks)
         self.requests: dict[str, Request] = {}

@@ -37,8 +37,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 rope_switch: int | None = None):
+        """rope_switch: LongRoPE's switch length (original_max_position_embeddings). A sequence computed
+        while no longer than it and grown past it by decoding is recomputed, as transformers does, so
+        that all its keys carry the long factors."""
         self.bm = block_manager
+        self.rope_switch = rope_switch
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -89,8 +94,14 @@ class Scheduler:
         out.preempted.append(req)
 
     # -- one step ----------------------------------------------------------
+    def _crossed_switch(self, req: Request) -> bool:
+        """Whether a sequence of `req` holds short-factor keys but is now longer than the switch."""
+        return any(s.num_computed and not s.rope_long and s.num_tokens > self.rope_switch for s in req.live_seqs)
+
     def _try_seq(self, seq: Sequence, budget: int) -> tuple[int, bool]:
         """Allocate for the next chunk of `seq`; returns (num_tokens, ok)."""
+        if seq.num_computed == 0 and self.rope_switch is not None:  # a (re)computation starts
+            seq.rope_long = seq.num_tokens > self.rope_switch
         prefix = self.bm.find_prefix(seq) if not seq.block_table else []
         computed = len(prefix) * self.bm.block_size if prefix else seq.num_computed
         n = min(seq.num_tokens - computed, budget)
@@ -115,6 +126,9 @@ class Scheduler:
                     break
                 if req.request_id in done or req.status != Status.RUNNING or req.seqs[0].stop_scheduling:
                     continue  # (stop_scheduling: its in-flight token is its last; overlapped steps only)
+                if decode_pass and self.rope_switch is not None and self._crossed_switch(req):
+                    self._preempt(req, out)
+                    continue
                 if decode_pass and len(req.seqs) == 1:
                     # The common step, without the general path's per-sequence bookkeeping: one sequence,
                     # one token, and it fits the blocks it holds (no new block, no copy-on-write).

@@ -38,6 +38,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.rope_long = False  # LongRoPE: its cached keys carry the long factors (Scheduler.rope_switch)
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash chain over this sequence's full, computed blocks
         # Seeds that chain: blocks whose K/V depend on more than their tokens (Qwen's per-request RoPE base)

@@ -27,6 +27,7 @@ class AttentionMetadata:
     # [T] int64: each token's request prompt length, for models that set `needs_prompt_lens` (Qwen's
     # dynamic NTK picks a RoPE base per request from it); None for the others.
     prompt_lens: torch.Tensor | None = None
+    prefill_total_lens_list: tuple[int, ...] = ()  # each prefill's sequence length once fully prefilled (LongRoPE)
     # Tensors derived from the fields above once per step (by the first layer that needs them) and
     # reused by every other layer: the block tables and lengths are the same for all of them.
     derived: dict = field(default_factory=dict, repr=False, compare=False)

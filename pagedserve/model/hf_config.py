@@ -31,10 +31,20 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
     rope_scaling = g("rope_scaling") or None
     rope_theta = g("rope_theta")
     rope_params = g("rope_parameters")  # transformers >= 5 folds theta/scaling in here
+    local_theta = g("rope_local_base_freq")  # Gemma 3: the sliding layers' own base
+    if isinstance(rope_params, dict) and "full_attention" in rope_params:  # per layer type (Gemma 3)
+        local_theta = local_theta or (rope_params.get("sliding_attention") or {}).get("rope_theta")
+        rope_params = rope_params["full_attention"]
+    partial_rotary = g("partial_rotary_factor")
     if isinstance(rope_params, dict):
+        partial_rotary = partial_rotary or rope_params.get("partial_rotary_factor")
         rope_theta = rope_theta or rope_params.get("rope_theta")
         if rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
+    if is_longrope(rope_scaling):
+        # Phi-3 keeps LongRoPE's switch length at the top level of config.json
+        rope_scaling = {"original_max_position_embeddings": g("original_max_position_embeddings")
+                        or g("max_position_embeddings", 4096), **rope_scaling}
     return dict(
         vocab_size=g("vocab_size"),
         hidden_size=g("hidden_size"),
@@ -45,13 +55,15 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         head_dim=g("head_dim") or g("hidden_size") // heads,
         rms_norm_eps=g("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta or 10000.0),
+        rope_local_theta=float(local_theta) if local_theta else None,
+        partial_rotary_factor=float(partial_rotary or 1.0),
         rope_scaling=rope_scaling,
         rope_freq_factors=g("rope_freq_factors"),
         max_position_embeddings=g("max_position_embeddings", 4096),
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
         # Qwen2 and Qwen2-MoE always; others where attention_bias is set
         qkv_bias=model_type in ("qwen2", "qwen2_moe") or attention_bias,
-        o_bias=attention_bias and model_type != "qwen2",
+        o_bias=attention_bias and model_type not in ("qwen2", "glm4"),  # GLM-4: q/k/v bias only
         mlp_bias=bool(g("mlp_bias", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),  # Qwen3's per-head RMSNorm on q and k
         checkpoint_dtype=g("torch_dtype") or g("dtype") or "bfloat16",
@@ -62,6 +74,22 @@ def hf_shape_fields(cfg: Any) -> dict[str, Any]:
         query_pre_attn_scalar=g("query_pre_attn_scalar"),
         hidden_act=g("hidden_activation") or g("hidden_act") or "silu",
     )
+
+
+ROPE_SCALINGS = ("default", "linear", "llama3", "longrope", "su")  # what layers.rotary implements
+
+
+def check_rope_supported(rope_scaling: dict | None) -> None:
+    """A start-up error naming a RoPE scaling type layers.rotary does not implement (yarn, dynamic...)."""
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise UnsupportedModelError(
+            f"rope_scaling type {kind!r} is not supported (supported: linear, llama3, longrope/su)")
+
+
+def is_longrope(rope_scaling: dict | None) -> bool:
+    """LongRoPE (Phi-3's `longrope`, formerly `su`): the rotation of a sequence depends on its length."""
+    return bool(rope_scaling) and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("longrope", "su")
 
 
 def layer_windows(cfg: Any) -> tuple[int, ...]:
@@ -79,6 +107,8 @@ def layer_windows(cfg: Any) -> tuple[int, ...]:
         return tuple(window if t == "sliding_attention" else 0 for t in types)
     if model_type == "gemma2":
         return tuple(window if i % 2 == 0 else 0 for i in range(n))
+    if g("sliding_window_pattern"):  # Gemma 3: every pattern-th layer global
+        return tuple(window if (i + 1) % g("sliding_window_pattern") else 0 for i in range(n))
     if qwen:
         return tuple(window if i >= g("max_window_layers", 28) else 0 for i in range(n))
     return (window,) * n

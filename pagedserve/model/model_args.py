@@ -24,6 +24,8 @@ class ModelArgs(DecoderShape):
     mlp_bias: bool = False
     qk_norm: bool = False
     rope_scaling: dict | None = None
+    rope_local_theta: float | None = None  # Gemma 3: the sliding-window layers' RoPE base (unscaled)
+    partial_rotary_factor: float = 1.0  # the fraction of head_dim RoPE rotates (GLM-4: 0.5)
     rope_freq_factors: list[float] | None = None  # llama.cpp's rope_freqs (GGUF): inv_freq is divided by these
     layer_windows: tuple[int, ...] = ()  # each layer's sliding window, 0: global (empty: all global)
     attn_softcap: float = 0.0  # Gemma 2: tanh soft-cap on the attention scores (0: none)

@@ -195,6 +195,7 @@ class ModelRunner:
             prefill_seq_lens_list=tuple(p_lens),
             decode_seq_lens_list=tuple(d_lens),
             prompt_lens=self._prompt_lens(decodes, prefills) if self.needs_prompt_lens else None,
+            prefill_total_lens_list=tuple(e.seq.num_tokens for e in prefills),
         )
         ids_t = self._tensor(input_ids, torch.int64)
         if fix_dst:

@@ -2,12 +2,14 @@
 schemes checkpoints use, and cos/sin tables gathered once per step for every layer."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
 from pagedserve.errors import UnsupportedModelError
+from pagedserve.model.hf_config import check_rope_supported
 from pagedserve.model.model_args import ModelArgs
 
 
@@ -39,7 +41,32 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
-    raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+    if kind in ("longrope", "su"):  # the short factors; LongRotaryEmbedding adds the long ones
+        return longrope_inv_freq(args, long=False)
+    check_rope_supported(sc)
+    raise AssertionError(f"hf_config.ROPE_SCALINGS lists {kind!r} but rope_inv_freq does not implement it")
+
+
+def longrope_inv_freq(args: ModelArgs, long: bool) -> torch.Tensor:
+    """LongRoPE (Phi-3): the base frequencies divided per dimension by the short or the long factors."""
+    d, sc = args.head_dim, args.rope_scaling
+    factors = sc["long_factor" if long else "short_factor"]
+    if len(factors) != d // 2:
+        raise UnsupportedModelError(f"rope_scaling {'long' if long else 'short'}_factor has {len(factors)} "
+                                    f"entries, expected {d // 2}")
+    exps = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * args.rope_theta ** exps)
+
+
+def longrope_scaling(args: ModelArgs) -> float:
+    """The factor LongRoPE multiplies cos and sin by (both factor sets): `attention_factor`, else
+    sqrt(1 + ln(s) / ln(original length)) with s = factor, else max_position_embeddings / original length."""
+    sc = args.rope_scaling
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    orig = sc["original_max_position_embeddings"]
+    factor = sc.get("factor") or args.max_position_embeddings / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 class RotaryEmbedding(nn.Module):
@@ -57,6 +84,69 @@ class RotaryEmbedding(nn.Module):
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> "BoundRope":
         """cos/sin gathered once for a step's positions, then shared by every layer."""
         return BoundRope(self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
+
+
+class LongRotaryEmbedding(nn.Module):
+    """LongRoPE's two tables, short factors in rows [0, max_len) and long in [max_len, 2 max_len), both
+    scaled by longrope_scaling. As in transformers, a sequence longer than original_max_position_embeddings
+    is rotated with the long factors, a shorter one with the short factors. Where decoding carries a
+    sequence across that length, the scheduler recomputes it (Scheduler.rope_switch), as transformers
+    recomputes its cache, so a sequence's keys never mix the two."""
+
+    def __init__(self, args: ModelArgs, max_len: int):
+        super().__init__()
+        self.max_len, self.switch = max_len, args.rope_scaling["original_max_position_embeddings"]
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.cat([torch.outer(t, longrope_inv_freq(args, long)) for long in (False, True)])
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scale = longrope_scaling(args)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype, meta) -> "BoundRope":
+        """Decode tokens switch by their own position (graph-safe); every chunk of a prefill by the
+        length the whole prefill reaches, so chunking does not change the rotation."""
+        long = positions >= self.switch
+        if meta.num_prefill:
+            lens = torch.tensor(meta.prefill_total_lens_list, device=positions.device)
+            starts = meta.prefill_query_start_list
+            counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=positions.device)
+            long = torch.cat([long[:meta.num_decode], torch.repeat_interleave(lens > self.switch, counts)])
+        rows = positions + long.to(positions.dtype) * self.max_len
+        return BoundRope(self.cos[rows].unsqueeze(1).to(dtype), self.sin[rows].unsqueeze(1).to(dtype))
+
+
+class InterleavedRotaryEmbedding(nn.Module):
+    """GLM's RoPE: only the first `partial_rotary_factor` of each head rotates, in adjacent pairs
+    (x0, x1), (x2, x3)... rather than NeoX's halves; the rest passes through."""
+
+    def __init__(self, args: ModelArgs, max_len: int):
+        super().__init__()
+        self.dim = int(args.head_dim * args.partial_rotary_factor)
+        inv = rope_inv_freq(dataclasses.replace(args, head_dim=self.dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv).repeat_interleave(2, dim=-1)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> "BoundInterleavedRope":
+        return BoundInterleavedRope(self.cos[positions].unsqueeze(1).to(dtype),
+                                    self.sin[positions].unsqueeze(1).to(dtype))
+
+
+class BoundInterleavedRope:
+    """InterleavedRotaryEmbedding at fixed positions, called as BoundRope is."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # [T, 1, rotary dim]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.cos.shape[-1]
+        r = x[..., :d]
+        pairs = torch.stack((-r[..., 1::2], r[..., 0::2]), dim=-1).flatten(-2)
+        return torch.cat((r * self.cos + pairs * self.sin, x[..., d:]), dim=-1)
+
+    def __call__(self, positions, q: torch.Tensor, k: torch.Tensor):
+        return self.rotate(q), self.rotate(k)
 
 
 class BoundRope:
