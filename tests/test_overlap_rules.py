@@ -1,4 +1,5 @@
-"""overlap.py, built directly: which requests may overlap, placeholders, and resolving them.
+"""overlap.py, built directly: which requests may overlap (`SamplingParams.can_overlap`), placeholders, and
+resolving them.
 
 tests/test_overlap.py checks that whole engines give the same tokens with and without the overlap.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.engine.overlap import launch_sampling, overlappable, resolve
+from pagedserve.engine.overlap import launch_sampling, resolve
 from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.engine.sequence import PLACEHOLDER
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -28,7 +29,7 @@ from tests.engine_units import make_request
     (dict(temperature=0, structured_outputs=StructuredOutputsParams(choice=["a", "b"])), False),
 ])
 def test_only_requests_whose_sampling_reads_no_host_history_overlap(params, ok):
-    assert overlappable(make_request("r", 3, **params)) is ok
+    assert SamplingParams(**params).can_overlap() is ok
 
 
 def test_launch_leaves_placeholders_and_marks_the_last_length_limited_token():

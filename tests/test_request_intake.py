@@ -1,12 +1,12 @@
-"""request_intake, built directly: each refusal names its field; capacity checks; what a request gets."""
+"""request_intake, built directly: each refusal names its field; what a request gets (the limits a request
+meets are request_checks', tested in test_request_rules.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedserve.config import EngineConfig
 from pagedserve.engine import request_intake as intake
-from pagedserve.errors import InvalidRequestError, PromptTooLongError
+from pagedserve.errors import InvalidRequestError
 from pagedserve.sampling_params import SamplingParams
 from tests.engine_units import CharTokenizer, make_request
 
@@ -29,46 +29,9 @@ def test_prompt_ids_win_over_text_and_text_is_tokenized():
     refused(InvalidRequestError, "prompt", intake.prompt_ids, 3.5, None, tok)
 
 
-@pytest.mark.parametrize("ids,params,param", [
-    ([], SamplingParams(), "prompt"),
-    ([1, VOCAB], SamplingParams(), "prompt"),
-    ([1, True], SamplingParams(), "prompt"),
-    ([1], SamplingParams(stop_token_ids=[VOCAB]), "stop_token_ids"),
-    ([1], SamplingParams(top_k=VOCAB + 1), "top_k"),
-    ([1], SamplingParams(logit_bias={VOCAB: 1.0}), "logit_bias"),
-])
-def test_check_prompt_refuses_what_the_model_cannot_take(ids, params, param):
-    refused(InvalidRequestError, param, intake.check_prompt, ids, params, VOCAB, 64)
-
-
-def test_check_prompt_lengths_and_the_default_max_tokens():
-    assert intake.check_prompt([1] * 10, SamplingParams(max_tokens=None), VOCAB, 64) == 54
-    assert intake.check_prompt([1] * 10, SamplingParams(max_tokens=54), VOCAB, 64) == 54
-    msg = refused(PromptTooLongError, "max_tokens", intake.check_prompt, [1] * 10, SamplingParams(max_tokens=55),
-                  VOCAB, 64)
-    assert "64" in msg and "65" in msg
-    msg = refused(PromptTooLongError, "prompt", intake.check_prompt, [1] * 64, SamplingParams(), VOCAB, 64)
-    assert "64 tokens" in msg
-
-
 def test_request_id_in_use_is_refused():
     refused(InvalidRequestError, "request_id", intake.checked_params, SamplingParams(), "a", {"a"})
     assert intake.checked_params(None, "b", {"a"}).max_tokens == SamplingParams().max_tokens
-
-
-def _config(**kw) -> EngineConfig:
-    return EngineConfig(**{"block_size": 8, "max_num_seqs": 4, **kw})
-
-
-def test_check_capacity_refuses_requests_that_could_never_run():
-    cfg = _config()
-    ok = make_request("ok", 8, max_tokens=8)
-    intake.check_capacity(ok, cfg, max_num_batched_tokens=64, num_kv_blocks=2)  # 16 tokens = 2 blocks
-    refused(InvalidRequestError, "max_tokens", intake.check_capacity, make_request("big", 8, max_tokens=9), cfg, 64, 2)
-    refused(InvalidRequestError, "n", intake.check_capacity, make_request("wide", 2, max_tokens=2, n=5), cfg, 64, 99)
-    beams = make_request("beams", 2, max_tokens=2, use_beam_search=True, beam_width=4)
-    refused(InvalidRequestError, "beam_width", intake.check_capacity, beams, cfg, 3, 99)
-    intake.check_capacity(beams, cfg, 4, 99)
 
 
 @pytest.mark.parametrize("params,plain", [

@@ -107,5 +107,5 @@ def test_backend_fp8_cache_matches_torch_backend():
     fp8_close(vc.cpu(), vr)
     # The read: the torch backend's attention over the cache the Triton kernel wrote.
     ref = ref_backend._attend(q.float().cpu(), k.float().cpu(), v.float().cpu(), kc.cpu(), vc.cpu(),
-                              cpu_meta, d ** -0.5 * 0.5) * 0.25
+                              cpu_meta, d ** -0.5 * 0.5, 0, 0.0) * 0.25  # no window, no soft-cap
     assert (out.float().cpu() - ref).abs().max().item() < 3e-2
