@@ -157,11 +157,11 @@ def test_failed_step_does_not_wedge_the_engine(tiny):
     orig = eng.runner.execute
     calls = {"n": 0}
 
-    def flaky(scheduled, *rest):
+    def flaky(batch, *rest):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated failure")
-        return orig(scheduled, *rest)
+        return orig(batch, *rest)
 
     eng.runner.execute = flaky
     try:

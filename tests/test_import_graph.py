@@ -7,8 +7,6 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent / "pagedserve"
 
 
@@ -91,8 +89,6 @@ def test_no_module_of_the_package_is_in_an_import_cycle():
     assert not sorted(m for m in graph if m in _reaches(graph, m))
 
 
-@pytest.mark.xfail(strict=True, reason="model/runner.py takes engine.scheduler.ScheduledSeq until the runner "
-                                       "takes a plain batch (issue 31, part B); then drop this mark")
 def test_model_does_not_import_the_engine():
     """The model layer knows no scheduler: nothing under pagedserve/model/ imports pagedserve/engine/."""
     graph = _graph()

@@ -149,17 +149,16 @@ class LogitTap:
 
     def __init__(self, engine):
         self.rows: list[tuple[str, int, int, torch.Tensor]] = []
-        runner = engine.runner
-        orig = runner.execute
+        orig = engine._execute
 
         def execute(scheduled, *rest):
-            logits, sampled = orig(scheduled, *rest)
+            logits, sampled = orig(scheduled, *rest)  # the step's tokens are computed: num_computed moved past them
             for i, e in enumerate(sampled):
-                pos = e.seq.num_computed + e.num_tokens - 1
+                pos = e.seq.num_computed + e.num_spec - 1
                 self.rows.append((e.request.request_id, e.seq.index, pos, logits[i].clone()))
             return logits, sampled
 
-        runner.execute = execute
+        engine._execute = execute
 
 
 def check_blocks(bm, seqs) -> None:

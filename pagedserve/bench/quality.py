@@ -11,9 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pagedserve.engine.scheduler import ScheduledSeq
-from pagedserve.engine.sequence import Request, Sequence
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.model.input_batch import InputBatch
 
 
 @torch.inference_mode()
@@ -22,10 +20,8 @@ def prefill_logits(engine, token_ids: list[int]) -> torch.Tensor:
     runner, n = engine.runner, len(token_ids)
     bs = runner.block_size
     blocks = -(-n // bs)
-    seq = Sequence(-1, 0, list(token_ids))
-    seq.block_table = list(range(blocks))
-    req = Request("quality", None, seq.token_ids, SamplingParams(max_tokens=1), 1, [seq])
-    input_ids, positions, meta, _, _ = runner.prepare([ScheduledSeq(seq, req, n)])
+    batch = InputBatch.prompts([list(token_ids)], [list(range(blocks))], bs, prompt_lens=runner.needs_prompt_lens)
+    input_ids, positions, meta, _ = runner.prepare(batch)
     k0 = runner.kv_caches[0][0]
     shape = (blocks, bs) + tuple(k0.shape[2:])
     caches = [(torch.zeros(shape, dtype=k0.dtype, device=k0.device), torch.zeros(shape, dtype=k0.dtype,

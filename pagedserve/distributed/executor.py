@@ -232,11 +232,11 @@ class TPRunner:
         self.inner.copy_blocks(pairs)
         self._copies.extend(pairs)
 
-    def execute(self, scheduled, prev_tokens=None):
+    def execute(self, batch, prev_tokens=None):
         try:
-            input_ids, positions, meta, logit_rows, sampled = self.inner.prepare(scheduled, prev_tokens)
+            input_ids, positions, meta, logit_rows = self.inner.prepare(batch, prev_tokens)
             self._send(input_ids, positions, meta, logit_rows)
-            return self.inner.run(input_ids, positions, meta, logit_rows), sampled
+            return self.inner.run(input_ids, positions, meta, logit_rows)
         except PagedServeError:
             raise
         except (RuntimeError, OSError) as e:  # a collective or pipe broke: name the worker that died

@@ -5,6 +5,7 @@ Each step schedules, runs one forward pass over the flat batch, samples, and upd
 engine and the offline `LLM` drive it. This module only wires the parts together:
 
 - `worker.py`: device, model, memory and the `ModelRunner` (`self.worker`)
+- `batch_builder.py`: the scheduled entries as the runner's `InputBatch`
 - `request_intake.py` and `request_checks.py`: what `add_request` builds and checks (the server runs the
   same checks)
 - `sampling.py`: a step's sample rows and the batched sampling (`self.sampler`)
@@ -25,6 +26,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine import request_intake as intake
+from pagedserve.engine.batch_builder import build_input_batch
 from pagedserve.engine.beam_search import BeamSearch
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.output_processor import OutputProcessor
@@ -82,6 +84,7 @@ class LLMEngine:
         self.eos_token_ids |= set(getattr(w.model_cls, "default_stop_ids", ()))
         self.prompt_vocab = getattr(w.model, "sampled_vocab", w.args.vocab_size)
         self._cache_salt = getattr(w.model_cls, "prefix_cache_salt", None)
+        self._prompt_lens = w.runner.needs_prompt_lens  # the model reads each token's prompt length
         # LongRoPE rotates a sequence's keys by its length: a cached block may hold the other factor set's keys
         caching = config.enable_prefix_caching and not is_longrope(w.args.rope_scaling)
         self.block_manager = BlockManager(w.num_kv_blocks, config.block_size, caching)
@@ -232,7 +235,8 @@ class LLMEngine:
                 e.request.metrics.first_scheduled_time = now
         self.runner.copy_blocks(self.block_manager.pending_copies)
         self.block_manager.pending_copies.clear()
-        logits, sampled = self.runner.execute(scheduled, prev.tokens if prev is not None else None)
+        batch, sampled = build_input_batch(scheduled, self.config.block_size, self._prompt_lens)
+        logits = self.runner.execute(batch, prev.tokens if prev is not None else None)
         for e in scheduled:
             e.seq.num_computed += e.num_tokens - e.num_spec  # drafts count once kept (spec_decode/speculator)
         return logits, sampled

@@ -16,11 +16,10 @@ from collections.abc import Callable
 import torch
 
 from pagedserve.config import GiB, EngineConfig, default_token_budget
-from pagedserve.engine.scheduler import ScheduledSeq
-from pagedserve.engine.sequence import Request, Sequence
 from pagedserve.errors import ConfigError, OutOfMemoryError
 from pagedserve.model.layers.attention import get_attention_backend
 from pagedserve.model.default_model import DEFAULT_MODEL_NAME
+from pagedserve.model.input_batch import InputBatch
 from pagedserve.model.loader import init_dummy_weights, iter_weights, read_hf_config, resolve_model_dir
 from pagedserve.model.model_args import ModelArgs
 from pagedserve.model.registry import resolve_architecture
@@ -30,7 +29,6 @@ from pagedserve.quantization.fp8_format import normalize_fp8_tensor
 from pagedserve.quantization.methods import (awq_linear_factory, is_prequantized_fp8, prepare_awq_for_gpu,
                                              quantize_model, resolve_quantization)
 from pagedserve.runtime import configure_engine_threads
-from pagedserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -282,18 +280,16 @@ class Worker:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         # A full token budget of prompts, each at most max_model_len long (positions must stay in range).
-        bs, left, next_block, batch = self.config.block_size, self.max_num_batched_tokens, 0, []
+        bs, left, next_block, prompts, tables = self.config.block_size, self.max_num_batched_tokens, 0, [], []
         while left > 0:
             m = min(left, self.max_model_len)
-            seq = Sequence(-1, 0, [0] * m)
-            seq.block_table = list(range(next_block, next_block + -(-m // bs)))
-            next_block += len(seq.block_table)
-            batch.append(ScheduledSeq(seq, Request("profile", None, seq.token_ids, SamplingParams(max_tokens=1),
-                                                   1, [seq]), m))
+            prompts.append([0] * m)
+            tables.append(list(range(next_block, next_block + -(-m // bs))))
+            next_block += len(tables[-1])
             left -= m
         tmp = ModelRunner(self.model, next_block, bs, self.args.num_layers, self.model.args.num_kv_heads,
                           self.args.head_dim, self.dtype, dev, kv_dtype=self.kv_dtype)
-        tmp.execute(batch)
+        tmp.execute(InputBatch.prompts(prompts, tables, bs, prompt_lens=tmp.needs_prompt_lens))
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
         del tmp

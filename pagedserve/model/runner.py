@@ -1,8 +1,9 @@
-"""Owns the model and the KV cache; turns a scheduled step into one forward pass.
+"""Owns the model and the KV cache; turns one step's `InputBatch` into one forward pass.
 
 The flat batch puts single-token rows (decodes) first and prefill chunks after,
-the layout `AttentionMetadata` describes. Only rows that reach the end of
-their sequence need logits, so the LM head runs on those rows alone.
+the layout `AttentionMetadata` describes. Only the batch's logit rows (the rows
+that sample) need logits, so the LM head runs on those rows alone. The runner
+knows no scheduler: the engine fills the batch (engine/batch_builder.py).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedserve.engine.scheduler import ScheduledSeq
 from pagedserve.model.attention_metadata import AttentionMetadata
+from pagedserve.model.input_batch import InputBatch
 
 log = logging.getLogger(__name__)
 
@@ -121,102 +122,52 @@ class ModelRunner:
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prepare(self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None):
-        """Flat inputs for one step. A sequence whose last token is still on the device (`pending_row`, set
-        by the overlapped step) takes it from `prev_tokens`, the previous step's sampled tensor."""
-        bs = self.block_size
-        fix_dst: list[int] = []  # flat input positions filled from prev_tokens
-        fix_src: list[int] = []
-        decodes = [e for e in scheduled if e.num_tokens == 1]
-        prefills = [e for e in scheduled if e.num_tokens > 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logit_rows: list[int] = []
-        sampled: list[ScheduledSeq] = []
-        for i, e in enumerate(decodes):  # single-token rows: decodes, or a 1-token prefill chunk
-            seq = e.seq
-            s = seq.num_computed
-            ids = seq.token_ids
-            input_ids.append(ids[s])
-            positions.append(s)
-            slots.append(seq.block_table[s // bs] * bs + s % bs)
-            if s + 1 == len(ids):
-                logit_rows.append(i)
-                sampled.append(e)
-                if seq.pending_row is not None:
-                    fix_dst.append(i)
-                    fix_src.append(seq.pending_row)
-        spec_rows: list[int] = []  # speculative drafts' rows, after every sampled row's own
-        for e in prefills:
-            seq, s, n = e.seq, e.seq.num_computed, e.num_tokens
-            input_ids.extend(seq.token_ids[s:s + n - e.num_spec])
-            if e.num_spec:  # a verify row: the last token, then the drafts (a causal chunk)
-                input_ids.extend(seq.spec_tokens[:e.num_spec])
-            positions.extend(range(s, s + n))
-            bt = seq.block_table
-            slots.extend(bt[p // bs] * bs + p % bs for p in range(s, s + n))
-            if s + n - e.num_spec == seq.num_tokens:
-                last = len(input_ids) - 1 - e.num_spec
-                logit_rows.append(last)
-                spec_rows.extend(range(last + 1, len(input_ids)))
-                sampled.append(e)
-                if seq.pending_row is not None:
-                    fix_dst.append(last)
-                    fix_src.append(seq.pending_row)
-        # With drafts the rows are out of flat order even when every token has one: always gather.
-        self._rows_out_of_order = len(spec_rows) > 0 and len(sampled) > 1
-        logit_rows += spec_rows
+    def prepare(self, batch: InputBatch, prev_tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Device tensors for one step: input ids, positions, attention metadata and logit rows. Rows the
+        batch names in `prev_dst` take their input from `prev_tokens`, the previous step's sampled tensor."""
+        self._rows_out_of_order = batch.rows_out_of_order
 
-        def tables(entries):  # padded [n, width] block tables; numpy fills rows far faster than nested lists
-            if not entries:
+        def tables(rows: list[list[int]]) -> torch.Tensor:  # padded [n, width]; numpy fills rows far faster
+            if not rows:
                 return self._tensor([[0]])
-            arr = np.zeros((len(entries), max(len(e.seq.block_table) for e in entries)), dtype=np.int32)
-            for i, e in enumerate(entries):
-                bt = e.seq.block_table
+            arr = np.zeros((len(rows), max(len(bt) for bt in rows)), dtype=np.int32)
+            for i, bt in enumerate(rows):
                 arr[i, :len(bt)] = bt
             return torch.from_numpy(arr).to(self.device, non_blocking=True)
 
-        d_lens = [e.seq.num_computed + 1 for e in decodes]
-        p_lens = [e.seq.num_computed + e.num_tokens for e in prefills]
-        q_start = [0]
-        for e in prefills:
-            q_start.append(q_start[-1] + e.num_tokens)
+        d_lens, p_lens, q_start = batch.decode_seq_lens, batch.prefill_seq_lens, batch.prefill_query_start
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            num_decode=len(decodes),
-            decode_block_tables=tables(decodes),
+            slot_mapping=self._tensor(batch.slot_mapping, torch.int64),
+            num_decode=len(d_lens),
+            decode_block_tables=tables(batch.decode_block_tables),
             decode_seq_lens=self._tensor(d_lens or [0]),
             prefill_query_start=self._tensor(q_start),
             prefill_seq_lens=self._tensor(p_lens or [0]),
-            prefill_block_tables=tables(prefills),
+            prefill_block_tables=tables(batch.prefill_block_tables),
             decode_max_seq_len=max(d_lens, default=0),
             prefill_query_start_list=tuple(q_start),
             prefill_seq_lens_list=tuple(p_lens),
             decode_seq_lens_list=tuple(d_lens),
-            prompt_lens=self._prompt_lens(decodes, prefills) if self.needs_prompt_lens else None,
-            prefill_total_lens_list=tuple(e.seq.num_tokens for e in prefills),
+            prompt_lens=self._prompt_lens(batch) if self.needs_prompt_lens else None,
+            prefill_total_lens_list=tuple(batch.prefill_total_lens),
         )
-        ids_t = self._tensor(input_ids, torch.int64)
-        if fix_dst:
-            assert prev_tokens is not None, "a sequence waits for a device token but no step is in flight"
-            ids_t[self._tensor(fix_dst, torch.int64)] = prev_tokens[self._tensor(fix_src, torch.int64)]
-        return (ids_t, self._tensor(positions, torch.int64), meta, self._tensor(logit_rows, torch.int64), sampled)
+        ids_t = self._tensor(batch.input_ids, torch.int64)
+        if batch.prev_dst:
+            if prev_tokens is None:
+                raise ValueError("a row waits for a device token but no previous step's tokens were given")
+            ids_t[self._tensor(batch.prev_dst, torch.int64)] = prev_tokens[self._tensor(batch.prev_src, torch.int64)]
+        return ids_t, self._tensor(batch.positions, torch.int64), meta, self._tensor(batch.logit_rows, torch.int64)
 
-    def _prompt_lens(self, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]) -> torch.Tensor:
-        """Each flat-batch token's request prompt length (decodes first, then the prefill chunks)."""
-        lens = [e.seq.num_prompt_tokens for e in decodes]
-        for e in prefills:
-            lens.extend([e.seq.num_prompt_tokens] * e.num_tokens)
-        return self._tensor(lens, torch.int64)
+    def _prompt_lens(self, batch: InputBatch) -> torch.Tensor:
+        if batch.prompt_lens is None or len(batch.prompt_lens) != len(batch.input_ids):
+            raise ValueError("this model reads each token's prompt length: the batch must carry prompt_lens")
+        return self._tensor(batch.prompt_lens, torch.int64)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Run one step; return logits [S, V] (float32) for the rows that sample, and those rows. With
-        speculative drafts, the drafts' rows follow (each verify row's drafts in `sampled` order)."""
-        input_ids, positions, meta, logit_rows, sampled = self.prepare(scheduled, prev_tokens)
-        return self.run(input_ids, positions, meta, logit_rows), sampled
+    def execute(self, batch: InputBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; return logits [S, V] (float32) of `batch.logit_rows`, in that order."""
+        return self.run(*self.prepare(batch, prev_tokens))
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
