@@ -195,10 +195,10 @@ class MockServer:
                 writer.write(chunk(" the" * toks) + b"0\r\n\r\n")
                 await writer.drain()
                 return True
+            now = time.perf_counter()  # stamped as the bytes are handed over: a client cannot read them sooner
+            sent = now - t0
             writer.write(chunk(" the" * toks, "length" if last else None))
             await writer.drain()
-            now = time.perf_counter()
-            sent = now - t0
             if i == 0:
                 tm = self.timings[prompt] = {"first": sent, "chunks": [], "arrived_at": t0, "first_at": now}
             tm["chunks"].append(sent)
