@@ -144,6 +144,22 @@ def tiny_model_dir(path, name: str = "llama"):
     return save(build_hf(name), path)
 
 
+def random_prompt(seed: int = 0, n: int = 45) -> list[int]:
+    """n token ids in [2, VOCAB), the same for the same seed."""
+    return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def hf_greedy(model, prompt: list[int], new: int) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy continuation of `prompt` (`new` tokens, no EOS) and, from one forward over the whole
+    sequence, the logits that chose each of them."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+        full = out[0].tolist()
+        logits = model(torch.tensor([full])).logits[0]
+    return full[len(prompt):], logits[len(prompt) - 1:len(full) - 1]
+
+
 class LogitTap:
     """Wraps an engine's runner to record, for every sampled row, (request id, output index, position, logits)."""
 

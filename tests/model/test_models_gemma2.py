@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from tests.tiny_models import VOCAB, LogitTap, build_hf, save
+from tests.tiny_models import LogitTap, build_hf, hf_greedy, random_prompt, save
 
 BLOCK = 8
 NEW = 6
@@ -25,16 +25,11 @@ def gemma(tmp_path_factory):
 
 
 def _prompt(seed: int = 0, n: int = 45) -> list[int]:
-    return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_prompt(seed, n)
 
 
-def _hf(model, prompt: list[int]):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-        full = out[0].tolist()
-        logits = model(torch.tensor([full])).logits[0]
-    return full[len(prompt):], logits[len(prompt) - 1:len(full) - 1]
+def _hf(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    return hf_greedy(model, prompt, NEW)
 
 
 def test_config_is_read(gemma):

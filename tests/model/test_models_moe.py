@@ -16,7 +16,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ConfigError, UnsupportedModelError
 from pagedserve.model.layers.moe import FusedMoE
-from tests.tiny_models import VOCAB, LogitTap, build_hf, moe_configs, save, tokenizer
+from tests.tiny_models import LogitTap, build_hf, hf_greedy, moe_configs, random_prompt, save, tokenizer
 
 BLOCK = 8
 PROMPT_LEN = 45
@@ -34,16 +34,11 @@ def dirs(tmp_path_factory):
 
 
 def _prompt(seed: int = 0, n: int = PROMPT_LEN) -> list[int]:
-    return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_prompt(seed, n)
 
 
-def _hf(model, prompt: list[int]):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-        full = out[0].tolist()
-        logits = model(torch.tensor([full])).logits[0]
-    return full[len(prompt):], logits[len(prompt) - 1:len(full) - 1]
+def _hf(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    return hf_greedy(model, prompt, NEW)
 
 
 @pytest.mark.parametrize("name", list(moe_configs()))
