@@ -50,7 +50,10 @@ def test_bench_serve_sweep_writes_every_report(tmp_path, capsys):
     assert main(["bench", "report", str(tmp_path / "r.json"), "--slo", "ttft=1ms",
                  "--save-csv", str(tmp_path / "again.csv")]) == 0
     out = capsys.readouterr().out
-    assert "SLO: ttft≤1ms" in out and "No tested load is production-safe" in out
+    assert "SLO: ttft≤1ms" in out
+    # Nothing is recommended: every level misses a 1 ms TTFT, or, when the machine is busy enough for the
+    # saved client stats to show the load generator as the limit, no level is usable at all.
+    assert "No tested load is production-safe" in out or "No usable level: the load generator" in out
     again = list(csv.DictReader((tmp_path / "again.csv").open()))
     assert [r["output_throughput"] for r in again] == [r["output_throughput"] for r in rows]
     assert all(float(r["goodput"]) == 0 for r in again)
