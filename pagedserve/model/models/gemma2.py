@@ -13,7 +13,6 @@ from torch import nn
 
 from pagedserve.model.layers.mlp import MLP
 from pagedserve.model.layers.norm import GemmaRMSNorm
-from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.layers.self_attention import Attention
 from pagedserve.model.model_args import ModelArgs
 from pagedserve.model.models.llama import LlamaForCausalLM
@@ -38,17 +37,11 @@ class Gemma2DecoderLayer(nn.Module):
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, args: ModelArgs, backend, max_len: int, tp=None):
-        nn.Module.__init__(self)
-        self.tp, self.full_args = tp, args
-        if tp is not None:
-            args = tp.shard.local_args(args)
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Gemma2DecoderLayer(args, backend, i, tp) for i in range(args.num_layers))
-        self.norm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.rope = RotaryEmbedding(args, max_len)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    def make_layer(self, args: ModelArgs, backend, i: int, tp) -> nn.Module:
+        return Gemma2DecoderLayer(args, backend, i, tp)
+
+    def make_norm(self, args: ModelArgs) -> nn.Module:
+        return GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)

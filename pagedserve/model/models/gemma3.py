@@ -32,9 +32,11 @@ class Gemma3DecoderLayer(Gemma2DecoderLayer):
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     def __init__(self, args: ModelArgs, backend, max_len: int, tp=None):
         super().__init__(args, backend, max_len, tp)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(self.args, backend, i, tp) for i in range(args.num_layers))
         local = dataclasses.replace(self.args, rope_theta=self.args.rope_local_theta or 10000.0, rope_scaling=None)
         self.rope_local = RotaryEmbedding(local, max_len)
+
+    def make_layer(self, args: ModelArgs, backend, i: int, tp) -> nn.Module:
+        return Gemma3DecoderLayer(args, backend, i, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)

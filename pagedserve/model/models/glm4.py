@@ -35,17 +35,11 @@ class Glm4DecoderLayer(nn.Module):
 
 
 class Glm4ForCausalLM(LlamaForCausalLM):
-    def __init__(self, args: ModelArgs, backend, max_len: int, tp=None):
-        nn.Module.__init__(self)
-        self.tp, self.full_args = tp, args
-        if tp is not None:
-            args = tp.shard.local_args(args)
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(Glm4DecoderLayer(args, backend, i, tp) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.rope = InterleavedRotaryEmbedding(args, max_len)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    def make_layer(self, args: ModelArgs, backend, i: int, tp) -> nn.Module:
+        return Glm4DecoderLayer(args, backend, i, tp)
+
+    def make_rope(self, args: ModelArgs, max_len: int) -> InterleavedRotaryEmbedding:
+        return InterleavedRotaryEmbedding(args, max_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(self.embed_tokens, input_ids)

@@ -27,11 +27,17 @@ class LlamaForCausalLM(nn.Module):
             args = tp.shard.local_args(args)
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, backend, tp, sliding_window=args.window(i))
-                                    for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.layers = nn.ModuleList(self.make_layer(args, backend, i, tp) for i in range(args.num_layers))
+        self.norm = self.make_norm(args)
         self.rope = self.make_rope(args, max_len)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    # The parts a family over this skeleton replaces (Gemma, GLM): one decoder layer, the final norm, RoPE.
+    def make_layer(self, args: ModelArgs, backend, i: int, tp) -> nn.Module:
+        return DecoderLayer(args, backend, tp, sliding_window=args.window(i))
+
+    def make_norm(self, args: ModelArgs) -> nn.Module:
+        return RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def make_rope(self, args: ModelArgs, max_len: int) -> RotaryEmbedding:
         return RotaryEmbedding(args, max_len)
